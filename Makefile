@@ -1,0 +1,27 @@
+# d2m: setup, demo, test. Everything runs inside .venv (created by `make setup`).
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+export D2M_CONFIG   ?= $(CURDIR)/configs/demo.yml
+
+.PHONY: setup demo test bench clean
+
+setup:
+	python3.11 -m venv .venv
+	$(PIP) install -r requirements/requirements.txt -c requirements/constraints.txt
+	# insightface pulls in the CPU onnxruntime; the GPU build must overwrite its module, last.
+	$(PIP) install --force-reinstall --no-deps onnxruntime-gpu==1.31.1
+	$(PIP) install --no-deps --no-build-isolation -e .
+	$(PIP) check
+
+demo:
+	D2M_RANDOM_WEIGHTS=$${D2M_RANDOM_WEIGHTS-1} .venv/bin/d2m demo
+
+test:
+	.venv/bin/pytest -q
+
+bench:
+	D2M_RANDOM_WEIGHTS=$${D2M_RANDOM_WEIGHTS-1} .venv/bin/d2m bench --yml configs/basic.yml --shards .bench/shards
+
+clean:
+	rm -rf .dagster_home .demo .bench

@@ -1,0 +1,124 @@
+"""The pipeline config: the seed's yml fields, unchanged, plus d2m's own optional ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+REQUIRED_FIELDS = ("models", "nworkers", "batch_size", "device", "input_tars", "output_metadata_dir")
+SEED_OPTIONAL_FIELDS = (
+    "postprocess_columns",
+    "postprocess_features",
+    "additional_fields",
+    "custom_pypath",
+    "reprocess",
+    "use_datacomp_keys",
+    "tars_per_wds",
+    "logging",
+    "warn_and_continue",
+)
+D2M_FIELDS = ("weights_dir", "precision", "artifacts_dir")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the offending field."""
+
+
+class D2MConfig(BaseModel):
+    """One config for `d2m run`, the Dagster definitions and the tests (the seed's yml format)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models: list[str] = Field(min_length=1)
+    nworkers: int = Field(ge=0)
+    batch_size: int = Field(gt=0)
+    device: int | str
+    input_tars: str | list[str]
+    output_metadata_dir: str
+    postprocess_columns: list[str] = Field(default_factory=list)
+    postprocess_features: list[str] = Field(default_factory=list)
+    additional_fields: list[str] | None = None
+    custom_pypath: str | None = None
+    reprocess: bool = False
+    use_datacomp_keys: bool = False
+    tars_per_wds: int | None = Field(default=None, gt=0)
+    logging: bool = False
+    warn_and_continue: bool = False
+    # d2m's own fields
+    weights_dir: str | None = None
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    artifacts_dir: str | None = None
+
+    @field_validator("postprocess_columns", "postprocess_features", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value: Any) -> Any:
+        return [] if value is None else value
+
+    @field_validator("input_tars")
+    @classmethod
+    def _non_empty_input(cls, value: str | list[str]) -> str | list[str]:
+        if not value:
+            raise ValueError("input_tars is empty")
+        return value
+
+    @property
+    def artifacts_root(self) -> str:
+        """Where per-asset intermediate files (features, scores) live; DataComp files go to output_metadata_dir."""
+        return self.artifacts_dir or self.output_metadata_dir.rstrip("/") + "/.d2m"
+
+
+def parse_config(raw: dict[str, Any], *, base_dir: Path | None = None) -> D2MConfig:
+    """Validate a parsed yml mapping; unknown or missing fields raise ConfigError naming them."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config must be a mapping of fields, got {type(raw).__name__}")
+    known = set(REQUIRED_FIELDS) | set(SEED_OPTIONAL_FIELDS) | set(D2M_FIELDS)
+    unknown = [k for k in raw if k not in known]
+    if unknown:
+        raise ConfigError(f"unknown field: {', '.join(map(str, unknown))}")
+    missing = [k for k in REQUIRED_FIELDS if k not in raw]
+    if missing:
+        raise ConfigError(f"missing required yml field: {', '.join(missing)}")
+    data = dict(raw)
+    if base_dir is not None:
+        data = _resolve_relative_paths(data, base_dir)
+    try:
+        return D2MConfig(**data)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise ConfigError(f"invalid config: {problems}") from None
+
+
+def load_config(path: str | Path) -> D2MConfig:
+    """Read a seed-format yml safely (no object construction); relative paths resolve against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with path.open("r", encoding="utf-8") as fh:
+        try:
+            raw = yaml.safe_load(fh)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_config(raw, base_dir=path.resolve().parent)
+
+
+def _is_local_relative(value: str) -> bool:
+    return "://" not in value and not value.startswith("pipe:") and not Path(value).is_absolute()
+
+
+def _resolve_relative_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
+    """Make local relative paths absolute against the yml's folder, so runs do not depend on the cwd."""
+    for key in ("output_metadata_dir", "custom_pypath", "weights_dir", "artifacts_dir"):
+        value = data.get(key)
+        if isinstance(value, str) and _is_local_relative(value):
+            data[key] = str(base_dir / value)
+    tars = data.get("input_tars")
+    if isinstance(tars, str) and _is_local_relative(tars):
+        data["input_tars"] = str(base_dir / tars)
+    elif isinstance(tars, list):
+        data["input_tars"] = [
+            str(base_dir / t) if isinstance(t, str) and _is_local_relative(t) else t for t in tars
+        ]
+    return data

@@ -1,0 +1,149 @@
+"""The engine: one pass per shard; each batch goes through every selected model on the device, in order."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from d2m_core.loader import Batch, Loader, ShardEnd, ShardStart
+from d2m_core.models import IMAGE_TRANSFORMS, TEXT_PREPROCESSORS, topo_order
+from d2m_core.records import ShardStats
+from d2m_core.shards import ShardRef
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ShardResult:
+    """Everything one shard's pass produced, rows aligned with `keys` (tar order)."""
+
+    shard: ShardRef
+    stats: ShardStats
+    keys: list[str] = field(default_factory=list)
+    uids: list[str | None] = field(default_factory=list)
+    jsons: list[dict[str, Any] | None] = field(default_factory=list)
+    outputs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # model -> field -> array
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Reported after each shard: how far the run is, and how fast."""
+
+    shard: str
+    shards_done: int
+    shards_total: int
+    samples: int
+    samples_per_s: float
+    error: str | None
+
+
+class Engine:
+    """Runs already-built models over shards; device and dtype are explicit, models are loaded once."""
+
+    def __init__(self, models: dict[str, Any], *, device: torch.device, dtype: torch.dtype, batch_size: int, nworkers: int) -> None:
+        self.order = topo_order(list(models))
+        self.models = models
+        self.device = device
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.nworkers = nworkers
+        pairs = [(inp, pre) for m in self.order for inp, pre in zip(models[m].raw_inputs, models[m].preprocessors)]
+        self.image_transforms = [IMAGE_TRANSFORMS[pre] for inp, pre in dict.fromkeys(pairs) if inp == "image"]
+        self.text_preprocessors = {pre: TEXT_PREPROCESSORS[pre]() for inp, pre in dict.fromkeys(pairs) if inp == "text"}
+
+    def loader(self, shards: Sequence[ShardRef]) -> Loader:
+        return Loader(
+            shards,
+            batch_size=self.batch_size,
+            transforms=self.image_transforms,
+            needs_text=bool(self.text_preprocessors),
+            nworkers=self.nworkers,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def forward(self, batch: Batch) -> dict[str, dict[str, torch.Tensor]]:
+        """All models on one batch; returns model -> field -> (B, ...) float32 tensors on the CPU."""
+        inputs: dict[tuple[str, str], Any] = {}
+        for t in self.image_transforms:
+            pixels = batch.images[t.name].to(self.device, non_blocking=True)
+            inputs[("image", t.name)] = t.finish(pixels, self.dtype)
+        for name, tokenize in self.text_preprocessors.items():
+            inputs[("text", name)] = tokenize(batch.texts).to(self.device, non_blocking=True)
+        raw: dict[str, Any] = {}
+        outputs: dict[str, dict[str, torch.Tensor]] = {}
+        with torch.inference_mode():
+            for name in self.order:
+                model = self.models[name]
+                args = [inputs[(i, p)] for i, p in zip(model.raw_inputs, model.preprocessors)]
+                args += [raw[d] for d in model.dependencies]
+                raw[name] = model(*args)
+                values = raw[name] if isinstance(raw[name], (tuple, list)) else (raw[name],)
+                outputs[name] = {f: v.detach().float().cpu() for f, v in zip(model.output_fields, values)}
+        return outputs
+
+    def run(self, shards: Sequence[ShardRef], progress: Callable[[Progress], None] | None = None) -> Iterator[ShardResult]:
+        """Yield one ShardResult per shard, in order; an unreadable shard yields a result with `error` set."""
+        current: ShardResult | None = None
+        parts: dict[str, dict[str, list[np.ndarray]]] = {}
+        done = 0
+        t_shard = t_wait = time.perf_counter()
+        for item in self.loader(shards):
+            now = time.perf_counter()
+            if isinstance(item, ShardStart):
+                current = ShardResult(shard=item.shard, stats=ShardStats(shard=item.shard.stem))
+                parts = {m: {f: [] for f in self.models[m].output_fields} for m in self.order}
+                t_shard = now
+                current.stats.timings = {"loader_wait_s": 0.0, "decode_s": 0.0, "model_s": 0.0}
+            elif isinstance(item, Batch):
+                assert current is not None
+                timings = current.stats.timings
+                timings["loader_wait_s"] += now - t_wait
+                timings["decode_s"] += item.decode_s
+                self._consume(current, parts, item)
+                timings["model_s"] += time.perf_counter() - now
+            elif isinstance(item, ShardEnd):
+                assert current is not None
+                current.error = item.error
+                self._finish(current, parts)
+                current.stats.timings["total_s"] = now - t_shard
+                done += 1
+                if progress is not None:
+                    progress(Progress(item.shard.stem, done, len(shards), current.stats.samples_written,
+                                      current.stats.samples_written / max(now - t_shard, 1e-9), item.error))
+                yield current
+                current = None
+            t_wait = time.perf_counter()
+
+    def _consume(self, result: ShardResult, parts: dict[str, dict[str, list[np.ndarray]]], batch: Batch) -> None:
+        result.stats.samples_read += batch.samples_read
+        result.stats.failures.extend(batch.failures)
+        if len(batch) == 0:
+            return
+        outputs = self.forward(batch)
+        for model, fields in outputs.items():
+            for name, tensor in fields.items():
+                if tensor.shape[0] != len(batch):
+                    raise RuntimeError(f"{model} returned {tensor.shape[0]} rows for a batch of {len(batch)}")
+                parts[model][name].append(tensor.numpy())
+        result.keys.extend(batch.keys)
+        result.uids.extend(batch.uids)
+        result.jsons.extend(batch.jsons)
+
+    def _finish(self, result: ShardResult, parts: dict[str, dict[str, list[np.ndarray]]]) -> None:
+        result.stats.samples_written = len(result.keys)
+        for model, fields in parts.items():
+            widths = self.models[model].output_fields
+            result.outputs[model] = {
+                name: np.concatenate(arrays).astype(np.float32, copy=False)
+                if arrays
+                else np.zeros((0, widths[name]) if widths[name] else (0,), np.float32)
+                for name, arrays in fields.items()
+            }
+

@@ -1,0 +1,176 @@
+"""The loader: reads tars in a background thread and prepares uint8 image batches in a thread pool.
+
+It hands the device stage `Batch`es in tar order, bracketed by `ShardStart`/`ShardEnd`, and reads the
+next shard while the current one is computed, so the device never waits at a shard boundary.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+
+from d2m_core.decoding import DecodeError, decode_image
+from d2m_core.reading import RawSample, ShardReadError, iter_samples
+from d2m_core.records import SampleFailure
+from d2m_core.shards import ShardRef
+from d2m_core.transforms import ImageTransform
+
+
+@dataclass
+class Batch:
+    """Up to batch_size usable samples of one shard, with per-transform uint8 image tensors."""
+
+    shard: str
+    keys: list[str] = field(default_factory=list)
+    uids: list[str | None] = field(default_factory=list)
+    jsons: list[dict[str, Any] | None] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    images: dict[str, torch.Tensor] = field(default_factory=dict)
+    failures: list[SampleFailure] = field(default_factory=list)
+    samples_read: int = 0
+    decode_s: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+@dataclass
+class ShardStart:
+    shard: ShardRef
+
+
+@dataclass
+class ShardEnd:
+    shard: ShardRef
+    error: str | None = None  # the shard could not be read at all
+
+
+Item = Union[ShardStart, Batch, ShardEnd]
+_DONE = object()
+
+
+def prepare_batch(
+    shard: str, samples: Sequence[RawSample], transforms: Sequence[ImageTransform], needs_text: bool, pin: bool
+) -> Batch:
+    """Decode and prepare one batch on the CPU; samples that fail are recorded, never dropped."""
+    start = time.perf_counter()
+    batch = Batch(shard=shard, samples_read=len(samples))
+    pixels: dict[str, list[torch.Tensor]] = {t.name: [] for t in transforms}
+    for raw in samples:
+        if raw.problem is not None:
+            batch.failures.append(SampleFailure(raw.key, raw.uid, raw.problem))
+            continue
+        if needs_text and raw.text is None:
+            batch.failures.append(SampleFailure(raw.key, raw.uid, "no txt member"))
+            continue
+        try:
+            image = decode_image(raw.image) if transforms else None
+            prepared = {t.name: t.prepare(image) for t in transforms}
+        except DecodeError as err:
+            batch.failures.append(SampleFailure(raw.key, raw.uid, str(err)))
+            continue
+        except Exception as err:  # a preprocessing bug on one odd image must not lose the shard
+            batch.failures.append(SampleFailure(raw.key, raw.uid, f"preprocessing failed: {type(err).__name__}: {err}"))
+            continue
+        for name, tensor in prepared.items():
+            pixels[name].append(tensor)
+        batch.keys.append(raw.key)
+        batch.uids.append(raw.uid)
+        batch.jsons.append(raw.json)
+        batch.texts.append(raw.text or "")
+    for name, tensors in pixels.items():
+        if tensors:
+            stacked = torch.stack(tensors)
+            batch.images[name] = stacked.pin_memory() if pin else stacked
+    batch.decode_s = time.perf_counter() - start
+    return batch
+
+
+class Loader:
+    """Iterate `ShardStart, Batch..., ShardEnd` for each shard, in order, with bounded read-ahead."""
+
+    def __init__(
+        self,
+        shards: Sequence[ShardRef],
+        *,
+        batch_size: int,
+        transforms: Sequence[ImageTransform],
+        needs_text: bool,
+        nworkers: int = 2,
+        pin_memory: bool = False,
+        prefetch_batches: int | None = None,
+    ) -> None:
+        self.shards = list(shards)
+        self.batch_size = batch_size
+        self.transforms = list(transforms)
+        self.needs_text = needs_text
+        self.nworkers = max(1, nworkers)
+        self.pin_memory = pin_memory
+        self.prefetch = prefetch_batches or 2 * self.nworkers + 2
+
+    def __iter__(self) -> Iterator[Item]:
+        out: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        pool = ThreadPoolExecutor(max_workers=self.nworkers, thread_name_prefix="d2m-decode")
+        reader = threading.Thread(target=self._read, args=(out, pool, stop), name="d2m-reader", daemon=True)
+        reader.start()
+        try:
+            while True:
+                item = out.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item.result() if isinstance(item, Future) else item
+        finally:
+            stop.set()
+            while reader.is_alive():  # unblock a reader waiting on a full queue
+                try:
+                    out.get_nowait()
+                except queue.Empty:
+                    reader.join(timeout=0.05)
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _put(self, out: queue.Queue[Any], item: Any, stop: threading.Event) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _read(self, out: queue.Queue[Any], pool: ThreadPoolExecutor, stop: threading.Event) -> None:
+        try:
+            for shard in self.shards:
+                if not self._put(out, ShardStart(shard), stop):
+                    return
+                error = None
+                buffer: list[RawSample] = []
+                try:
+                    for raw in iter_samples(shard):
+                        buffer.append(raw)
+                        if len(buffer) == self.batch_size:
+                            if not self._submit(out, pool, shard, buffer, stop):
+                                return
+                            buffer = []
+                except ShardReadError as err:
+                    error = str(err)
+                if buffer and not self._submit(out, pool, shard, buffer, stop):
+                    return
+                if not self._put(out, ShardEnd(shard, error), stop):
+                    return
+            self._put(out, _DONE, stop)
+        except BaseException as err:  # surfaced to the consumer, never swallowed
+            self._put(out, err, stop)
+
+    def _submit(self, out: queue.Queue[Any], pool: ThreadPoolExecutor, shard: ShardRef, buffer: list[RawSample], stop: threading.Event) -> bool:
+        future = pool.submit(prepare_batch, shard.stem, buffer, self.transforms, self.needs_text, self.pin_memory)
+        return self._put(out, future, stop)

@@ -1,0 +1,94 @@
+"""Model registry in the seed's plugin shape: name -> class, plus the preprocessor lookup."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+import torch
+
+from d2m_core.models.clip import OaiClipVitB32
+from d2m_core.transforms import IMAGE_TRANSFORMS, ClipTokenizer
+from d2m_core.weights import ResolvedWeights, WeightsFile, resolve_weights, weights_dir
+
+
+class ModelClass(Protocol):
+    """The seed's model contract, plus d2m's `output_fields` (name -> feature width, 0 for a scalar)."""
+
+    name: str
+    raw_inputs: list[str]
+    preprocessors: list[str]
+    dependencies: list[str]
+    to_device: bool
+    output_fields: dict[str, int]
+    weights_files: list[WeightsFile]
+
+    def __call__(self, *inputs: Any) -> Any: ...
+
+
+MODEL_LOOKUP: dict[str, type] = {cls.name: cls for cls in (OaiClipVitB32,)}
+
+TEXT_PREPROCESSORS: dict[str, Callable[[], Callable[[list[str]], Any]]] = {"clip-tokens": ClipTokenizer}
+
+
+class UnknownModelError(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def list_models() -> list[str]:
+    return sorted(MODEL_LOOKUP)
+
+
+def model_class(name: str) -> type:
+    try:
+        return MODEL_LOOKUP[name]
+    except KeyError:
+        raise UnknownModelError(f"unknown model {name!r}; known models: {', '.join(list_models())}") from None
+
+
+def resolve_model_weights(name: str, configured_dir: str | None = None) -> ResolvedWeights:
+    """Locate and verify a model's weights (or random weights when enabled), without loading them."""
+    cls = model_class(name)
+    return resolve_weights(name, list(cls.weights_files), weights_dir(configured_dir))
+
+
+def create_model(name: str, device: torch.device, dtype: torch.dtype, weights: ResolvedWeights) -> Any:
+    """Build a model once, on `device` in `dtype`, from verified (or random) weights."""
+    return model_class(name)(device, dtype=dtype, weights=weights)
+
+
+def topo_order(names: list[str]) -> list[str]:
+    """Models ordered so each comes after its dependencies (which must also be selected), as the seed does."""
+    ordered: list[str] = []
+    visiting: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in ordered:
+            return
+        if name in visiting:
+            raise ValueError(f"model dependency cycle at {name!r}")
+        visiting.add(name)
+        for dep in model_class(name).dependencies:
+            if dep not in names:
+                raise ValueError(f"model {name!r} depends on {dep!r}, which is not in `models`")
+            visit(dep)
+        visiting.discard(name)
+        ordered.append(name)
+
+    for n in names:
+        visit(n)
+    return ordered
+
+
+__all__ = [
+    "IMAGE_TRANSFORMS",
+    "MODEL_LOOKUP",
+    "TEXT_PREPROCESSORS",
+    "ModelClass",
+    "UnknownModelError",
+    "create_model",
+    "list_models",
+    "model_class",
+    "resolve_model_weights",
+    "topo_order",
+]

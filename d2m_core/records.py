@@ -1,0 +1,67 @@
+"""Plain records shared by the engine, the writers and the assets: failures, weights used, shard stats."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SampleFailure:
+    """A sample that could not be used: never dropped silently, always recorded with its reason."""
+
+    key: str
+    uid: str | None
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class WeightsRecord:
+    """Which weights a model ran with: 'real' (file + sha256) or 'random' (tests, demos, benchmarks)."""
+
+    model: str
+    kind: str  # "real" | "random"
+    path: str | None = None
+    sha256: str | None = None
+    source: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class ShardStats:
+    """Counts and timings of one shard's pass; samples_read == samples_written + samples_failed."""
+
+    shard: str
+    samples_read: int = 0
+    samples_written: int = 0
+    failures: list[SampleFailure] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def samples_failed(self) -> int:
+        return len(self.failures)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "shard": self.shard,
+            "samples_read": self.samples_read,
+            "samples_written": self.samples_written,
+            "samples_failed": self.samples_failed,
+            "failures": [f.as_dict() for f in self.failures],
+            "timings": {k: round(v, 6) for k, v in self.timings.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ShardStats":
+        return cls(
+            shard=data["shard"],
+            samples_read=int(data["samples_read"]),
+            samples_written=int(data["samples_written"]),
+            failures=[SampleFailure(**f) for f in data.get("failures", [])],
+            timings=dict(data.get("timings", {})),
+        )

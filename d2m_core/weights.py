@@ -1,0 +1,105 @@
+"""Local model weights: where they live, sha256 checks, clear errors, and the random-weights opt-in."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from d2m_core.records import WeightsRecord
+
+log = logging.getLogger(__name__)
+
+RANDOM_WEIGHTS_ENV = "D2M_RANDOM_WEIGHTS"
+WEIGHTS_DIR_ENV = "D2M_WEIGHTS_DIR"
+DEFAULT_WEIGHTS_DIR = Path.home() / ".cache" / "d2m" / "weights"
+
+
+class WeightsError(RuntimeError):
+    """A weights file is missing or does not match its sha256; the message says which and how to get it."""
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """One accepted file for a model: its name in the weights directory, format, pinned sha256, origin."""
+
+    filename: str
+    format: str  # e.g. "openai-jit", "open_clip"
+    sha256: str | None
+    source: str
+
+
+@dataclass(frozen=True)
+class ResolvedWeights:
+    """The weights a model will load: a verified file, or random initialisation when asked for."""
+
+    record: WeightsRecord
+    file: WeightsFile | None = None
+
+    @property
+    def is_random(self) -> bool:
+        return self.record.kind == "random"
+
+    @property
+    def path(self) -> Path:
+        assert self.record.path is not None, "random weights have no file"
+        return Path(self.record.path)
+
+
+def random_weights_enabled() -> bool:
+    """True when D2M_RANDOM_WEIGHTS asks for random weights of the real architectures."""
+    return os.environ.get(RANDOM_WEIGHTS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def weights_dir(configured: str | None = None) -> Path:
+    """The weights directory: the config's `weights_dir`, else $D2M_WEIGHTS_DIR, else ~/.cache/d2m/weights."""
+    if configured:
+        return Path(configured).expanduser()
+    env = os.environ.get(WEIGHTS_DIR_ENV)
+    return Path(env).expanduser() if env else DEFAULT_WEIGHTS_DIR
+
+
+def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_weights(model: str, accepted: list[WeightsFile], directory: Path) -> ResolvedWeights:
+    """Find and verify the first accepted file present in `directory`, or return random weights if enabled.
+
+    A file whose pinned sha256 differs raises WeightsError; a file without a pinned sha256 is accepted
+    if a `<file>.sha256` sidecar matches it, else it is used with a warning and its sha256 recorded.
+    """
+    if random_weights_enabled():
+        log.warning("%s: using RANDOM weights (%s=1); outputs are flagged 'weights: random'", model, RANDOM_WEIGHTS_ENV)
+        return ResolvedWeights(WeightsRecord(model=model, kind="random"))
+    for spec in accepted:
+        path = directory / spec.filename
+        if not path.is_file():
+            continue
+        actual = sha256_of(path)
+        expected = spec.sha256
+        sidecar = path.with_name(path.name + ".sha256")
+        if expected is None and sidecar.is_file():
+            expected = sidecar.read_text().split()[0].strip().lower()
+        if expected is not None and actual != expected:
+            raise WeightsError(
+                f"{model}: {path} has sha256 {actual}, expected {expected}; "
+                f"the file is corrupt or not the right one: download it again from {spec.source}"
+            )
+        if expected is None:
+            log.warning("%s: %s has no pinned sha256; recording %s", model, path, actual)
+        record = WeightsRecord(model=model, kind="real", path=str(path), sha256=actual, source=spec.source)
+        return ResolvedWeights(record, spec)
+    wanted = " or ".join(str(directory / s.filename) for s in accepted)
+    sources = "; ".join(f"{s.filename}: {s.source}" for s in accepted)
+    raise WeightsError(
+        f"{model}: weights not found: put {wanted} (get them from {sources}), "
+        f"set weights_dir / ${WEIGHTS_DIR_ENV} to the folder holding them, "
+        f"or set {RANDOM_WEIGHTS_ENV}=1 to run with random weights (tests, demos)"
+    )

@@ -1,0 +1,84 @@
+"""DataComp's files for one shard: `{shard}.parquet`, `{shard}.npz`, then `{shard}.json` last."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from d2m_core import catalog, storage
+from d2m_core.config import D2MConfig
+
+LoadField = Callable[[str, str], np.ndarray]  # (asset, field) -> array aligned with the samples table
+
+
+def datacomp_table(config: D2MConfig, samples: pa.Table, load: LoadField) -> pa.Table | None:
+    """Columns: postprocess_columns (float32 scores), then additional_fields with their json types."""
+    rows = samples.num_rows
+    names: list[str] = []
+    columns: list[pa.Array] = []
+    for name in config.postprocess_columns:
+        out = catalog.output_name(name, feature=False)
+        values = load(out.asset, out.field)
+        if len(values) != rows:
+            raise ValueError(f"{name}: {len(values)} rows for {rows} samples; rerun its asset")
+        names.append(out.column(config.use_datacomp_keys))
+        columns.append(pa.array(values.astype(np.float32), pa.float32()))
+    if config.additional_fields:
+        parsed = [json.loads(j) if j is not None else {} for j in samples.column("json").to_pylist()]
+        for fieldname in config.additional_fields:
+            column = catalog.DATACOMP_FIELD_RENAMES.get(fieldname, fieldname) if config.use_datacomp_keys else fieldname
+            names.append(column)
+            columns.append(pa.array([p.get(fieldname) for p in parsed]))
+    if not names:
+        return None
+    return pa.table(columns, names=names)
+
+
+def datacomp_arrays(config: D2MConfig, rows: int, load: LoadField) -> dict[str, np.ndarray]:
+    arrays: dict[str, np.ndarray] = {}
+    for name in config.postprocess_features:
+        out = catalog.output_name(name, feature=True)
+        values = load(out.asset, out.field).astype(np.float32, copy=False)
+        if len(values) != rows:
+            raise ValueError(f"{name}: {len(values)} rows for {rows} samples; rerun its asset")
+        arrays[out.column(config.use_datacomp_keys)] = values
+    return arrays
+
+
+def shard_log(stats: dict[str, Any], rows: int) -> dict[str, Any]:
+    """The seed's json keys, plus d2m's counts, failures, timings, models and weights."""
+    timings = stats.get("timings", {})
+    return {
+        "number of samples": rows,
+        "sample time (s)": timings.get("model_s", 0.0),
+        "loader time (s)": timings.get("loader_wait_s", 0.0),
+        "samples_read": stats["samples_read"],
+        "samples_written": stats["samples_written"],
+        "samples_failed": stats["samples_failed"],
+        "failures": stats.get("failures", []),
+        "timings": timings,
+        "models": [w["model"] for w in stats.get("weights", [])],
+        "weights": {w["model"]: w for w in stats.get("weights", [])},
+        "source": stats.get("url"),
+    }
+
+
+def write_datacomp_files(config: D2MConfig, stem: str, samples: pa.Table, stats: dict[str, Any], load: LoadField) -> dict[str, str]:
+    """Write the shard's files into output_metadata_dir (each complete or absent, json last)."""
+    rows = samples.num_rows
+    paths: dict[str, str] = {}
+    table = datacomp_table(config, samples, load)
+    if table is not None:
+        paths["parquet"] = storage.join(config.output_metadata_dir, f"{stem}.parquet")
+        storage.write_parquet(paths["parquet"], table)
+    arrays = datacomp_arrays(config, rows, load)
+    if arrays:
+        paths["npz"] = storage.join(config.output_metadata_dir, f"{stem}.npz")
+        storage.write_npz(paths["npz"], arrays)
+    paths["json"] = storage.join(config.output_metadata_dir, f"{stem}.json")
+    storage.write_json(paths["json"], shard_log(stats, rows))
+    return paths
