@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -113,12 +114,12 @@ def _resolve_relative_paths(data: dict[str, Any], base_dir: Path) -> dict[str, A
     for key in ("output_metadata_dir", "custom_pypath", "weights_dir", "artifacts_dir"):
         value = data.get(key)
         if isinstance(value, str) and _is_local_relative(value):
-            data[key] = str(base_dir / value)
+            data[key] = os.path.normpath(base_dir / value)
     tars = data.get("input_tars")
     if isinstance(tars, str) and _is_local_relative(tars):
-        data["input_tars"] = str(base_dir / tars)
+        data["input_tars"] = os.path.normpath(base_dir / tars)
     elif isinstance(tars, list):
         data["input_tars"] = [
-            str(base_dir / t) if isinstance(t, str) and _is_local_relative(t) else t for t in tars
+            os.path.normpath(base_dir / t) if isinstance(t, str) and _is_local_relative(t) else t for t in tars
         ]
     return data

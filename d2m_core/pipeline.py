@@ -111,6 +111,11 @@ def compute_features(
             yield pending.popleft().result()
 
 
+def shard_stats(config: D2MConfig, stem: str) -> ShardStats:
+    """The stored counts and failures of a shard's last feature pass."""
+    return ShardStats.from_dict(storage.read_json(artifact_url(config, catalog.SAMPLES, stem, "json")))
+
+
 def compute_scores(config: D2MConfig, stems: Sequence[str], score_asset: str) -> Iterator[ShardOutcome]:
     """Scores from stored features (never from the tar): one file per shard."""
     spec = catalog.SCORE_ASSETS[score_asset]

@@ -1,0 +1,1 @@
+"""The asset graph: raw_shards -> features (one pass) -> scores -> shard_metadata."""

@@ -1,0 +1,118 @@
+"""The `d2m` command: run (the seed's workflow), make-shards, demo, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from d2m_assets.runner import run_config_file
+
+    summary = run_config_file(args.yml)
+    return 0 if summary.ok else 1
+
+
+def _cmd_make_shards(args: argparse.Namespace) -> int:
+    from d2m_core.synth import make_shards
+
+    paths = make_shards(args.out, shards=args.shards, samples=args.samples, seed=args.seed, start=args.start,
+                        max_side=args.max_side, jpeg_quality=args.jpeg_quality)
+    for path in paths:
+        print(path)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from d2m_assets.runner import run_config_file
+    from d2m_core import load_config
+    from d2m_core.synth import make_shards
+
+    config_file = REPO / "configs" / "demo.yml"
+    shard_dir = REPO / ".demo" / "shards"
+    if not any(shard_dir.glob("*.tar")):
+        print(f"making demo shards in {shard_dir}")
+        make_shards(shard_dir, shards=args.shards, samples=args.samples)
+    summary = run_config_file(config_file)
+    out = load_config(config_file).output_metadata_dir
+    print(f"\noutputs in {out}: {{shard}}.parquet, {{shard}}.npz, {{shard}}.json")
+    print(f"  python -c \"import pandas as pd; print(pd.read_parquet('{out}/{summary.shards[0]}.parquet'))\"")
+    print(f"Dagster UI: DAGSTER_HOME={os.environ['DAGSTER_HOME']} D2M_CONFIG={config_file} .venv/bin/dagster dev -w {REPO / 'workspace.yaml'}")
+    return 0 if summary.ok else 1
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from d2m_core import expand_shards, load_config
+    from d2m_core.bench import run_benchmark
+
+    config = load_config(args.yml)
+    updates = {k: v for k, v in (("device", args.device), ("precision", args.precision)) if v is not None}
+    config = config.model_copy(update=updates)
+    shard_dir = Path(args.shards)
+    if not any(shard_dir.glob("*.tar")):
+        from d2m_core.synth import make_shards
+
+        make_shards(shard_dir, shards=args.make_shards, samples=args.make_samples)
+    for line in run_benchmark(config, expand_shards(str(shard_dir)), Path(args.yml).name):
+        print(json.dumps(line), flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="d2m", description="DataComp metadata as Dagster assets")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="process the shards of a seed-format yml (registers partitions, materializes)")
+    run.add_argument("--yml", required=True, help="the config (the seed's yml format)")
+    run.set_defaults(func=_cmd_run)
+
+    make = sub.add_parser("make-shards", help="write img2dataset-format test shards from bundled photos")
+    make.add_argument("out")
+    make.add_argument("--shards", type=int, default=2)
+    make.add_argument("--samples", type=int, default=32)
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--start", type=int, default=0, help="index of the first shard")
+    make.add_argument("--max-side", type=int, default=512)
+    make.add_argument("--jpeg-quality", type=int, default=95)
+    make.set_defaults(func=_cmd_make_shards)
+
+    demo = sub.add_parser("demo", help="make demo shards and materialize the basic assets for them")
+    demo.add_argument("--shards", type=int, default=3)
+    demo.add_argument("--samples", type=int, default=24)
+    demo.set_defaults(func=_cmd_demo)
+
+    bench = sub.add_parser("bench", help="print throughput as JSON lines")
+    bench.add_argument("--yml", required=True)
+    bench.add_argument("--shards", required=True, help="folder of tars (made with make-shards if empty)")
+    bench.add_argument("--device", default=None, help="override the yml's device ('cpu', 0, 'cuda:1')")
+    bench.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default=None)
+    bench.add_argument("--make-shards", type=int, default=2, help="shards to make when the folder is empty")
+    bench.add_argument("--make-samples", type=int, default=256)
+    bench.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore", message=".*is currently in beta.*")
+    args = build_parser().parse_args(argv)
+    from d2m_core.config import ConfigError
+    from d2m_core.shards import ShardListError
+    from d2m_core.weights import WeightsError
+
+    try:
+        return args.func(args)
+    except (ConfigError, ShardListError, WeightsError) as err:
+        print(f"d2m: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""The single Definitions object: assets built from d2m_core's catalog, configured by the yml at $D2M_CONFIG."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dagster import BackfillPolicy, Definitions
+
+from d2m_assets.assets.features import RAW_SHARDS, build_feature_assets
+from d2m_assets.assets.metadata import build_metadata_asset
+from d2m_assets.assets.scores import build_score_assets
+from d2m_assets.resources import D2MConfigResource
+from d2m_core import load_config
+
+CONFIG_ENV = "D2M_CONFIG"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yml"
+DEFAULT_TARS_PER_RUN = 8  # shards per Dagster run when the yml has no tars_per_wds (models load once per run)
+
+
+def config_path() -> Path:
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG).resolve()
+
+
+def build_definitions(path: str | Path) -> Definitions:
+    """Definitions for one yml: its `tars_per_wds` sets how many shards a backfill run takes."""
+    config = load_config(path)
+    policy = BackfillPolicy.multi_run(max_partitions_per_run=config.tars_per_wds or DEFAULT_TARS_PER_RUN)
+    assets = [RAW_SHARDS, build_feature_assets(policy), *build_score_assets(policy), build_metadata_asset(policy)]
+    return Definitions(assets=assets, resources={"d2m": D2MConfigResource(config_path=str(path))})

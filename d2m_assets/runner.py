@@ -1,0 +1,118 @@
+"""`d2m run`: the seed's workflow on the Dagster graph: register shards, skip done ones, materialize in runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dagster import AssetKey, DagsterInstance, materialize
+
+from d2m_assets.definitions import build_definitions
+from d2m_assets.partitions import SHARDS
+from d2m_core import catalog, expand_shards, load_config
+from d2m_core.models import resolve_model_weights
+from d2m_core.pipeline import shard_stats
+
+REPO_DAGSTER_YAML = Path(__file__).resolve().parent.parent / "dagster.yaml"
+RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
+LOG_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+
+
+@dataclass
+class RunSummary:
+    shards: list[str]
+    skipped: list[str] = field(default_factory=list)
+    processed: list[str] = field(default_factory=list)
+    failed_runs: list[str] = field(default_factory=list)
+    run_ids: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed_runs
+
+
+def ensure_instance(echo: Callable[[str], None] = print) -> DagsterInstance:
+    """The persistent instance at $DAGSTER_HOME (default ./.dagster_home, created with the repo's dagster.yaml)."""
+    home = os.environ.get("DAGSTER_HOME")
+    if not home:
+        home = str(Path.cwd() / ".dagster_home")
+        os.environ["DAGSTER_HOME"] = home
+        echo(f"DAGSTER_HOME is not set: using {home}")
+    Path(home).mkdir(parents=True, exist_ok=True)
+    target = Path(home) / "dagster.yaml"
+    if not target.exists() and REPO_DAGSTER_YAML.is_file():
+        shutil.copy(REPO_DAGSTER_YAML, target)
+    return DagsterInstance.get()
+
+
+def pending_shards(instance: DagsterInstance, stems: Sequence[str], assets: Sequence[str]) -> list[str]:
+    """Shards for which any of `assets` has no materialization in the instance (state, not file names)."""
+    done: set[str] | None = None
+    for name in assets:
+        materialized = instance.get_materialized_partitions(AssetKey(name))
+        done = materialized if done is None else done & materialized
+    return [s for s in stems if s not in (done or set())]
+
+
+def contiguous_chunks(order: Sequence[str], todo: Sequence[str], size: int) -> list[list[str]]:
+    """Split `todo` into runs of at most `size` shards that are contiguous in the partition order,
+    since a Dagster range run covers every partition between its ends."""
+    wanted = set(todo)
+    chunks: list[list[str]] = []
+    current: list[str] = []
+    for key in order:
+        if key in wanted and len(current) < size:
+            current.append(key)
+            continue
+        if current:
+            chunks.append(current)
+        current = [key] if key in wanted else []
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def run_config_file(yml: str | Path, *, echo: Callable[[str], None] = print) -> RunSummary:
+    """Process every shard of the yml that Dagster has not materialized yet (all of them with reprocess)."""
+    yml = Path(yml).resolve()
+    config = load_config(yml)
+    asset_names = catalog.assets_for_config(config.models, config.postprocess_columns, config.postprocess_features)
+    for model in config.models:  # every weights file verified before any shard is touched
+        resolve_model_weights(model, config.weights_dir)
+    stems = [ref.stem for ref in expand_shards(config.input_tars)]
+    instance = ensure_instance(echo)
+    instance.add_dynamic_partitions(SHARDS, stems)
+    summary = RunSummary(shards=stems)
+    todo = stems if config.reprocess else pending_shards(instance, stems, asset_names)
+    summary.skipped = [s for s in stems if s not in todo]
+    if summary.skipped:
+        echo(f"{len(summary.skipped)} shard(s) already materialized, skipped (reprocess: false)")
+    if not todo:
+        echo("all shards already processed.")
+        return summary
+    defs = build_definitions(yml)
+    assets = list(defs.assets or [])
+    selection = [AssetKey(a) for a in asset_names]
+    chunks = contiguous_chunks(instance.get_dynamic_partitions(SHARDS), todo, config.tars_per_wds or len(todo))
+    started = time.perf_counter()
+    for i, chunk in enumerate(chunks, 1):
+        tags = {} if len(chunk) == 1 else {RANGE_START: chunk[0], RANGE_END: chunk[-1]}
+        result = materialize(assets, instance=instance, selection=selection, resources=defs.resources,
+                             partition_key=chunk[0] if len(chunk) == 1 else None, tags=tags,
+                             run_config=LOG_CONFIG, raise_on_error=False)
+        summary.run_ids.append(result.run_id)
+        if result.success:
+            summary.processed.extend(chunk)
+        else:
+            summary.failed_runs.append(result.run_id)
+        elapsed = time.perf_counter() - started
+        samples = sum(shard_stats(config, s).samples_written for s in summary.processed)
+        echo(f"[run {i}/{len(chunks)}] shards done {len(summary.processed)}/{len(todo)}"
+             f"{' (FAILED: ' + ', '.join(chunk) + ')' if not result.success else ''}; "
+             f"{samples} samples, {samples / max(elapsed, 1e-9):.1f} samples/s overall")
+    return summary
+
