@@ -1,0 +1,92 @@
+"""Shared fixtures: shards made by d2m itself, random weights, configs written into tmp folders."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from d2m_core.synth import make_shards
+
+os.environ["D2M_RANDOM_WEIGHTS"] = "1"  # tests always use random weights of the real architectures
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def shard_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two shards of 9 samples: 00000 holds one undecodable image (key 000000004)."""
+    root = tmp_path_factory.mktemp("shards")
+    make_shards(root, shards=2, samples=9, max_side=256)
+    replace_member(root / "00000.tar", "000000004.jpg", b"<html>not an image</html>")
+    return root
+
+
+def replace_member(tar_path: Path, name: str, data: bytes) -> None:
+    """Rewrite a tar with one member's bytes replaced (keeps member order); adds it if the name is new."""
+    with tarfile.open(tar_path) as src:
+        members = [(m, src.extractfile(m).read() if m.isfile() else None) for m in src.getmembers()]
+    names = [m.name for m, _ in members]
+    with tarfile.open(tar_path, "w") as dst:
+        for member, content in members:
+            if member.name == name:
+                content = data
+                member.size = len(data)
+            dst.addfile(member, io.BytesIO(content) if content is not None else None)
+        if name not in names:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            dst.addfile(info, io.BytesIO(data))
+
+
+def tar_samples(tar_path: Path) -> list[dict[str, Any]]:
+    """The samples of a tar in order, as {key, json} (json parsed), read with plain tarfile."""
+    out: dict[str, dict[str, Any]] = {}
+    with tarfile.open(tar_path) as tf:
+        for m in tf.getmembers():
+            key, _, ext = m.name.partition(".")
+            entry = out.setdefault(key, {"key": key})
+            if ext == "json":
+                entry["json"] = json.loads(tf.extractfile(m).read())
+    return list(out.values())
+
+
+BASIC = {
+    "models": ["oai-clip-vit-b32"],
+    "postprocess_columns": ["oai-clip-vit-b32-score"],
+    "postprocess_features": ["oai-clip-vit-b32-image", "oai-clip-vit-b32-text"],
+    "additional_fields": ["uid", "url", "caption", "original_width", "original_height", "sha256"],
+    "nworkers": 2,
+    "batch_size": 4,
+    "device": "cpu",
+    "reprocess": False,
+}
+
+
+@pytest.fixture
+def write_config(tmp_path: Path):
+    """Write a basic config (with overrides) into tmp_path and return its path."""
+
+    def write(shards: Path, **overrides: Any) -> Path:
+        data = BASIC | {"input_tars": str(shards / "*.tar"), "output_metadata_dir": str(tmp_path / "metadata")} | overrides
+        path = tmp_path / "config.yml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    return write
+
+
+def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run a console script of the venv (d2m, dagster) with a clean, explicit environment."""
+    full_env = os.environ | {"PYTHONWARNINGS": "ignore"} | env
+    return subprocess.run([str(VENV_BIN / args[0]), *args[1:]], env=full_env, cwd=cwd, capture_output=True,
+                          text=True, timeout=600)

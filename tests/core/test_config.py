@@ -1,0 +1,70 @@
+from pathlib import Path
+
+import pytest
+
+from d2m_core.config import ConfigError, load_config, parse_config
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+@pytest.mark.parametrize("name", ["seed_basic.yml", "seed_datacomp.yml"])
+def test_seed_ymls_load_unchanged(name: str) -> None:
+    config = load_config(DATA / name)
+    assert config.models[0] == "oai-clip-vit-b32"
+    assert config.device == 0 and config.batch_size == 512 and config.nworkers == 2
+    assert config.reprocess is True and config.custom_pypath is None
+    assert config.input_tars == str(DATA / "path/to/my/tars/000057{17..19}.tar")
+    assert config.additional_fields == ["uid", "url", "caption", "original_width", "original_height", "sha256"]
+
+
+def _minimal(**extra):
+    return {"models": ["oai-clip-vit-b32"], "nworkers": 1, "batch_size": 2, "device": "cpu",
+            "input_tars": "/x/00000.tar", "output_metadata_dir": "/out"} | extra
+
+
+def test_every_seed_optional_field_is_accepted() -> None:
+    config = parse_config(_minimal(postprocess_columns=None, postprocess_features=["oai-clip-vit-b32-image"],
+                                   additional_fields=["uid"], custom_pypath=None, reprocess=False,
+                                   use_datacomp_keys=True, tars_per_wds=3, logging=False, warn_and_continue=True))
+    assert config.postprocess_columns == [] and config.tars_per_wds == 3 and config.use_datacomp_keys
+    assert config.reprocess is False
+
+
+def test_absent_reprocess_means_false_and_artifacts_default() -> None:
+    config = parse_config(_minimal())
+    assert config.reprocess is False
+    assert config.artifacts_root == "/out/.d2m"
+
+
+def test_unknown_field_is_named() -> None:
+    with pytest.raises(ConfigError, match="unknown field: colour"):
+        parse_config(_minimal(colour="blue"))
+
+
+def test_missing_field_is_named() -> None:
+    raw = _minimal()
+    del raw["batch_size"]
+    with pytest.raises(ConfigError, match="missing required yml field: batch_size"):
+        parse_config(raw)
+
+
+def test_bad_type_names_the_field() -> None:
+    with pytest.raises(ConfigError, match="batch_size"):
+        parse_config(_minimal(batch_size=0))
+
+
+def test_yaml_objects_are_not_constructed(tmp_path: Path) -> None:
+    path = tmp_path / "evil.yml"
+    path.write_text("models: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_relative_paths_resolve_against_the_yml(tmp_path: Path) -> None:
+    (tmp_path / "cfg").mkdir()
+    path = tmp_path / "cfg" / "c.yml"
+    path.write_text("models: [oai-clip-vit-b32]\nnworkers: 1\nbatch_size: 2\ndevice: cpu\n"
+                    "input_tars: ['../tars/a.tar', 's3://b/c.tar']\noutput_metadata_dir: ../out\n")
+    config = load_config(path)
+    assert config.input_tars == [str(tmp_path / "tars" / "a.tar"), "s3://b/c.tar"]
+    assert config.output_metadata_dir == str(tmp_path / "out")

@@ -1,0 +1,73 @@
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+
+from d2m_core.models import create_model, resolve_model_weights
+from d2m_core.models.clip import OaiClipVitB32
+from d2m_core.weights import WeightsError, WeightsFile, resolve_weights, sha256_of
+
+
+@pytest.fixture
+def real_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("D2M_RANDOM_WEIGHTS", raising=False)
+
+
+def test_missing_weights_name_the_file_and_where_to_get_it(real_weights: None, tmp_path: Path) -> None:
+    with pytest.raises(WeightsError) as err:
+        resolve_model_weights("oai-clip-vit-b32", str(tmp_path))
+    message = str(err.value)
+    assert str(tmp_path / "ViT-B-32.pt") in message
+    assert "openaipublic.azureedge.net/clip/models/40d36571" in message and "D2M_RANDOM_WEIGHTS=1" in message
+
+
+def test_weights_dir_from_environment(real_weights: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("D2M_WEIGHTS_DIR", str(tmp_path / "w"))
+    with pytest.raises(WeightsError, match=str(tmp_path / "w" / "ViT-B-32.pt")):
+        resolve_model_weights("oai-clip-vit-b32")
+
+
+def test_corrupt_file_is_refused(real_weights: None, tmp_path: Path) -> None:
+    (tmp_path / "ViT-B-32.pt").write_bytes(b"not the weights")
+    with pytest.raises(WeightsError, match="expected 40d36571"):
+        resolve_model_weights("oai-clip-vit-b32", str(tmp_path))
+
+
+def test_random_weights_are_flagged() -> None:
+    resolved = resolve_model_weights("oai-clip-vit-b32", "/nonexistent")
+    assert resolved.is_random and resolved.record.as_dict() == {"model": "oai-clip-vit-b32", "kind": "random"}
+
+
+def test_sidecar_sha256_pins_unpinned_formats(real_weights: None, tmp_path: Path) -> None:
+    path = tmp_path / "m.bin"
+    path.write_bytes(b"abc")
+    spec = WeightsFile("m.bin", "open_clip", None, "somewhere")
+    assert resolve_weights("m", [spec], tmp_path).record.sha256 == sha256_of(path)
+    (tmp_path / "m.bin.sha256").write_text("0" * 64 + "  m.bin\n")
+    with pytest.raises(WeightsError, match="expected 0000"):
+        resolve_weights("m", [spec], tmp_path)
+
+
+def test_openai_and_open_clip_formats_load_the_same_model(real_weights: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(1)
+    source = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None).eval()
+    source.half().float()  # OpenAI's archives hold fp16 weights, and loading them goes through fp16
+    torch.save(source.state_dict(), tmp_path / "ViT-B-32.pt")  # OpenAI layout (state dict, as their archive holds)
+    torch.save(source.state_dict(), tmp_path / "ViT-B-32-quickgelu.openai.bin")
+    files = list(OaiClipVitB32.weights_files)
+    files[0] = WeightsFile("ViT-B-32.pt", "openai-jit", sha256_of(tmp_path / "ViT-B-32.pt"), files[0].source)
+    monkeypatch.setattr(OaiClipVitB32, "weights_files", files)
+    image = torch.rand(2, 3, 224, 224)
+    tokens = open_clip.get_tokenizer("ViT-B-32-quickgelu")(["a dog", "a cat"])
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(source.encode_image(image), dim=-1)
+    openai = create_model("oai-clip-vit-b32", torch.device("cpu"), torch.float32,
+                          resolve_model_weights("oai-clip-vit-b32", str(tmp_path)))
+    assert openai.weights.record.kind == "real" and openai.weights.file.format == "openai-jit"
+    assert torch.allclose(openai(image, tokens)[0], expected, atol=1e-5)
+    (tmp_path / "ViT-B-32.pt").unlink()
+    resolved = resolve_model_weights("oai-clip-vit-b32", str(tmp_path))
+    assert resolved.file.format == "open_clip"
+    other = create_model("oai-clip-vit-b32", torch.device("cpu"), torch.float32, resolved)
+    assert torch.allclose(other(image, tokens)[0], expected, atol=1e-5)
