@@ -1,0 +1,81 @@
+from pathlib import Path
+
+import pytest
+from dagster import AssetKey, DagsterInstance, materialize
+
+from d2m_assets import build_definitions
+from d2m_assets.runner import contiguous_chunks
+
+
+@pytest.fixture
+def defs_and_config(shard_dir: Path, write_config):
+    path = write_config(shard_dir, tars_per_wds=2)
+    return build_definitions(path), path
+
+
+def test_lineage(defs_and_config) -> None:
+    defs, _ = defs_and_config
+    graph = defs.resolve_asset_graph()
+    parents = lambda name: {k.to_user_string() for k in graph.get(AssetKey(name)).parent_keys}  # noqa: E731
+    assert parents("clip_b32_features") == {"raw_shards"}
+    assert parents("clip_b32_scores") == {"clip_b32_features"}
+    assert parents("shard_metadata") == {"clip_b32_features", "clip_b32_scores"}
+    assert graph.get(AssetKey("clip_b32_features")).partitions_def.name == "shards"
+    assert graph.get(AssetKey("clip_b32_scores")).backfill_policy.max_partitions_per_run == 2
+
+
+def _meta(instance: DagsterInstance, asset: str, partition: str) -> dict:
+    records = instance.fetch_materializations(AssetKey(asset), limit=100).records
+    (event,) = [r.asset_materialization for r in records if r.asset_materialization.partition == partition][:1]
+    return {k: v.value for k, v in event.metadata.items()}
+
+
+def test_materialize_single_shard_and_a_range(defs_and_config, tmp_path: Path) -> None:
+    defs, _ = defs_and_config
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("shards", ["00000", "00001"])
+    assets = list(defs.assets)
+    selection = [AssetKey(a) for a in ("clip_b32_features", "clip_b32_scores", "shard_metadata")]
+    result = materialize(assets, instance=instance, resources=defs.resources, selection=selection, partition_key="00000")
+    assert result.success
+    meta = _meta(instance, "clip_b32_features", "00000")
+    assert meta["dagster/partition_row_count"] == 8 and meta["samples_failed"] == 1 and meta["samples_read"] == 9
+    assert meta["weights"] == "random"
+    assert Path(meta["path"]).name == "00000.npz"
+    assert (tmp_path / "metadata" / "00000.parquet").is_file()
+
+    ranged = materialize(assets, instance=instance, resources=defs.resources, selection=selection,
+                         tags={"dagster/asset_partition_range_start": "00000", "dagster/asset_partition_range_end": "00001"})
+    assert ranged.success
+    assert _meta(instance, "shard_metadata", "00001")["dagster/partition_row_count"] == 9
+    assert _meta(instance, "shard_metadata", "00000")["dagster/partition_row_count"] == 8
+    assert instance.get_materialized_partitions(AssetKey("clip_b32_scores")) == {"00000", "00001"}
+
+
+def test_subset_runs_only_what_is_selected(defs_and_config, tmp_path: Path) -> None:
+    defs, _ = defs_and_config
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("shards", ["00001"])
+    result = materialize(list(defs.assets), instance=instance, resources=defs.resources,
+                         selection=[AssetKey("clip_b32_features")], partition_key="00001")
+    assert result.success
+    assert instance.get_materialized_partitions(AssetKey("clip_b32_features")) == {"00001"}
+    assert not instance.get_materialized_partitions(AssetKey("clip_b32_scores"))
+    assert not (tmp_path / "metadata" / "00001.parquet").exists()
+
+
+def test_partition_missing_from_input_fails_naming_it(defs_and_config) -> None:
+    defs, _ = defs_and_config
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("shards", ["99999"])
+    result = materialize(list(defs.assets), instance=instance, resources=defs.resources,
+                         selection=[AssetKey("clip_b32_features")], partition_key="99999", raise_on_error=False)
+    assert not result.success
+    error = result.get_step_failure_events()[0].event_specific_data.error
+    assert error.cause.cls_name == "PartitionNotInInputError" and "99999" in error.cause.message
+
+
+def test_chunks_are_contiguous_in_partition_order() -> None:
+    order = ["a", "b", "c", "d", "e", "f"]
+    assert contiguous_chunks(order, ["a", "b", "c", "e", "f"], 2) == [["a", "b"], ["c"], ["e", "f"]]
+    assert contiguous_chunks(order, ["f", "a"], 8) == [["a"], ["f"]]

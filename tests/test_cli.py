@@ -1,0 +1,72 @@
+"""End to end through the commands users type: `d2m run` and `dagster asset materialize`."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from conftest import run_cli, tar_samples
+
+
+def test_d2m_run_outputs_and_reprocess(shard_dir: Path, write_config, tmp_path: Path) -> None:
+    env = {"DAGSTER_HOME": str(tmp_path / "home")}
+    config = write_config(shard_dir, tars_per_wds=2)
+    first = run_cli(["d2m", "run", "--yml", str(config)], env, tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "shards done 2/2" in first.stdout and "samples/s" in first.stdout
+    out = tmp_path / "metadata"
+    for stem in ("00000", "00001"):
+        df = pd.read_parquet(out / f"{stem}.parquet")
+        npz = np.load(out / f"{stem}.npz")
+        log = json.loads((out / f"{stem}.json").read_text())
+        samples = [s for s in tar_samples(shard_dir / f"{stem}.tar") if not (stem == "00000" and s["key"] == "000000004")]
+        assert len(df) == len(samples) == log["number of samples"] == log["samples_written"]
+        assert list(df.columns) == ["oai-clip-vit-b32-score", "uid", "url", "caption", "original_width", "original_height", "sha256"]
+        for field in ("uid", "url", "caption", "original_width", "original_height", "sha256"):
+            assert df[field].tolist() == [s["json"][field] for s in samples]  # tar order, json values and types
+        img, txt = npz["oai-clip-vit-b32-image"], npz["oai-clip-vit-b32-text"]
+        assert img.dtype == np.float32 and img.shape == (len(df), 512) and txt.shape == (len(df), 512)
+        assert np.allclose(np.linalg.norm(img, axis=1), 1, atol=1e-5)
+        assert np.allclose(df["oai-clip-vit-b32-score"].to_numpy(), (img * txt).sum(1), atol=1e-6)
+        assert log["weights"]["oai-clip-vit-b32"]["kind"] == "random"
+    failed = json.loads((out / "00000.json").read_text())
+    assert failed["samples_read"] == 9 and failed["samples_failed"] == 1
+    assert failed["failures"][0]["key"] == "000000004" and failed["failures"][0]["uid"]
+
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    again = run_cli(["d2m", "run", "--yml", str(config)], env, tmp_path)
+    assert again.returncode == 0 and "already processed" in again.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == mtimes
+
+    forced = run_cli(["d2m", "run", "--yml", str(write_config(shard_dir, tars_per_wds=2, reprocess=True))], env, tmp_path)
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert (out / "00001.npz").stat().st_mtime_ns > mtimes["00001.npz"]
+
+
+def test_d2m_run_bad_config_names_the_field(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yml"
+    bad.write_text("models: [oai-clip-vit-b32]\nnworkers: 1\nbatch_size: 1\ndevice: cpu\ninput_tars: x.tar\n")
+    result = run_cli(["d2m", "run", "--yml", str(bad)], {"DAGSTER_HOME": str(tmp_path / "h")}, tmp_path)
+    assert result.returncode == 2 and "missing required yml field: output_metadata_dir" in result.stderr
+
+
+def test_dagster_cli_materializes_a_partition(shard_dir: Path, write_config, tmp_path: Path) -> None:
+    config = write_config(shard_dir)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"DAGSTER_HOME": str(home), "D2M_CONFIG": str(config)}
+    from dagster import DagsterInstance
+
+    os.environ["DAGSTER_HOME"] = str(home)
+    try:
+        DagsterInstance.get().add_dynamic_partitions("shards", ["00000", "00001"])
+    finally:
+        del os.environ["DAGSTER_HOME"]
+    result = run_cli(["dagster", "asset", "materialize", "-m", "d2m_assets", "--select",
+                      "clip_b32_features,clip_b32_scores", "--partition", "00001"], env, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = np.load(tmp_path / "metadata" / ".d2m" / "clip_b32_scores" / "00001.npz")["score"]
+    features = np.load(tmp_path / "metadata" / ".d2m" / "clip_b32_features" / "00001.npz")
+    assert scores.shape == (9,) and np.allclose(scores, (features["image"] * features["text"]).sum(1))
