@@ -103,13 +103,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", message=".*is currently in beta.*")
     args = build_parser().parse_args(argv)
+    from d2m_assets.resources import PartitionNotInInputError
+    from d2m_core.catalog import UnknownOutputError
     from d2m_core.config import ConfigError
+    from d2m_core.models import UnknownModelError
+    from d2m_core.pipeline import UnsupportedConfigError
     from d2m_core.shards import ShardListError
     from d2m_core.weights import WeightsError
 
+    user_errors = (ConfigError, ShardListError, WeightsError, UnknownOutputError, UnknownModelError,
+                   UnsupportedConfigError, PartitionNotInInputError)
     try:
         return args.func(args)
-    except (ConfigError, ShardListError, WeightsError) as err:
+    except user_errors as err:  # each names the field, file or shard at fault
         print(f"d2m: error: {err}", file=sys.stderr)
         return 2
 

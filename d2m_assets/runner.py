@@ -13,9 +13,9 @@ from dagster import AssetKey, DagsterInstance, materialize
 
 from d2m_assets.definitions import build_definitions
 from d2m_assets.partitions import SHARDS
-from d2m_core import catalog, expand_shards, load_config
+from d2m_core import expand_shards, load_config
 from d2m_core.models import resolve_model_weights
-from d2m_core.pipeline import shard_stats
+from d2m_core.pipeline import selected_assets, shard_stats
 
 REPO_DAGSTER_YAML = Path(__file__).resolve().parent.parent / "dagster.yaml"
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
@@ -80,7 +80,7 @@ def run_config_file(yml: str | Path, *, echo: Callable[[str], None] = print) -> 
     """Process every shard of the yml that Dagster has not materialized yet (all of them with reprocess)."""
     yml = Path(yml).resolve()
     config = load_config(yml)
-    asset_names = catalog.assets_for_config(config.models, config.postprocess_columns, config.postprocess_features)
+    asset_names = selected_assets(config)
     for model in config.models:  # every weights file verified before any shard is touched
         resolve_model_weights(model, config.weights_dir)
     stems = [ref.stem for ref in expand_shards(config.input_tars)]

@@ -48,6 +48,17 @@ class ShardOutcome:
         return "random" if "random" in kinds else ("real" if kinds else "none")
 
 
+class UnsupportedConfigError(ValueError):
+    """A config field d2m accepts but cannot honour yet."""
+
+
+def selected_assets(config: D2MConfig) -> list[str]:
+    """Validate what the config asks for against the catalog; returns the asset names it selects."""
+    if config.custom_pypath:
+        raise UnsupportedConfigError("custom_pypath: custom model plugins are not supported yet")
+    return catalog.assets_for_config(config.models, config.postprocess_columns, config.postprocess_features)
+
+
 def artifact_url(config: D2MConfig, asset: str, stem: str, ext: str) -> str:
     return storage.join(config.artifacts_root, asset, f"{stem}.{ext}")
 
@@ -61,6 +72,7 @@ def load_models(config: D2MConfig, names: Sequence[str], device: torch.device, d
 
 
 def build_engine(config: D2MConfig, feature_assets: Sequence[str]) -> tuple[Engine, list[WeightsRecord]]:
+    selected_assets(config)
     names = [catalog.FEATURE_ASSETS[a].model for a in feature_assets]
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.precision, device)

@@ -30,9 +30,8 @@ MODEL_LOOKUP: dict[str, type] = {cls.name: cls for cls in (OaiClipVitB32,)}
 TEXT_PREPROCESSORS: dict[str, Callable[[], Callable[[list[str]], Any]]] = {"clip-tokens": ClipTokenizer}
 
 
-class UnknownModelError(KeyError):
-    def __str__(self) -> str:
-        return str(self.args[0])
+class UnknownModelError(ValueError):
+    """A model name that is neither built in nor provided by custom_pypath."""
 
 
 def list_models() -> list[str]:
