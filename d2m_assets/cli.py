@@ -107,12 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     from d2m_core.catalog import UnknownOutputError
     from d2m_core.config import ConfigError
     from d2m_core.models import UnknownModelError
-    from d2m_core.pipeline import UnsupportedConfigError
+    from d2m_core.plugins import PluginError
     from d2m_core.shards import ShardListError
     from d2m_core.weights import WeightsError
 
     user_errors = (ConfigError, ShardListError, WeightsError, UnknownOutputError, UnknownModelError,
-                   UnsupportedConfigError, PartitionNotInInputError)
+                   PluginError, PartitionNotInInputError)
     try:
         return args.func(args)
     except user_errors as err:  # each names the field, file or shard at fault

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from dagster import BackfillPolicy, Definitions
 
 from d2m_assets.assets.features import RAW_SHARDS, build_feature_assets
 from d2m_assets.assets.metadata import build_metadata_asset
+from d2m_assets.assets.reference import dedup_reference
 from d2m_assets.assets.scores import build_score_assets
 from d2m_assets.resources import D2MConfigResource
 from d2m_core import load_config
+from d2m_core.pipeline import selected_assets
 
 CONFIG_ENV = "D2M_CONFIG"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yml"
@@ -25,6 +28,10 @@ def config_path() -> Path:
 def build_definitions(path: str | Path) -> Definitions:
     """Definitions for one yml: its `tars_per_wds` sets how many shards a backfill run takes."""
     config = load_config(path)
+    selected_assets(config)  # validates names; installs custom_pypath models so they appear as assets
     policy = BackfillPolicy.multi_run(max_partitions_per_run=config.tars_per_wds or DEFAULT_TARS_PER_RUN)
-    assets = [RAW_SHARDS, build_feature_assets(policy), *build_score_assets(policy), build_metadata_asset(policy)]
+    with warnings.catch_warnings():  # backfill_policy on @asset is marked beta in 1.13; we rely on it knowingly
+        warnings.filterwarnings("ignore", message=".*backfill_policy.*is currently in beta")
+        assets = [RAW_SHARDS, dedup_reference, build_feature_assets(policy), *build_score_assets(policy),
+                  build_metadata_asset(policy)]
     return Definitions(assets=assets, resources={"d2m": D2MConfigResource(config_path=str(path))})

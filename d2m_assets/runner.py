@@ -11,11 +11,10 @@ from pathlib import Path
 
 from dagster import AssetKey, DagsterInstance, materialize
 
-from d2m_assets.definitions import build_definitions
+from d2m_assets.definitions import DEFAULT_TARS_PER_RUN, build_definitions
 from d2m_assets.partitions import SHARDS
-from d2m_core import expand_shards, load_config
-from d2m_core.models import resolve_model_weights
-from d2m_core.pipeline import selected_assets, shard_stats
+from d2m_core import catalog, expand_shards, load_config
+from d2m_core.pipeline import selected_assets, shard_stats, verify_weights
 
 REPO_DAGSTER_YAML = Path(__file__).resolve().parent.parent / "dagster.yaml"
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
@@ -81,8 +80,9 @@ def run_config_file(yml: str | Path, *, echo: Callable[[str], None] = print) -> 
     yml = Path(yml).resolve()
     config = load_config(yml)
     asset_names = selected_assets(config)
-    for model in config.models:  # every weights file verified before any shard is touched
-        resolve_model_weights(model, config.weights_dir)
+    needs_reference = catalog.REFERENCE_ASSET in asset_names
+    asset_names = [a for a in asset_names if a != catalog.REFERENCE_ASSET]  # the only unpartitioned one
+    verify_weights(config)  # every weights file, before any shard is touched
     stems = [ref.stem for ref in expand_shards(config.input_tars)]
     instance = ensure_instance(echo)
     instance.add_dynamic_partitions(SHARDS, stems)
@@ -96,8 +96,15 @@ def run_config_file(yml: str | Path, *, echo: Callable[[str], None] = print) -> 
         return summary
     defs = build_definitions(yml)
     assets = list(defs.assets or [])
+    if needs_reference:  # its own run, before the shards that use it
+        if config.reprocess or not instance.get_latest_materialization_event(AssetKey(catalog.REFERENCE_ASSET)):
+            result = materialize(assets, instance=instance, selection=[AssetKey(catalog.REFERENCE_ASSET)],
+                                 resources=defs.resources, run_config=LOG_CONFIG, raise_on_error=False)
+            if not result.success:
+                summary.failed_runs.append(result.run_id)
+                return summary
     selection = [AssetKey(a) for a in asset_names]
-    chunks = contiguous_chunks(instance.get_dynamic_partitions(SHARDS), todo, config.tars_per_wds or len(todo))
+    chunks = contiguous_chunks(instance.get_dynamic_partitions(SHARDS), todo, config.tars_per_wds or DEFAULT_TARS_PER_RUN)
     started = time.perf_counter()
     for i, chunk in enumerate(chunks, 1):
         tags = {} if len(chunk) == 1 else {RANGE_START: chunk[0], RANGE_END: chunk[-1]}

@@ -12,11 +12,15 @@ import numpy as np
 import torch
 
 from d2m_core.loader import Batch, Loader, ShardEnd, ShardStart
-from d2m_core.models import IMAGE_TRANSFORMS, TEXT_PREPROCESSORS, topo_order
+from d2m_core.models import topo_order
+from d2m_core.transforms import IMAGE_TRANSFORMS, TEXT_PREPROCESSORS
 from d2m_core.records import ShardStats
 from d2m_core.shards import ShardRef
 
 log = logging.getLogger(__name__)
+
+RAGGED = -1  # an output_fields width: one variable-length list per sample (face boxes)
+Field = np.ndarray | list  # (N,), (N, width) float32, or a list of N per-sample lists
 
 
 @dataclass
@@ -28,7 +32,7 @@ class ShardResult:
     keys: list[str] = field(default_factory=list)
     uids: list[str | None] = field(default_factory=list)
     jsons: list[dict[str, Any] | None] = field(default_factory=list)
-    outputs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # model -> field -> array
+    outputs: dict[str, dict[str, Field]] = field(default_factory=dict)  # model -> field -> rows
     error: str | None = None
 
 
@@ -68,16 +72,17 @@ class Engine:
             pin_memory=self.device.type == "cuda",
         )
 
-    def forward(self, batch: Batch) -> dict[str, dict[str, torch.Tensor]]:
-        """All models on one batch; returns model -> field -> (B, ...) float32 tensors on the CPU."""
+    def forward(self, batch: Batch) -> dict[str, dict[str, Field]]:
+        """All models on one batch; returns model -> field -> (B, ...) float32 arrays (or per-sample lists)."""
         inputs: dict[tuple[str, str], Any] = {}
         for t in self.image_transforms:
             pixels = batch.images[t.name].to(self.device, non_blocking=True)
-            inputs[("image", t.name)] = t.finish(pixels, self.dtype)
-        for name, tokenize in self.text_preprocessors.items():
-            inputs[("text", name)] = tokenize(batch.texts).to(self.device, non_blocking=True)
+            inputs[("image", t.name)] = t.finish(pixels, batch.aux.get(t.name), self.dtype)
+        for name, preprocess in self.text_preprocessors.items():
+            text = preprocess(batch.texts)
+            inputs[("text", name)] = text.to(self.device, non_blocking=True) if isinstance(text, torch.Tensor) else text
         raw: dict[str, Any] = {}
-        outputs: dict[str, dict[str, torch.Tensor]] = {}
+        outputs: dict[str, dict[str, Field]] = {}
         with torch.inference_mode():
             for name in self.order:
                 model = self.models[name]
@@ -85,13 +90,13 @@ class Engine:
                 args += [raw[d] for d in model.dependencies]
                 raw[name] = model(*args)
                 values = raw[name] if isinstance(raw[name], (tuple, list)) else (raw[name],)
-                outputs[name] = {f: v.detach().float().cpu() for f, v in zip(model.output_fields, values)}
+                outputs[name] = {f: _to_rows(v) for f, v in zip(model.output_fields, values)}
         return outputs
 
     def run(self, shards: Sequence[ShardRef], progress: Callable[[Progress], None] | None = None) -> Iterator[ShardResult]:
         """Yield one ShardResult per shard, in order; an unreadable shard yields a result with `error` set."""
         current: ShardResult | None = None
-        parts: dict[str, dict[str, list[np.ndarray]]] = {}
+        parts: dict[str, dict[str, list[Field]]] = {}
         done = 0
         t_shard = t_wait = time.perf_counter()
         for item in self.loader(shards):
@@ -121,29 +126,41 @@ class Engine:
                 current = None
             t_wait = time.perf_counter()
 
-    def _consume(self, result: ShardResult, parts: dict[str, dict[str, list[np.ndarray]]], batch: Batch) -> None:
+    def _consume(self, result: ShardResult, parts: dict[str, dict[str, list[Field]]], batch: Batch) -> None:
         result.stats.samples_read += batch.samples_read
         result.stats.failures.extend(batch.failures)
         if len(batch) == 0:
             return
         outputs = self.forward(batch)
         for model, fields in outputs.items():
-            for name, tensor in fields.items():
-                if tensor.shape[0] != len(batch):
-                    raise RuntimeError(f"{model} returned {tensor.shape[0]} rows for a batch of {len(batch)}")
-                parts[model][name].append(tensor.numpy())
+            for name, rows in fields.items():
+                if len(rows) != len(batch):
+                    raise RuntimeError(f"{model} returned {len(rows)} rows of {name!r} for a batch of {len(batch)}")
+                parts[model][name].append(rows)
         result.keys.extend(batch.keys)
         result.uids.extend(batch.uids)
         result.jsons.extend(batch.jsons)
 
-    def _finish(self, result: ShardResult, parts: dict[str, dict[str, list[np.ndarray]]]) -> None:
+    def _finish(self, result: ShardResult, parts: dict[str, dict[str, list[Field]]]) -> None:
         result.stats.samples_written = len(result.keys)
         for model, fields in parts.items():
             widths = self.models[model].output_fields
-            result.outputs[model] = {
-                name: np.concatenate(arrays).astype(np.float32, copy=False)
-                if arrays
-                else np.zeros((0, widths[name]) if widths[name] else (0,), np.float32)
-                for name, arrays in fields.items()
-            }
+            result.outputs[model] = {name: _concat(chunks, widths[name]) for name, chunks in fields.items()}
+
+
+def _to_rows(value: Any) -> Field:
+    """A model output for one batch as CPU float32 rows, or a plain list for per-sample lists."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().float().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return value.astype(np.float32, copy=False)
+    return list(value)
+
+
+def _concat(chunks: list[Field], width: int) -> Field:
+    if width == RAGGED:
+        return [row for chunk in chunks for row in chunk]
+    if not chunks:
+        return np.zeros((0, width) if width else (0,), np.float32)
+    return np.concatenate(chunks).astype(np.float32, copy=False)
 

@@ -32,7 +32,8 @@ class Batch:
     uids: list[str | None] = field(default_factory=list)
     jsons: list[dict[str, Any] | None] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
-    images: dict[str, torch.Tensor] = field(default_factory=dict)
+    images: dict[str, torch.Tensor] = field(default_factory=dict)  # transform -> uint8 (B,3,H,W)
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)  # transform -> per-image side data (B,...)
     failures: list[SampleFailure] = field(default_factory=list)
     samples_read: int = 0
     decode_s: float = 0.0
@@ -63,6 +64,7 @@ def prepare_batch(
     start = time.perf_counter()
     batch = Batch(shard=shard, samples_read=len(samples))
     pixels: dict[str, list[torch.Tensor]] = {t.name: [] for t in transforms}
+    aux: dict[str, list[torch.Tensor]] = {t.name: [] for t in transforms}
     for raw in samples:
         if raw.problem is not None:
             batch.failures.append(SampleFailure(raw.key, raw.uid, raw.problem))
@@ -79,8 +81,10 @@ def prepare_batch(
         except Exception as err:  # a preprocessing bug on one odd image must not lose the shard
             batch.failures.append(SampleFailure(raw.key, raw.uid, f"preprocessing failed: {type(err).__name__}: {err}"))
             continue
-        for name, tensor in prepared.items():
+        for name, (tensor, side) in prepared.items():
             pixels[name].append(tensor)
+            if side is not None:
+                aux[name].append(side)
         batch.keys.append(raw.key)
         batch.uids.append(raw.uid)
         batch.jsons.append(raw.json)
@@ -89,6 +93,8 @@ def prepare_batch(
         if tensors:
             stacked = torch.stack(tensors)
             batch.images[name] = stacked.pin_memory() if pin else stacked
+        if aux[name]:
+            batch.aux[name] = torch.stack(aux[name])
     batch.decode_s = time.perf_counter() - start
     return batch
 

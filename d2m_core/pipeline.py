@@ -22,13 +22,19 @@ from d2m_core import catalog, storage
 from d2m_core.config import D2MConfig
 from d2m_core.device import resolve_device, resolve_dtype
 from d2m_core.engine import Engine, Progress, ShardResult
-from d2m_core.models import create_model, resolve_model_weights, topo_order
+from d2m_core.models import create_model, model_class, resolve_model_weights, topo_order
+from d2m_core.plugins import install_plugin
 from d2m_core.records import ShardStats, WeightsRecord
-from d2m_core.scores import SCORE_FUNCTIONS
+from d2m_core.models.isc import DEDUP_REFERENCE_FILES, dedup_scores, load_reference_embeddings
+from d2m_core.scores import ClipScorer, FunctionScorer, Scorer
 from d2m_core.shards import ShardRef
+from d2m_core.weights import resolve_weights, weights_dir
 from d2m_core.writers import write_datacomp_files
 
 log = logging.getLogger(__name__)
+
+REFERENCE_MODEL = "dedup-reference"
+RANDOM_REFERENCE_ROWS = 10_000
 
 
 @dataclass
@@ -48,15 +54,19 @@ class ShardOutcome:
         return "random" if "random" in kinds else ("real" if kinds else "none")
 
 
-class UnsupportedConfigError(ValueError):
-    """A config field d2m accepts but cannot honour yet."""
-
-
 def selected_assets(config: D2MConfig) -> list[str]:
     """Validate what the config asks for against the catalog; returns the asset names it selects."""
     if config.custom_pypath:
-        raise UnsupportedConfigError("custom_pypath: custom model plugins are not supported yet")
+        install_plugin(config.custom_pypath)
     return catalog.assets_for_config(config.models, config.postprocess_columns, config.postprocess_features)
+
+
+def verify_weights(config: D2MConfig) -> list[WeightsRecord]:
+    """Find and check every weights file the config needs (models, dedup reference); raises on the first gap."""
+    records = [resolve_model_weights(m, config.weights_dir).record for m in config.models]
+    if catalog.REFERENCE_ASSET in selected_assets(config):
+        records.append(resolve_weights(REFERENCE_MODEL, DEDUP_REFERENCE_FILES, weights_dir(config.weights_dir)).record)
+    return records
 
 
 def artifact_url(config: D2MConfig, asset: str, stem: str, ext: str) -> str:
@@ -128,31 +138,92 @@ def shard_stats(config: D2MConfig, stem: str) -> ShardStats:
     return ShardStats.from_dict(storage.read_json(artifact_url(config, catalog.SAMPLES, stem, "json")))
 
 
+def reference_url(config: D2MConfig) -> str:
+    return storage.join(config.artifacts_root, catalog.REFERENCE_ASSET, "reference.npz")
+
+
+def store_reference(config: D2MConfig) -> ShardOutcome:
+    """Copy the dedup reference embeddings (DataComp's eval_dedup_embeddings.pt) into the artifacts, verified."""
+    resolved = resolve_weights(REFERENCE_MODEL, DEDUP_REFERENCE_FILES, weights_dir(config.weights_dir))
+    if resolved.is_random:
+        rng = np.random.default_rng(0)
+        reference = rng.standard_normal((RANDOM_REFERENCE_ROWS, 256)).astype(np.float32)
+        reference /= np.linalg.norm(reference, axis=1, keepdims=True)
+    else:
+        reference = load_reference_embeddings(resolved.path)
+    url = reference_url(config)
+    storage.write_npz(url, {"reference": reference})
+    storage.write_json(url[: -len(".npz")] + ".json", resolved.record.as_dict() | {"rows": int(reference.shape[0])})
+    stats = ShardStats(shard=catalog.REFERENCE_ASSET, samples_read=len(reference), samples_written=len(reference))
+    return ShardOutcome(stem=catalog.REFERENCE_ASSET, stats=stats, paths={catalog.REFERENCE_ASSET: url},
+                        weights=[resolved.record])
+
+
+def build_scorer(config: D2MConfig, score_asset: str) -> Scorer:
+    """The scorer of a score asset, with its weights (NSFW head) or reference set (dedup) loaded once."""
+    if score_asset in ("clip_b32_scores", "clip_l14_scores"):
+        return ClipScorer(catalog.SCORE_ASSETS[score_asset].parents[0])
+    if score_asset == "nsfw_image_scores":
+        model = catalog.model_for_asset(score_asset)
+        resolved = resolve_model_weights(model, config.weights_dir)
+        head = create_model(model, torch.device("cpu"), torch.float32, resolved)
+        return FunctionScorer("clip_l14_features", "image", head.score, [resolved.record])
+    if score_asset == "dedup_scores":
+        url = reference_url(config)
+        if not storage.exists(url):
+            raise FileNotFoundError(f"{url} is missing: materialize {catalog.REFERENCE_ASSET} first")
+        reference = storage.read_npz(url)["reference"]
+        record = WeightsRecord(**{k: v for k, v in storage.read_json(url[: -len(".npz")] + ".json").items() if k != "rows"})
+        return FunctionScorer("isc_features", "image", lambda f: dedup_scores(f, reference), [record])
+    raise KeyError(f"no scorer for {score_asset!r}")
+
+
 def compute_scores(config: D2MConfig, stems: Sequence[str], score_asset: str) -> Iterator[ShardOutcome]:
     """Scores from stored features (never from the tar): one file per shard."""
-    spec = catalog.SCORE_ASSETS[score_asset]
+    parents = [p for p in catalog.SCORE_ASSETS[score_asset].parents if p in catalog.FEATURE_ASSETS]
+    scorer = build_scorer(config, score_asset)
     for stem in stems:
         start = time.perf_counter()
-        features = {p: storage.read_npz(artifact_url(config, p, stem, "npz")) for p in spec.parents}
-        scores = SCORE_FUNCTIONS[score_asset](features)
+        features = {p: storage.read_npz(artifact_url(config, p, stem, "npz")) for p in parents}
+        scores = scorer(features)
         url = artifact_url(config, score_asset, stem, "npz")
         storage.write_npz(url, scores)
+        storage.write_json(artifact_url(config, score_asset, stem, "json"), {"weights": [w.as_dict() for w in scorer.weights]})
         rows = len(next(iter(scores.values())))
         elapsed = time.perf_counter() - start
         yield ShardOutcome(stem=stem, paths={score_asset: url}, samples_per_s=rows / max(elapsed, 1e-9),
-                           stats=ShardStats(shard=stem, samples_read=rows, samples_written=rows))
+                           stats=ShardStats(shard=stem, samples_read=rows, samples_written=rows), weights=scorer.weights)
+
+
+def model_outputs(config: D2MConfig, model: str, stem: str) -> Any:
+    """A model's stored outputs for one shard in the seed's shape (a tensor, or a tuple of them)."""
+    arrays = storage.read_npz(artifact_url(config, catalog.MODEL_ASSETS[model], stem, "npz"))
+    names = sorted({k.split(".")[0] for k in arrays}, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else k))
+    declared = list(getattr(model_class(model), "output_fields", {}) or names)
+    values = tuple(_as_tensor(storage.unpack_field(arrays, n)) for n in declared)
+    return values[0] if len(values) == 1 else values
+
+
+def _as_tensor(value: np.ndarray | list) -> Any:
+    return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
 
 
 def write_metadata(config: D2MConfig, stems: Sequence[str]) -> Iterator[ShardOutcome]:
     """The DataComp files of each shard, from the stored samples, features and scores."""
     for stem in stems:
         stats_record = storage.read_json(artifact_url(config, catalog.SAMPLES, stem, "json"))
+        for asset in selected_assets(config):
+            if asset in catalog.SCORE_ASSETS:
+                stats_record["weights"] += storage.read_json(artifact_url(config, asset, stem, "json"))["weights"]
         samples = storage.read_parquet(artifact_url(config, catalog.SAMPLES, stem, "parquet"))
 
-        def load(asset: str, field_name: str) -> np.ndarray:
-            return storage.read_npz(artifact_url(config, asset, stem, "npz"))[field_name]
+        def load(asset: str, field_name: str) -> np.ndarray | list:
+            return storage.unpack_field(storage.read_npz(artifact_url(config, asset, stem, "npz")), field_name)
 
-        paths = write_datacomp_files(config, stem, samples, stats_record, load)
+        def outputs() -> dict[str, Any]:
+            return {m: model_outputs(config, m, stem) for m in config.models if catalog.MODEL_ASSETS.get(m) in catalog.FEATURE_ASSETS}
+
+        paths = write_datacomp_files(config, stem, samples, stats_record, load, outputs)
         stats = ShardStats.from_dict(stats_record)
         weights = [WeightsRecord(**w) for w in stats_record.get("weights", [])]
         yield ShardOutcome(stem=stem, stats=stats, paths=paths, weights=weights)

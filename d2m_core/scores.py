@@ -1,10 +1,22 @@
-"""Scores computed from stored features: pure array functions, one per score asset."""
+"""Scores computed from stored features: one scorer per score asset, built once per run."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
+
+from d2m_core.records import WeightsRecord
+
+Features = dict[str, dict[str, np.ndarray]]  # parent asset -> field -> rows
+
+
+class Scorer(Protocol):
+    weights: list[WeightsRecord]
+
+    def __call__(self, features: Features) -> dict[str, np.ndarray]: ...
 
 
 def clip_similarity(image: np.ndarray, text: np.ndarray) -> np.ndarray:
@@ -14,13 +26,23 @@ def clip_similarity(image: np.ndarray, text: np.ndarray) -> np.ndarray:
     return np.einsum("bn,bn->b", image.astype(np.float32), text.astype(np.float32)).astype(np.float32)
 
 
-def _clip_scores(parent: str) -> Callable[[dict[str, dict[str, np.ndarray]]], dict[str, np.ndarray]]:
-    def compute(features: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        return {"score": clip_similarity(features[parent]["image"], features[parent]["text"])}
+@dataclass
+class ClipScorer:
+    parent: str
+    weights: list[WeightsRecord] = field(default_factory=list)
 
-    return compute
+    def __call__(self, features: Features) -> dict[str, np.ndarray]:
+        return {"score": clip_similarity(features[self.parent]["image"], features[self.parent]["text"])}
 
 
-SCORE_FUNCTIONS: dict[str, Callable[[dict[str, dict[str, np.ndarray]]], dict[str, np.ndarray]]] = {
-    "clip_b32_scores": _clip_scores("clip_b32_features"),
-}
+@dataclass
+class FunctionScorer:
+    """A scorer applying `fn` to one parent field (NSFW head on L/14 image features, dedup vs reference)."""
+
+    parent: str
+    field_name: str
+    fn: Callable[[np.ndarray], np.ndarray]
+    weights: list[WeightsRecord] = field(default_factory=list)
+
+    def __call__(self, features: Features) -> dict[str, np.ndarray]:
+        return {"score": np.asarray(self.fn(features[self.parent][self.field_name]), np.float32)}

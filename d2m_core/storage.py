@@ -64,8 +64,34 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def write_npz(url: str, arrays: dict[str, np.ndarray]) -> None:
-    write_bytes_atomic(url, npz_bytes(arrays))
+RAGGED_VALUES, RAGGED_LENGTHS = ".values", ".lengths"
+
+
+def pack_fields(fields: dict[str, np.ndarray | list]) -> dict[str, np.ndarray]:
+    """Arrays stay as they are; a list of per-sample lists of [x1,y1,x2,y2] becomes values + lengths."""
+    packed: dict[str, np.ndarray] = {}
+    for name, value in fields.items():
+        if isinstance(value, np.ndarray):
+            packed[name] = value
+            continue
+        lengths = np.array([len(row) for row in value], np.int64)
+        flat = [box for row in value for box in row]
+        packed[name + RAGGED_VALUES] = np.asarray(flat, np.float32).reshape(len(flat), -1) if flat else np.zeros((0, 4), np.float32)
+        packed[name + RAGGED_LENGTHS] = lengths
+    return packed
+
+
+def unpack_field(arrays: dict[str, np.ndarray], name: str) -> np.ndarray | list:
+    """The inverse of pack_fields for one field."""
+    if name in arrays:
+        return arrays[name]
+    values, lengths = arrays[name + RAGGED_VALUES], arrays[name + RAGGED_LENGTHS]
+    ends = np.cumsum(lengths)
+    return [values[end - n : end].tolist() for n, end in zip(lengths, ends)]
+
+
+def write_npz(url: str, arrays: dict[str, np.ndarray | list]) -> None:
+    write_bytes_atomic(url, npz_bytes(pack_fields(arrays)))
 
 
 def read_npz(url: str) -> dict[str, np.ndarray]:

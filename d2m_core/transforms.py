@@ -6,8 +6,9 @@ move to the GPU behind the same interface.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -18,16 +19,21 @@ from torchvision.transforms import functional as TF
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_CONTEXT_LENGTH = 77
+HALF = (0.5, 0.5, 0.5)
 
 
 class ImageTransform(Protocol):
-    """A named image preprocessing: `prepare` one PIL image to uint8 CHW, `finish` a batch on the device."""
+    """A named image preprocessing, split in two:
+
+    `prepare` turns one PIL image into uint8 CHW pixels plus optional per-image side data (CPU, loader);
+    `finish` turns the stacked batch into what the model takes (device, batched).
+    """
 
     name: str
 
-    def prepare(self, image: Image.Image) -> torch.Tensor: ...
+    def prepare(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
-    def finish(self, batch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor: ...
+    def finish(self, pixels: torch.Tensor, aux: torch.Tensor | None, dtype: torch.dtype) -> Any: ...
 
 
 def pil_to_uint8(image: Image.Image) -> torch.Tensor:
@@ -51,12 +57,57 @@ class ClipImageTransform:
     name: str = "clip-aug"
     size: int = 224
 
-    def prepare(self, image: Image.Image) -> torch.Tensor:
+    def prepare(self, image: Image.Image) -> tuple[torch.Tensor, None]:
         resized = TF.resize(image.convert("RGB"), self.size, interpolation=InterpolationMode.BICUBIC)
-        return pil_to_uint8(TF.center_crop(resized, [self.size, self.size]))
+        return pil_to_uint8(TF.center_crop(resized, [self.size, self.size])), None
 
-    def finish(self, batch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return normalize_uint8(batch, CLIP_MEAN, CLIP_STD, dtype)
+    def finish(self, pixels: torch.Tensor, aux: None, dtype: torch.dtype) -> torch.Tensor:
+        return normalize_uint8(pixels, CLIP_MEAN, CLIP_STD, dtype)
+
+
+@dataclass(frozen=True)
+class DedupImageTransform:
+    """The ISC descriptor's input: stretch to 512x512 (aspect not kept), bilinear, mean/std 0.5."""
+
+    name: str = "dedup-aug"
+    size: int = 512
+
+    def prepare(self, image: Image.Image) -> tuple[torch.Tensor, None]:
+        resized = TF.resize(image.convert("RGB"), [self.size, self.size], interpolation=InterpolationMode.BILINEAR)
+        return pil_to_uint8(resized), None
+
+    def finish(self, pixels: torch.Tensor, aux: None, dtype: torch.dtype) -> torch.Tensor:
+        return normalize_uint8(pixels, HALF, HALF, dtype).contiguous(memory_format=torch.channels_last)
+
+
+def square_padding(width: int, height: int) -> tuple[int, int, int, int]:
+    """The seed's centred square padding (left, top, right, bottom) in pixels."""
+    side = max(width, height)
+    left, top = int((side - width) / 2), int((side - height) / 2)
+    return left, top, side - width - left, side - height - top
+
+
+@dataclass(frozen=True)
+class FacesImageTransform:
+    """The seed's SquarePadResizeNorm(224): pad to a centred square with white, bicubic 224, mean/std 0.5.
+
+    Side data: the padding [left, top, right, bottom] / side, to map boxes back to the unpadded image.
+    """
+
+    name: str = "faces-aug"
+    size: int = 224
+
+    def prepare(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        image = image.convert("RGB")
+        padding = square_padding(*image.size)
+        padded = TF.pad(image, list(padding), fill=(255, 255, 255))
+        resized = TF.resize(padded, [self.size, self.size], interpolation=InterpolationMode.BICUBIC)
+        side = float(max(image.size))
+        return pil_to_uint8(resized), torch.tensor(padding, dtype=torch.float32) / side
+
+    def finish(self, pixels: torch.Tensor, aux: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        assert aux is not None, "faces-aug needs the padding side data"
+        return normalize_uint8(pixels, HALF, HALF, torch.float32), aux.to(pixels.device)
 
 
 class ClipTokenizer:
@@ -73,4 +124,20 @@ class ClipTokenizer:
         return self._tokenizer(texts, context_length=CLIP_CONTEXT_LENGTH)
 
 
-IMAGE_TRANSFORMS: dict[str, ImageTransform] = {"clip-aug": ClipImageTransform()}
+class IdentityText:
+    """The raw captions, for models that tokenize themselves (detoxify)."""
+
+    name = "identity"
+
+    def __call__(self, texts: list[str]) -> list[str]:
+        return list(texts)
+
+
+IMAGE_TRANSFORMS: dict[str, ImageTransform] = {
+    t.name: t for t in (ClipImageTransform(), DedupImageTransform(), FacesImageTransform())
+}
+
+TEXT_PREPROCESSORS: dict[str, Callable[[], Callable[[list[str]], Any]]] = {
+    "clip-tokens": ClipTokenizer,
+    "identity": IdentityText,
+}

@@ -8,25 +8,41 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from d2m_core import catalog, storage
 from d2m_core.config import D2MConfig
 
-LoadField = Callable[[str, str], np.ndarray]  # (asset, field) -> array aligned with the samples table
+LoadField = Callable[[str, str], np.ndarray | list]  # (asset, field) -> rows aligned with the samples table
+ModelOutputs = Callable[[], dict[str, Any]]  # model name -> its outputs for the whole shard (plugin postprocessors)
+BOXES_TYPE = pa.list_(pa.list_(pa.float64()))  # as DataComp's released face_bboxes
 
 
-def datacomp_table(config: D2MConfig, samples: pa.Table, load: LoadField) -> pa.Table | None:
+def _values(out: catalog.OutputName, load: LoadField, outputs: ModelOutputs | None) -> np.ndarray | list:
+    if out.compute is None:
+        return load(out.asset, out.field)
+    assert outputs is not None, f"{out.name} needs the models' outputs"
+    value = out.compute(outputs())
+    if isinstance(value, torch.Tensor):
+        return value.detach().float().cpu().numpy()
+    return np.asarray(value, np.float32) if not isinstance(value, list) or not value or not isinstance(value[0], list) else value
+
+
+def datacomp_table(config: D2MConfig, samples: pa.Table, load: LoadField, outputs: ModelOutputs | None = None) -> pa.Table | None:
     """Columns: postprocess_columns (float32 scores), then additional_fields with their json types."""
     rows = samples.num_rows
     names: list[str] = []
     columns: list[pa.Array] = []
     for name in config.postprocess_columns:
         out = catalog.output_name(name, feature=False)
-        values = load(out.asset, out.field)
+        values = _values(out, load, outputs)
         if len(values) != rows:
             raise ValueError(f"{name}: {len(values)} rows for {rows} samples; rerun its asset")
         names.append(out.column(config.use_datacomp_keys))
-        columns.append(pa.array(values.astype(np.float32), pa.float32()))
+        if isinstance(values, list):
+            columns.append(pa.array(values, BOXES_TYPE))  # empty list when no face, never null
+        else:
+            columns.append(pa.array(values.astype(np.float32), pa.float32()))
     if config.additional_fields:
         parsed = [json.loads(j) if j is not None else {} for j in samples.column("json").to_pylist()]
         for fieldname in config.additional_fields:
@@ -38,18 +54,18 @@ def datacomp_table(config: D2MConfig, samples: pa.Table, load: LoadField) -> pa.
     return pa.table(columns, names=names)
 
 
-def datacomp_arrays(config: D2MConfig, rows: int, load: LoadField) -> dict[str, np.ndarray]:
+def datacomp_arrays(config: D2MConfig, rows: int, load: LoadField, outputs: ModelOutputs | None = None) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {}
     for name in config.postprocess_features:
         out = catalog.output_name(name, feature=True)
-        values = load(out.asset, out.field).astype(np.float32, copy=False)
+        values = np.asarray(_values(out, load, outputs), np.float32)
         if len(values) != rows:
             raise ValueError(f"{name}: {len(values)} rows for {rows} samples; rerun its asset")
         arrays[out.column(config.use_datacomp_keys)] = values
     return arrays
 
 
-def shard_log(stats: dict[str, Any], rows: int) -> dict[str, Any]:
+def shard_log(config: D2MConfig, stats: dict[str, Any], rows: int) -> dict[str, Any]:
     """The seed's json keys, plus d2m's counts, failures, timings, models and weights."""
     timings = stats.get("timings", {})
     return {
@@ -61,24 +77,25 @@ def shard_log(stats: dict[str, Any], rows: int) -> dict[str, Any]:
         "samples_failed": stats["samples_failed"],
         "failures": stats.get("failures", []),
         "timings": timings,
-        "models": [w["model"] for w in stats.get("weights", [])],
+        "models": list(config.models),
         "weights": {w["model"]: w for w in stats.get("weights", [])},
         "source": stats.get("url"),
     }
 
 
-def write_datacomp_files(config: D2MConfig, stem: str, samples: pa.Table, stats: dict[str, Any], load: LoadField) -> dict[str, str]:
+def write_datacomp_files(config: D2MConfig, stem: str, samples: pa.Table, stats: dict[str, Any], load: LoadField,
+                         outputs: ModelOutputs | None = None) -> dict[str, str]:
     """Write the shard's files into output_metadata_dir (each complete or absent, json last)."""
     rows = samples.num_rows
     paths: dict[str, str] = {}
-    table = datacomp_table(config, samples, load)
+    table = datacomp_table(config, samples, load, outputs)
     if table is not None:
         paths["parquet"] = storage.join(config.output_metadata_dir, f"{stem}.parquet")
         storage.write_parquet(paths["parquet"], table)
-    arrays = datacomp_arrays(config, rows, load)
+    arrays = datacomp_arrays(config, rows, load, outputs)
     if arrays:
         paths["npz"] = storage.join(config.output_metadata_dir, f"{stem}.npz")
         storage.write_npz(paths["npz"], arrays)
     paths["json"] = storage.join(config.output_metadata_dir, f"{stem}.json")
-    storage.write_json(paths["json"], shard_log(stats, rows))
+    storage.write_json(paths["json"], shard_log(config, stats, rows))
     return paths

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 
-from d2m_core.models.clip import OaiClipVitB32
-from d2m_core.transforms import IMAGE_TRANSFORMS, ClipTokenizer
+from d2m_core.models.clip import OaiClipVitB32, OaiClipVitL14
+from d2m_core.models.detoxify import DetoxifyMultilingual
+from d2m_core.models.faces import Scrfd10G
+from d2m_core.models.isc import IscFtV107
+from d2m_core.models.nsfw import NsfwImageHead
+from d2m_core.transforms import IMAGE_TRANSFORMS, TEXT_PREPROCESSORS
 from d2m_core.weights import ResolvedWeights, WeightsFile, resolve_weights, weights_dir
 
 
@@ -25,9 +29,8 @@ class ModelClass(Protocol):
     def __call__(self, *inputs: Any) -> Any: ...
 
 
-MODEL_LOOKUP: dict[str, type] = {cls.name: cls for cls in (OaiClipVitB32,)}
-
-TEXT_PREPROCESSORS: dict[str, Callable[[], Callable[[list[str]], Any]]] = {"clip-tokens": ClipTokenizer}
+BUILTIN_MODELS: tuple[type, ...] = (OaiClipVitB32, OaiClipVitL14, DetoxifyMultilingual, NsfwImageHead, Scrfd10G, IscFtV107)
+MODEL_LOOKUP: dict[str, Any] = {cls.name: cls for cls in BUILTIN_MODELS}  # custom_pypath adds its models here
 
 
 class UnknownModelError(ValueError):
@@ -48,6 +51,10 @@ def model_class(name: str) -> type:
 def resolve_model_weights(name: str, configured_dir: str | None = None) -> ResolvedWeights:
     """Locate and verify a model's weights (or random weights when enabled), without loading them."""
     cls = model_class(name)
+    if getattr(cls, "plugin_path", False):  # custom models load their own weights
+        from d2m_core.plugins import plugin_weights
+
+        return plugin_weights(name, "custom_pypath")
     return resolve_weights(name, list(cls.weights_files), weights_dir(configured_dir))
 
 

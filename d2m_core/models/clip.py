@@ -76,3 +76,30 @@ class OaiClipVitB32(OaiClip):
             "open_clip's 'ViT-B-32-quickgelu' / 'openai' checkpoint (open_clip_pytorch_model.bin), renamed",
         ),
     ]
+
+
+class OaiClipVitL14(OaiClip):
+    name = "oai-clip-vit-l14"
+    arch = "ViT-L-14-quickgelu"
+    output_fields = {"image": 768, "text": 768}
+    weights_files = [
+        WeightsFile(
+            "ViT-L-14.pt",
+            "openai-jit",
+            "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836",
+            f"{OPENAI_URL}/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+        ),
+        WeightsFile(
+            "ViT-L-14-quickgelu.openai.safetensors",
+            "open_clip",
+            None,
+            "open_clip's 'ViT-L-14-quickgelu' / 'openai' checkpoint (hf-hub timm/vit_large_patch14_clip_224.openai, "
+            "open_clip_model.safetensors), renamed",
+        ),
+        WeightsFile(
+            "ViT-L-14-quickgelu.openai.bin",
+            "open_clip",
+            None,
+            "open_clip's 'ViT-L-14-quickgelu' / 'openai' checkpoint (open_clip_pytorch_model.bin), renamed",
+        ),
+    ]

@@ -1,42 +1,73 @@
-import io
 import tarfile
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 from torchvision import transforms as T
 
 from d2m_core.decoding import decode_image
-from d2m_core.transforms import CLIP_MEAN, CLIP_STD, ClipImageTransform, ClipTokenizer
+from d2m_core.transforms import (CLIP_MEAN, CLIP_STD, ClipImageTransform, ClipTokenizer, DedupImageTransform,
+                                 FacesImageTransform, IdentityText, square_padding)
 
 
-def _images(shard_dir: Path) -> list[Image.Image]:
+@pytest.fixture(scope="module")
+def images(shard_dir: Path) -> list[Image.Image]:
     with tarfile.open(shard_dir / "00001.tar") as tf:
-        return [decode_image(tf.extractfile(m).read()) for m in tf.getmembers() if m.name.endswith((".jpg", ".png"))]
+        found = [decode_image(tf.extractfile(m).read()) for m in tf.getmembers() if m.name.endswith((".jpg", ".png"))]
+    assert len(found) == 9 and len({im.size for im in found}) > 3
+    return found
 
 
-def test_clip_transform_matches_openai_pil_pipeline(shard_dir: Path) -> None:
-    reference = T.Compose([
-        T.Resize(224, interpolation=T.InterpolationMode.BICUBIC),
-        T.CenterCrop(224),
-        lambda im: im.convert("RGB"),
-        T.ToTensor(),
-        T.Normalize(CLIP_MEAN, CLIP_STD),
-    ])
-    transform = ClipImageTransform()
-    images = _images(shard_dir)
-    assert len(images) == 9 and len({im.size for im in images}) > 3
-    batch = torch.stack([transform.prepare(im) for im in images])
-    assert batch.dtype == torch.uint8 and batch.shape == (9, 3, 224, 224)
-    ours = transform.finish(batch, torch.float32)
+def _run(transform, images: list[Image.Image]):
+    prepared = [transform.prepare(im) for im in images]
+    pixels = torch.stack([p for p, _ in prepared])
+    assert pixels.dtype == torch.uint8
+    aux = torch.stack([a for _, a in prepared]) if prepared[0][1] is not None else None
+    return transform.finish(pixels, aux, torch.float32)
+
+
+def test_clip_transform_matches_openai_pil_pipeline(images: list[Image.Image]) -> None:
+    reference = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224),
+                           lambda im: im.convert("RGB"), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+    ours = _run(ClipImageTransform(), images)
     expected = torch.stack([reference(im) for im in images])
+    assert ours.shape == (9, 3, 224, 224)
     assert torch.allclose(ours, expected, atol=1e-5), (ours - expected).abs().max()
 
 
+def test_dedup_transform_matches_the_seed(images: list[Image.Image]) -> None:
+    reference = T.Compose([T.Resize((512, 512)), T.ToTensor(), T.Normalize((0.5,) * 3, (0.5,) * 3)])
+    ours = _run(DedupImageTransform(), images)
+    assert ours.shape == (9, 3, 512, 512)
+    assert torch.allclose(ours, torch.stack([reference(im) for im in images]), atol=1e-5)
+
+
+def _seed_square_pad(image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+    w, h = image.size
+    m = max(w, h)
+    left, top = int((m - w) / 2), int((m - h) / 2)
+    canvas = Image.new("RGB", (m, m), (255, 255, 255))
+    canvas.paste(image, (left, top))
+    x = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(),
+                   T.Normalize((0.5,) * 3, (0.5,) * 3)])(canvas)
+    pad = torch.tensor([left, top, m - w - left, m - h - top], dtype=torch.float32) / m
+    return x, pad
+
+
+def test_faces_transform_matches_the_seed(images: list[Image.Image]) -> None:
+    pixels, padding = _run(FacesImageTransform(), images)
+    expected = [_seed_square_pad(im) for im in images]
+    assert pixels.shape == (9, 3, 224, 224) and padding.shape == (9, 4)
+    assert torch.allclose(pixels, torch.stack([e[0] for e in expected]), atol=1e-5)
+    assert torch.allclose(padding, torch.stack([e[1] for e in expected]))
+    assert square_padding(100, 40) == (0, 30, 0, 30) and square_padding(41, 100) == (29, 0, 30, 0)
+
+
 def test_tokens_are_77_and_truncated_with_eot_last() -> None:
-    tokenizer = ClipTokenizer()
-    tokens = tokenizer(["a photo of a cat", "word " * 200])
+    tokens = ClipTokenizer()(["a photo of a cat", "word " * 200])
     assert tokens.shape == (2, 77) and tokens.dtype == torch.long
     eot = tokens[0].max().item()
     assert tokens[1, -1].item() == eot and (tokens[0] == eot).sum() == 1
     assert tokens[0, 0].item() == tokens[1, 0].item()  # start-of-text
+    assert IdentityText()(["a", "b"]) == ["a", "b"]
