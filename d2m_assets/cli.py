@@ -65,6 +65,41 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_weights(args: argparse.Namespace) -> int:
+    from d2m_core import load_config
+    from d2m_core.models import list_models, resolve_model_weights, weights_inventory
+    from d2m_core.models.isc import DEDUP_REFERENCE_FILES
+    from d2m_core.pipeline import REFERENCE_MODEL
+    from d2m_core.weights import WeightsError, random_weights_enabled, resolve_weights, weights_dir
+
+    directory = args.dir or (load_config(args.yml).weights_dir if args.yml else None)
+    if args.action == "list":
+        print(f"weights folder: {weights_dir(directory)} (weights_dir in the yml, or $D2M_WEIGHTS_DIR)")
+        for row in weights_inventory(directory):
+            print(f"\n{row['model']}: {row['file']} ({row['format']})\n  goes to: {row['path']}")
+            if row["sha256"]:
+                print(f"  sha256:  {row['sha256']}")
+            if row["source"]:
+                print(f"  get it:  {row['source']}")
+        return 0
+    if random_weights_enabled():
+        print("d2m: D2M_RANDOM_WEIGHTS is set: unset it to verify real weights", file=sys.stderr)
+        return 2
+    models = load_config(args.yml).models if args.yml else list_models()
+    checks = {m: (lambda m=m: resolve_model_weights(m, directory)) for m in models}
+    if "dedup-isc-ft-v107" in models:
+        checks[REFERENCE_MODEL] = lambda: resolve_weights(REFERENCE_MODEL, DEDUP_REFERENCE_FILES, weights_dir(directory))
+    failed = 0
+    for model, check in checks.items():
+        try:
+            record = check().record
+            print(f"ok       {model}: {record.path} sha256 {record.sha256}")
+        except WeightsError as err:
+            failed += 1
+            print(f"MISSING  {err}")
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="d2m", description="DataComp metadata as Dagster assets")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--shards", type=int, default=3)
     demo.add_argument("--samples", type=int, default=24)
     demo.set_defaults(func=_cmd_demo)
+
+    weights = sub.add_parser("weights", help="list the weights files each model needs, or verify a folder of them")
+    weights.add_argument("action", nargs="?", choices=["list", "verify"], default="list")
+    weights.add_argument("--dir", default=None, help="the weights folder (default: $D2M_WEIGHTS_DIR or ~/.cache/d2m/weights)")
+    weights.add_argument("--yml", default=None, help="only the models of this config (and its weights_dir)")
+    weights.set_defaults(func=_cmd_weights)
 
     bench = sub.add_parser("bench", help="print throughput as JSON lines")
     bench.add_argument("--yml", required=True)

@@ -52,7 +52,7 @@ class Engine:
     """Runs already-built models over shards; device and dtype are explicit, models are loaded once."""
 
     def __init__(self, models: dict[str, Any], *, device: torch.device, dtype: torch.dtype, batch_size: int, nworkers: int) -> None:
-        self.order = topo_order(list(models))
+        self.order = topo_order(list(models), lambda n: models[n].dependencies)
         self.models = models
         self.device = device
         self.dtype = dtype
@@ -136,7 +136,7 @@ class Engine:
             for name, rows in fields.items():
                 if len(rows) != len(batch):
                     raise RuntimeError(f"{model} returned {len(rows)} rows of {name!r} for a batch of {len(batch)}")
-                parts[model][name].append(rows)
+                parts[model].setdefault(name, []).append(rows)  # custom models name fields on first use
         result.keys.extend(batch.keys)
         result.uids.extend(batch.uids)
         result.jsons.extend(batch.jsons)
@@ -145,7 +145,7 @@ class Engine:
         result.stats.samples_written = len(result.keys)
         for model, fields in parts.items():
             widths = self.models[model].output_fields
-            result.outputs[model] = {name: _concat(chunks, widths[name]) for name, chunks in fields.items()}
+            result.outputs[model] = {name: _concat(chunks, widths.get(name, 0)) for name, chunks in fields.items()}
 
 
 def _to_rows(value: Any) -> Field:

@@ -70,3 +70,23 @@ def test_dagster_cli_materializes_a_partition(shard_dir: Path, write_config, tmp
     scores = np.load(tmp_path / "metadata" / ".d2m" / "clip_b32_scores" / "00001.npz")["score"]
     features = np.load(tmp_path / "metadata" / ".d2m" / "clip_b32_features" / "00001.npz")
     assert scores.shape == (9,) and np.allclose(scores, (features["image"] * features["text"]).sum(1))
+
+
+def test_d2m_weights_lists_and_verifies(tmp_path: Path) -> None:
+    listing = run_cli(["d2m", "weights", "--dir", str(tmp_path)], {}, tmp_path)
+    assert listing.returncode == 0
+    assert f"{tmp_path}/ViT-B-32.pt" in listing.stdout and "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af" in listing.stdout
+    for name in ("ViT-L-14.pt", "nsfw_torch.pt", "multilingual_debiased-0b549669.ckpt", "isc_ft_v107.pth.tar",
+                 "scrfd_10g_bnkps.onnx", "eval_dedup_embeddings.pt", "xlm-roberta-base/"):
+        assert name in listing.stdout
+    (tmp_path / "ViT-B-32.pt").write_bytes(b"corrupt")
+    verify = run_cli(["d2m", "weights", "verify", "--dir", str(tmp_path)], {"D2M_RANDOM_WEIGHTS": ""}, tmp_path)
+    assert verify.returncode == 1
+    assert "expected 40d36571" in verify.stdout and verify.stdout.count("MISSING") == 7
+
+
+def test_missing_weights_stop_d2m_run_before_any_shard(shard_dir: Path, write_config, tmp_path: Path) -> None:
+    config = write_config(shard_dir, weights_dir=str(tmp_path / "weights"))
+    result = run_cli(["d2m", "run", "--yml", str(config)], {"DAGSTER_HOME": str(tmp_path / "h"), "D2M_RANDOM_WEIGHTS": ""}, tmp_path)
+    assert result.returncode == 2 and str(tmp_path / "weights" / "ViT-B-32.pt") in result.stderr
+    assert not (tmp_path / "metadata").exists() and not (tmp_path / "h").exists()

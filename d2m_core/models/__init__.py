@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -55,7 +56,24 @@ def resolve_model_weights(name: str, configured_dir: str | None = None) -> Resol
         from d2m_core.plugins import plugin_weights
 
         return plugin_weights(name, "custom_pypath")
-    return resolve_weights(name, list(cls.weights_files), weights_dir(configured_dir))
+    resolved = resolve_weights(name, list(cls.weights_files), weights_dir(configured_dir))
+    if not resolved.is_random and hasattr(cls, "verify"):
+        cls.verify(resolved)  # model-specific checks (detoxify: sha256 prefix, tokenizer folder)
+    return resolved
+
+
+def weights_inventory(configured_dir: str | None = None) -> list[dict[str, str | None]]:
+    """Every file each built-in model needs: name, sha256, where it goes, where users get it."""
+    directory = weights_dir(configured_dir)
+    rows: list[dict[str, str | None]] = []
+    for cls in BUILTIN_MODELS:
+        for spec in [*cls.weights_files, *getattr(cls, "reference_files", [])]:
+            rows.append({"model": cls.name, "file": spec.filename, "format": spec.format, "sha256": spec.sha256,
+                         "path": str(directory / spec.filename), "source": spec.source})
+        for extra in getattr(cls, "extra_files", []):
+            rows.append({"model": cls.name, "file": extra, "format": "folder", "sha256": None,
+                         "path": str(directory / extra.split(" ")[0]), "source": None})
+    return rows
 
 
 def create_model(name: str, device: torch.device, dtype: torch.dtype, weights: ResolvedWeights) -> Any:
@@ -63,7 +81,7 @@ def create_model(name: str, device: torch.device, dtype: torch.dtype, weights: R
     return model_class(name)(device, dtype=dtype, weights=weights)
 
 
-def topo_order(names: list[str]) -> list[str]:
+def topo_order(names: list[str], dependencies: Callable[[str], list[str]] | None = None) -> list[str]:
     """Models ordered so each comes after its dependencies (which must also be selected), as the seed does."""
     ordered: list[str] = []
     visiting: set[str] = set()
@@ -74,7 +92,7 @@ def topo_order(names: list[str]) -> list[str]:
         if name in visiting:
             raise ValueError(f"model dependency cycle at {name!r}")
         visiting.add(name)
-        for dep in model_class(name).dependencies:
+        for dep in (dependencies or (lambda n: model_class(n).dependencies))(name):
             if dep not in names:
                 raise ValueError(f"model {name!r} depends on {dep!r}, which is not in `models`")
             visit(dep)

@@ -197,6 +197,13 @@ class DetoxifyMultilingual:
     to_device = False
     output_fields = {"score": 0}
     weights_files = [WeightsFile(CHECKPOINT_NAME, "detoxify-ckpt", None, CHECKPOINT_URL)]
+    extra_files = [f"{TOKENIZER_DIR}/ (config.json + tokenizer.json or sentencepiece.bpe.model): {TOKENIZER_SOURCE}"]
+
+    @staticmethod
+    def verify(weights: ResolvedWeights) -> None:
+        """The checks beyond the file's presence: sha256 prefix, the tokenizer/config folder beside it."""
+        _check_sha256_prefix(weights)
+        _check_tokenizer_dir(weights.path.parent / TOKENIZER_DIR)
 
     def __init__(self, device: torch.device | int | str, *, dtype: torch.dtype = torch.float32,
                  weights: ResolvedWeights) -> None:

@@ -7,23 +7,29 @@ is done here, with its semantics: anchor centres (x*stride, y*stride) repeated p
 stride-scaled distances. Then the seed's post-processing (mmdet test_cfg + detect_faces): boxes clipped to the
 224 frame, score > 0.3, greedy NMS at IoU 0.45 (torchvision's, as the seed; insightface's own numpy NMS uses
 "+1 pixel" areas), no cap on faces, then mapped to [0, 1] of the original unpadded image.
+The seed itself ran SCRFD_10G (GN head, no keypoints) through its own PyTorch port of `scrfd_10g.pt`;
+scrfd_10g_bnkps is the BN + keypoints variant of the same detector, so its boxes are close to the seed's, not
+identical. Any SCRFD export with 6/9 (strides 8/16/32, 2 anchors) or 10/15 outputs runs here.
 
 Input: d2m's `faces-aug` gives RGB x = (p/255 - 0.5)/0.5 for pixels p in [0, 255]. insightface feeds
 `cv2.dnn.blobFromImage(bgr, 1/128, mean 127.5, swapRB=True)`, i.e. RGB (p - 127.5)/128. Hence
 blob = x * 127.5/128 (in general (x + 1) * 127.5 / std - mean / std), with no channel swap; done with torch on the
 device.
 
-Batching (one `session.run` per batch): the released exports fix the batch dimension of the input to 1 and give
-2-D outputs, (rows, C), from `permute(2, 3, 0, 1).reshape(-1, C)` in insightface's SCRFD head, so with a batch B
-the rows are ordered (y, x, image, anchor). At load time the graph input's batch dimension is made symbolic, the
-outputs' fixed dimensions too, and stale `value_info` shapes are dropped (in memory; the file is not touched).
+Batching (one `session.run` per batch): the released exports (2021) give 2-D outputs, (rows, C), from
+`permute(2, 3, 0, 1).reshape(-1, C)` in insightface's SCRFD head at export time, so with a batch B the rows are
+ordered (y, x, image, anchor); their input's batch dimension may be fixed to 1. At load time a fixed batch
+dimension of the graph input is made symbolic, the outputs' fixed dimensions too, and stale `value_info` shapes
+are dropped (in memory; the file is not touched).
 A probe then runs two different images as one batch and one by one and picks the layout of the outputs that
 reproduces the single runs: "spatial" (rows (y, x, image, anchor), the released exports), or "batch" (image first:
 3-D (B, N, C) outputs of the later exports, or 2-D rows (image, y, x, anchor)). If no layout matches, or the
 batched run fails, the model runs one image per `session.run` (a warning says so).
 
-On CUDA the session uses CUDAExecutionProvider and IO binding: the input is bound to the torch tensor's device
-memory and the outputs to preallocated torch tensors, so nothing goes through the host except the final boxes.
+The session runs through IO binding: the input is bound to the torch tensor's memory and the outputs to
+preallocated torch tensors (shapes known from the anchors and the probed layout). On CUDA (CUDAExecutionProvider)
+that memory is on the device, so nothing goes through the host except the final boxes; decode and NMS run in torch
+on the same device.
 """
 
 from __future__ import annotations
@@ -290,6 +296,7 @@ class Scrfd10G:
         self.session = ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=providers)
         self.providers = self.session.get_providers()
         self.io_binding = self.device.type == "cuda" and self.providers[0] == "CUDAExecutionProvider"
+        self.run_device = self.device if self.io_binding else torch.device("cpu")
         if self.device.type == "cuda" and not self.io_binding:
             log.warning("%s: onnxruntime could not start CUDAExecutionProvider (providers %s); running on the CPU",
                         self.name, self.providers)
@@ -364,26 +371,25 @@ class Scrfd10G:
         stride = self.strides[k % self.fmc]
         return (height // stride) * (width // stride) * self.anchors
 
-    def _run_bound(self, blob: torch.Tensor) -> list[torch.Tensor]:
-        """One session.run on CUDA with IO binding: input and outputs stay in torch's device memory."""
+    def _run(self, blob: torch.Tensor) -> list[torch.Tensor]:
+        """One session.run with IO binding: the input is read from, and the outputs written to, torch tensors on
+        the run device (CUDA memory with CUDAExecutionProvider, else host memory): no copies, no numpy."""
+        blob = blob.to(self.run_device, torch.float32).contiguous()
         batch, _, height, width = blob.shape
         outputs = []
         for k, (rank, channels) in enumerate(zip(self.out_ranks, self.out_channels)):
             rows = self._rows(k, height, width)
             shape = (batch, rows, channels) if rank == 3 else (batch * rows, channels)
             outputs.append(torch.empty(shape, dtype=torch.float32, device=blob.device))
+        kind, index = blob.device.type, blob.device.index or 0
         binding = self.session.io_binding()
-        binding.bind_input(self.input_name, "cuda", blob.device.index, np.float32, tuple(blob.shape), blob.data_ptr())
+        binding.bind_input(self.input_name, kind, index, np.float32, tuple(blob.shape), blob.data_ptr())
         for name, out in zip(self.output_names, outputs):
-            binding.bind_output(name, "cuda", out.device.index, np.float32, tuple(out.shape), out.data_ptr())
-        torch.cuda.current_stream(blob.device).synchronize()  # the blob is written by torch's stream
-        self.session.run_with_iobinding(binding)  # returns once onnxruntime's stream is done
+            binding.bind_output(name, kind, index, np.float32, tuple(out.shape), out.data_ptr())
+        if kind == "cuda":
+            torch.cuda.current_stream(blob.device).synchronize()  # the blob was written on torch's stream
+        self.session.run_with_iobinding(binding)  # returns once onnxruntime's work (and stream) is done
         return outputs
-
-    def _run(self, blob: torch.Tensor) -> list[torch.Tensor]:
-        if self.io_binding:
-            return self._run_bound(blob)
-        return [torch.from_numpy(o) for o in self._run_numpy(blob.cpu().numpy())]
 
     def forward_raw(self, blob: torch.Tensor) -> list[torch.Tensor]:
         """The outputs for a (B, 3, H, W) float32 blob, each as (B, N, C) in insightface's row order."""
@@ -452,8 +458,7 @@ class Scrfd10G:
         [left, top, right, bottom] / max side of the original image). Returns (boxes,), boxes[i] the list of
         [x1, y1, x2, y2] in [0, 1] of image i (possibly empty)."""
         pixels, padding = faces_input
-        run_device = self.device if self.io_binding else torch.device("cpu")
-        blob = pixels.to(run_device, torch.float32).mul(self.input_scale)
+        blob = pixels.to(self.run_device, torch.float32).mul(self.input_scale)
         if self.input_shift:
             blob = blob.add(self.input_shift)
         blob = blob.contiguous()

@@ -86,6 +86,30 @@ def build_isc_net() -> IscNet:
     return IscNet(backbone)
 
 
+RESIDUAL_GAIN = 0.2
+
+
+def stable_random_init(model: nn.Module) -> nn.Module:
+    """Re-initialise the backbone so that EVAL-mode activations stay O(1) (random weights only).
+
+    timm's EfficientNet init (fan-out) relies on batch statistics; in eval mode, with running stats 0/1, the
+    activations of a freshly built tf_efficientnetv2_m grow to ~1e9 at the last stage and the output becomes
+    numerically chaotic (a batch of 1 and a batch of 2 give features 0.1-0.2 apart). Fan-in He init of every
+    conv and a small gain on the last BatchNorm of each residual branch keep them O(1) and reproducible.
+    """
+    for mod in model.backbone.modules():
+        if isinstance(mod, nn.Conv2d):
+            nn.init.kaiming_normal_(mod.weight, mode="fan_in", nonlinearity="relu")
+            if mod.bias is not None:
+                nn.init.zeros_(mod.bias)
+    for mod in model.backbone.modules():
+        if getattr(mod, "has_skip", False):
+            norms = [c for c in mod.children() if isinstance(c, nn.BatchNorm2d)]
+            if norms:
+                nn.init.constant_(norms[-1].weight, RESIDUAL_GAIN)
+    return model
+
+
 def _torch_load(path: PathLike[str] | str, what: str) -> object:
     """torch.load with weights_only=True, allowing the argparse.Namespace the ISC21 release stores as "args"."""
     try:
@@ -146,6 +170,7 @@ class IscFtV107:
     weights_files = [
         WeightsFile("isc_ft_v107.pth.tar", "isc", None, f"{ISC_RELEASE}/isc_ft_v107.pth.tar"),
     ]
+    reference_files = DEDUP_REFERENCE_FILES  # dedup_scores compares against these (the dedup_reference asset)
 
     def __init__(self, device: torch.device | int | str, *, dtype: torch.dtype = torch.float32, weights: ResolvedWeights) -> None:
         self.device = torch.device(device)
@@ -154,7 +179,7 @@ class IscFtV107:
         if weights.is_random:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
-                model = build_isc_net()
+                model = stable_random_init(build_isc_net())
         else:
             model = build_isc_net()
             checkpoint = _torch_load(weights.path, self.name)

@@ -71,3 +71,43 @@ def test_unreadable_shard_is_reported_and_others_complete(engine: Engine, shard_
     results = list(engine.run([ShardRef("broken", str(bad)), _refs(shard_dir)[1]]))
     assert results[0].error is not None and "broken.tar" in results[0].error
     assert results[1].error is None and results[1].stats.samples_written == 9
+
+
+class _Stub:
+    """Carries a model's declared inputs; records what it is called with."""
+
+    def __init__(self, name, raw_inputs, preprocessors, dependencies=()):
+        self.name, self.raw_inputs, self.preprocessors = name, raw_inputs, preprocessors
+        self.dependencies, self.to_device, self.output_fields, self.calls = list(dependencies), True, {"x": 0}, []
+
+    def __call__(self, *inputs):
+        self.calls.append(inputs)
+        first = inputs[0][0] if isinstance(inputs[0], tuple) else inputs[0]  # a dependency's output tuple
+        return (torch.zeros(len(first)),)
+
+
+def test_one_decode_and_one_preprocessing_per_distinct_transform(shard_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import d2m_core.loader as loader
+
+    decodes = []
+    real = loader.decode_image
+    monkeypatch.setattr(loader, "decode_image", lambda data: decodes.append(1) or real(data))
+    a = _Stub("a", ["image", "text"], ["clip-aug", "clip-tokens"])
+    b = _Stub("b", ["image", "text", "image"], ["clip-aug", "clip-tokens", "dedup-aug"])
+    c = _Stub("c", ["text"], ["identity"])
+    engine = Engine({"b": b, "a": a, "c": c}, device=torch.device("cpu"), dtype=torch.float32, batch_size=4, nworkers=1)
+    assert [t.name for t in engine.image_transforms] == ["clip-aug", "dedup-aug"]
+    assert list(engine.text_preprocessors) == ["clip-tokens", "identity"]
+    (result,) = engine.run(_refs(shard_dir)[1:])
+    assert len(decodes) == 9 and result.stats.samples_written == 9
+    assert a.calls[0][0] is b.calls[0][0] and a.calls[0][1] is b.calls[0][1]  # the same tensors, prepared once
+    assert isinstance(c.calls[0][0], list) and len(c.calls[0][0]) == 4
+
+
+def test_dependencies_run_first_and_get_their_outputs(shard_dir: Path) -> None:
+    base = _Stub("base", ["image"], ["clip-aug"])
+    head = _Stub("head", [], [], dependencies=["base"])
+    engine = Engine({"head": head, "base": base}, device=torch.device("cpu"), dtype=torch.float32, batch_size=9, nworkers=1)
+    assert engine.order == ["base", "head"]
+    next(engine.run(_refs(shard_dir)[1:]))
+    assert isinstance(head.calls[0][0], tuple) and head.calls[0][0][0].shape == (9,)

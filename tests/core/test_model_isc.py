@@ -14,6 +14,7 @@ from d2m_core.models.isc import (
     IscFtV107,
     dedup_scores,
     load_reference_embeddings,
+    stable_random_init,
 )
 from d2m_core.weights import WeightsError, resolve_weights
 
@@ -48,6 +49,7 @@ def source_model() -> SourceISCNet:
         warnings.simplefilter("ignore")  # timm maps the 2021 name to tf_efficientnetv2_m.in21k_ft_in1k
         backbone = timm.create_model("tf_efficientnetv2_m_in21ft1k", pretrained=False, features_only=True)
     model = SourceISCNet(backbone)
+    stable_random_init(model)  # eval-mode-stable weights, so that a comparison is meaningful at all
     with torch.no_grad():  # trained-looking head statistics
         model.bn.running_mean.normal_(0, 0.1)
         model.bn.running_var.uniform_(0.5, 2.0)
