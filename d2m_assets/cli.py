@@ -60,7 +60,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from d2m_core.synth import make_shards
 
         make_shards(shard_dir, shards=args.make_shards, samples=args.make_samples)
-    for line in run_benchmark(config, expand_shards(str(shard_dir)), Path(args.yml).name):
+    for line in run_benchmark(config, expand_shards(str(shard_dir)), Path(args.yml).name, args.repeats):
         print(json.dumps(line), flush=True)
     return 0
 
@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default=None)
     bench.add_argument("--make-shards", type=int, default=2, help="shards to make when the folder is empty")
     bench.add_argument("--make-samples", type=int, default=256)
+    bench.add_argument("--repeats", type=int, default=3, help="model-only passes over one batch")
     bench.set_defaults(func=_cmd_bench)
     return parser
 

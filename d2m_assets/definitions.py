@@ -7,12 +7,16 @@ import warnings
 from pathlib import Path
 
 from dagster import BackfillPolicy, Definitions
+from dagster_aws.s3 import S3Resource
 
 from d2m_assets.assets.features import RAW_SHARDS, build_feature_assets
 from d2m_assets.assets.metadata import build_metadata_asset
 from d2m_assets.assets.reference import dedup_reference
 from d2m_assets.assets.scores import build_score_assets
+from d2m_assets.automation import build_automation_sensor
 from d2m_assets.resources import D2MConfigResource
+from d2m_assets.schedules import discover_shards_job, discover_shards_schedule
+from d2m_assets.sensors import new_shards_sensor
 from d2m_core import load_config
 from d2m_core.pipeline import selected_assets
 
@@ -34,4 +38,10 @@ def build_definitions(path: str | Path) -> Definitions:
         warnings.filterwarnings("ignore", message=".*backfill_policy.*is currently in beta")
         assets = [RAW_SHARDS, dedup_reference, build_feature_assets(policy), *build_score_assets(policy),
                   build_metadata_asset(policy)]
-    return Definitions(assets=assets, resources={"d2m": D2MConfigResource(config_path=str(path))})
+    return Definitions(
+        assets=assets,
+        sensors=[new_shards_sensor, build_automation_sensor()],
+        schedules=[discover_shards_schedule],
+        jobs=[discover_shards_job],
+        resources={"d2m": D2MConfigResource(config_path=str(path)), "s3": S3Resource()},
+    )

@@ -13,7 +13,7 @@ import torch
 from d2m_core import catalog
 from d2m_core.config import D2MConfig
 from d2m_core.loader import Batch
-from d2m_core.pipeline import build_engine, compute_features, compute_scores, selected_assets, write_metadata
+from d2m_core.pipeline import build_engine, compute_features, compute_scores, selected_assets, store_reference, write_metadata
 from d2m_core.shards import ShardRef
 from d2m_core.weights import random_weights_enabled
 
@@ -34,6 +34,8 @@ def end_to_end(config: D2MConfig, shards: Sequence[ShardRef]) -> dict[str, Any]:
         start = time.perf_counter()
         outcomes = list(compute_features(config, shards, features))
         t_features = time.perf_counter()
+        if catalog.REFERENCE_ASSET in names:
+            store_reference(config)
         for name in names:
             if name in catalog.SCORE_ASSETS:
                 list(compute_scores(config, stems, name))
@@ -77,7 +79,7 @@ def model_only(config: D2MConfig, shards: Sequence[ShardRef], repeats: int = 3) 
     return {"kind": "model_only", "batch": len(batch), "samples_per_s": round(repeats * len(batch) / elapsed, 2)}
 
 
-def run_benchmark(config: D2MConfig, shards: Sequence[ShardRef], config_name: str) -> list[dict[str, Any]]:
+def run_benchmark(config: D2MConfig, shards: Sequence[ShardRef], config_name: str, repeats: int = 3) -> list[dict[str, Any]]:
     from d2m_core.device import resolve_device, resolve_dtype
 
     device = resolve_device(config.device)
@@ -90,4 +92,4 @@ def run_benchmark(config: D2MConfig, shards: Sequence[ShardRef], config_name: st
         "precision": str(resolve_dtype(config.precision, device)).replace("torch.", ""),
         "weights": "random" if random_weights_enabled() else "real",
     }
-    return [common | end_to_end(config, shards), common | model_only(config, shards)]
+    return [common | end_to_end(config, shards), common | model_only(config, shards, repeats)]

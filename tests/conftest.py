@@ -17,6 +17,7 @@ import yaml
 from d2m_core.synth import make_shards
 
 os.environ["D2M_RANDOM_WEIGHTS"] = "1"  # tests always use random weights of the real architectures
+os.environ.setdefault("D2M_AUTOMATION", "off")  # sensors start stopped unless a test turns them on
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent

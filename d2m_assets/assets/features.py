@@ -3,7 +3,8 @@
 
 from dagster import AssetExecutionContext, AssetSpec, BackfillPolicy, MaterializeResult, multi_asset
 
-from d2m_assets.partitions import shard_partitions
+from d2m_assets.automation import SHARD_CONDITION
+from d2m_assets.partitions import GPU_POOL, shard_partitions
 from d2m_assets.reporting import record_outcomes
 from d2m_assets.resources import D2MConfigResource
 from d2m_core import catalog, compute_features
@@ -20,12 +21,12 @@ RAW_SHARDS = AssetSpec(
 def build_feature_assets(backfill_policy: BackfillPolicy):
     specs = [
         AssetSpec(a.name, deps=[RAW_SHARDS.key], description=a.description, group_name="features",
-                  partitions_def=shard_partitions, kinds={"pytorch"}, skippable=True)
+                  partitions_def=shard_partitions, kinds={"pytorch"}, skippable=True, automation_condition=SHARD_CONDITION)
         for a in catalog.FEATURE_ASSETS.values()
     ]
 
     @multi_asset(name="shard_features", specs=specs, can_subset=True, partitions_def=shard_partitions,
-                 backfill_policy=backfill_policy)
+                 backfill_policy=backfill_policy, pool=GPU_POOL)
     def shard_features(context: AssetExecutionContext, d2m: D2MConfigResource):
         """Read each shard once, decode each image once, run every selected model; store features per shard."""
         config = d2m.load()

@@ -1,0 +1,40 @@
+"""When the daemon materializes shard assets by itself: the automation conditions and their sensor.
+
+Why declarative automation rather than run requests from the discovery sensor: one mechanism covers new
+shards, shards still missing after a crash, and scores made stale by a new dedup reference set, and its
+backfills follow each asset's BackfillPolicy (several shards per run, models loaded once per run).
+Failed runs are retried by the daemon's run retries (dagster.yaml, bounded); the condition never requests a
+partition whose last run failed, or one already requested or running, so nothing is requested twice.
+"""
+
+import os
+
+from dagster import AssetSelection, AutomationCondition, AutomationConditionSensorDefinition, DefaultSensorStatus
+
+AUTOMATION_ENV = "D2M_AUTOMATION"  # "off" leaves the sensors stopped until turned on in the UI
+
+_never_attempted_missing = AutomationCondition.missing() & ~AutomationCondition.execution_failed()
+SHARD_CONDITION = (
+    (_never_attempted_missing | AutomationCondition.any_deps_updated().since_last_handled())
+    & ~AutomationCondition.any_deps_missing()
+    & ~AutomationCondition.any_deps_in_progress()
+    & ~AutomationCondition.in_progress()
+).with_label("shard missing, or its inputs updated")
+
+REFERENCE_CONDITION = (_never_attempted_missing & ~AutomationCondition.in_progress()).with_label("missing")
+
+
+def default_status() -> DefaultSensorStatus:
+    off = os.environ.get(AUTOMATION_ENV, "on").strip().lower() in ("off", "0", "false", "no")
+    return DefaultSensorStatus.STOPPED if off else DefaultSensorStatus.RUNNING
+
+
+def build_automation_sensor() -> AutomationConditionSensorDefinition:
+    return AutomationConditionSensorDefinition(
+        "shard_automation",
+        target=AssetSelection.all() - AssetSelection.assets("raw_shards"),
+        default_status=default_status(),
+        minimum_interval_seconds=30,
+        emit_backfills=True,
+        description="Materializes new, missing and stale shard assets in backfills of tars_per_wds shards per run",
+    )

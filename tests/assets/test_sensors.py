@@ -1,0 +1,36 @@
+import shutil
+from pathlib import Path
+
+from dagster import AssetKey, DagsterInstance, SensorResult, build_sensor_context
+
+from d2m_assets import build_definitions
+from d2m_assets.sensors import new_shards_sensor
+
+
+def _evaluate(defs, instance: DagsterInstance, cursor: str | None) -> SensorResult:
+    sensor = defs.get_sensor_def("new_shards_sensor")
+    context = build_sensor_context(instance=instance, cursor=cursor, resources=defs.resources, definitions=defs)
+    return sensor(context)
+
+
+def test_sensor_registers_complete_tars_once(shard_dir: Path, write_config, tmp_path: Path) -> None:
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    shutil.copy(shard_dir / "00000.tar", incoming / "00000.tar")
+    shutil.copy(shard_dir / "00000_stats.json", incoming / "00000_stats.json")
+    shutil.copy(shard_dir / "00001.tar", incoming / "00001.tar")  # still downloading: no stats yet
+    defs = build_definitions(write_config(incoming, input_tars=str(incoming)))
+    instance = DagsterInstance.ephemeral()
+    result = _evaluate(defs, instance, None)
+    assert result.dynamic_partitions_requests[0].partition_keys == ["00000"]
+    assert [e.partition for e in result.asset_events] == ["00000"]
+    assert result.asset_events[0].asset_key == AssetKey("raw_shards")
+    assert not result.run_requests  # automation materializes; the sensor only registers
+    instance.add_dynamic_partitions("shards", ["00000"])
+
+    again = _evaluate(defs, instance, result.cursor)
+    assert again.skip_reason is not None and not again.dynamic_partitions_requests
+
+    shutil.copy(shard_dir / "00001_stats.json", incoming / "00001_stats.json")
+    done = _evaluate(defs, instance, again.cursor)
+    assert done.dynamic_partitions_requests[0].partition_keys == ["00001"]
