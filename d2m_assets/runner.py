@@ -12,7 +12,8 @@ from pathlib import Path
 from dagster import AssetKey, DagsterInstance, materialize
 
 from d2m_assets.definitions import DEFAULT_TARS_PER_RUN, build_definitions
-from d2m_assets.partitions import SHARDS
+from d2m_assets.partitions import GPU_POOL, SHARDS
+from d2m_core.gpus import gpu_count
 from d2m_core import catalog, expand_shards, load_config
 from d2m_core.pipeline import selected_assets, shard_stats, verify_weights
 
@@ -45,7 +46,10 @@ def ensure_instance(echo: Callable[[str], None] = print) -> DagsterInstance:
     target = Path(home) / "dagster.yaml"
     if not target.exists() and REPO_DAGSTER_YAML.is_file():
         shutil.copy(REPO_DAGSTER_YAML, target)
-    return DagsterInstance.get()
+    instance = DagsterInstance.get()
+    if GPU_POOL not in instance.event_log_storage.get_concurrency_keys():  # the user's own limit stays
+        instance.event_log_storage.set_concurrency_slots(GPU_POOL, gpu_count())
+    return instance
 
 
 def pending_shards(instance: DagsterInstance, stems: Sequence[str], assets: Sequence[str]) -> list[str]:

@@ -21,7 +21,7 @@ SEED_OPTIONAL_FIELDS = (
     "logging",
     "warn_and_continue",
 )
-D2M_FIELDS = ("weights_dir", "precision", "artifacts_dir")
+D2M_FIELDS = ("weights_dir", "precision", "artifacts_dir", "max_failure_rate")
 
 
 class ConfigError(ValueError):
@@ -52,6 +52,7 @@ class D2MConfig(BaseModel):
     weights_dir: str | None = None
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     artifacts_dir: str | None = None
+    max_failure_rate: float = Field(default=0.1, ge=0.0, le=1.0)  # the failure_rate check's threshold
 
     @field_validator("postprocess_columns", "postprocess_features", mode="before")
     @classmethod

@@ -81,10 +81,11 @@ def load_models(config: D2MConfig, names: Sequence[str], device: torch.device, d
     return models, [resolved[n].record for n in order]
 
 
-def build_engine(config: D2MConfig, feature_assets: Sequence[str]) -> tuple[Engine, list[WeightsRecord]]:
+def build_engine(config: D2MConfig, feature_assets: Sequence[str], device: torch.device | None = None) -> tuple[Engine, list[WeightsRecord]]:
+    """Models for these feature assets, on `device` (default: the config's), loaded once."""
     selected_assets(config)
     names = [catalog.FEATURE_ASSETS[a].model for a in feature_assets]
-    device = resolve_device(config.device)
+    device = device or resolve_device(config.device)
     dtype = resolve_dtype(config.precision, device)
     models, weights = load_models(config, names, device, dtype)
     engine = Engine(models, device=device, dtype=dtype, batch_size=config.batch_size, nworkers=config.nworkers)
@@ -119,10 +120,11 @@ def compute_features(
     shards: Sequence[ShardRef],
     feature_assets: Sequence[str],
     progress: Callable[[Progress], None] | None = None,
+    device: torch.device | None = None,
 ) -> Iterator[ShardOutcome]:
     """One pass per shard for all selected feature assets; models load once; files are written in the
     background while the next shard is computed. Yields outcomes in shard order."""
-    engine, weights = build_engine(config, feature_assets)
+    engine, weights = build_engine(config, feature_assets, device)
     pending: deque[Future[ShardOutcome]] = deque()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="d2m-writer") as writer:
         for result in engine.run(shards, progress):

@@ -8,6 +8,7 @@ from d2m_assets.partitions import GPU_POOL, shard_partitions
 from d2m_assets.reporting import record_outcomes
 from d2m_assets.resources import D2MConfigResource
 from d2m_core import catalog, compute_features
+from d2m_core.gpus import claim_device
 
 RAW_SHARDS = AssetSpec(
     "raw_shards",
@@ -35,7 +36,8 @@ def build_feature_assets(backfill_policy: BackfillPolicy):
         progress = lambda p: context.log.info(  # noqa: E731
             f"shard {p.shard} done ({p.shards_done}/{p.shards_total}): {p.samples} samples, {p.samples_per_s:.1f} samples/s"
         )
-        record_outcomes(context, selected, compute_features(config, shards, selected, progress))
+        with claim_device(config.device) as device:  # with several GPUs, each concurrent run its own
+            record_outcomes(context, selected, compute_features(config, shards, selected, progress, device))
         for name in selected:
             yield MaterializeResult(asset_key=name)
 

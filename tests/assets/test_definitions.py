@@ -94,3 +94,36 @@ def test_datacomp_lineage(shard_dir: Path, write_config) -> None:
         assert parents(name) == {"raw_shards"}
     assert graph.get(AssetKey("dedup_reference")).partitions_def is None
     assert parents("shard_metadata") >= {"clip_b32_scores", "nsfw_image_scores", "dedup_scores", "face_boxes", "detoxify_scores"}
+
+
+def _check_records(instance: DagsterInstance) -> dict:
+    from dagster import AssetCheckKey
+
+    found = {}
+    for name in ("row_count", "uids", "features", "scores_in_range", "failure_rate"):
+        key = AssetCheckKey(AssetKey("shard_metadata"), name)
+        records = instance.event_log_storage.get_asset_check_execution_history(key, limit=20)
+        found[name] = [(r.event.asset_check_evaluation.partition, r.event.asset_check_evaluation.passed)
+                       for r in records if r.event and r.event.asset_check_evaluation]
+    return found
+
+
+def test_checks_per_shard_and_a_failing_check_fails_the_run(shard_dir: Path, write_config) -> None:
+    defs = build_definitions(write_config(shard_dir, max_failure_rate=0.05))
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("shards", ["00000", "00001"])
+    selection = [AssetKey(a) for a in ("clip_b32_features", "clip_b32_scores", "shard_metadata")]
+    ok = materialize(list(defs.assets), instance=instance, resources=defs.resources, selection=selection, partition_key="00001")
+    assert ok.success
+    assert {name: runs[0] for name, runs in _check_records(instance).items()} == {
+        n: ("00001", True) for n in ("row_count", "uids", "features", "scores_in_range", "failure_rate")}
+    meta = _meta(instance, "shard_metadata", "00001")
+    assert -1 <= meta["oai-clip-vit-b32-score/p50"] <= 1 and "oai-clip-vit-b32-score/p95" in meta
+
+    ranged = materialize(list(defs.assets), instance=instance, resources=defs.resources, selection=selection,
+                         tags={"dagster/asset_partition_range_start": "00000", "dagster/asset_partition_range_end": "00001"},
+                         raise_on_error=False)
+    assert not ranged.success  # 1 of 9 samples of 00000 failed: above the 5% threshold
+    history = _check_records(instance)["failure_rate"]
+    assert ("00000", False) in history and ("00001", True) in history[:3]
+    assert instance.get_materialized_partitions(AssetKey("shard_metadata")) == {"00000", "00001"}

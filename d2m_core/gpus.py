@@ -1,0 +1,54 @@
+"""One GPU per run: a run takes the first free GPU by an exclusive lock file, released when it ends or dies."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from d2m_core.device import resolve_device
+
+log = logging.getLogger(__name__)
+LOCK_DIR_ENV = "D2M_GPU_LOCK_DIR"
+
+
+def gpu_count() -> int:
+    """GPUs this process can use (the Dagster pool's limit should equal it); 1 on a CPU machine."""
+    return max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else 1
+
+
+@contextmanager
+def claim_device(spec: int | str, *, lock_dir: str | None = None, poll_s: float = 1.0) -> Iterator[torch.device]:
+    """Yield the device a run should use. With several GPUs, each concurrent run gets a different one:
+    the configured index first, else the first whose lock is free (waiting while all are taken).
+    The lock is an fcntl lock, so a killed process frees its GPU."""
+    device = resolve_device(spec)
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if count <= 1:
+        yield device
+        return
+    folder = Path(lock_dir or os.environ.get(LOCK_DIR_ENV) or tempfile.gettempdir())
+    order = [(device.index or 0) + k for k in range(count)]
+    while True:
+        for index in (i % count for i in order):
+            handle = open(folder / f"d2m-gpu-{index}.lock", "w")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            try:
+                log.info("using GPU %d", index)
+                yield torch.device("cuda", index)
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+                handle.close()
+            return
+        time.sleep(poll_s)
