@@ -4,7 +4,7 @@ PIP     := .venv/bin/pip
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 export D2M_CONFIG   ?= $(CURDIR)/configs/demo.yml
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-services bench clean
 
 setup:
 	python3.11 -m venv .venv
@@ -17,8 +17,13 @@ setup:
 demo:
 	D2M_RANDOM_WEIGHTS=$${D2M_RANDOM_WEIGHTS-1} .venv/bin/d2m demo
 
-test:
+test: test-services
 	.venv/bin/pytest -q
+
+# The platform tests start a real PostgreSQL server: Debian's package, installed here if missing.
+test-services:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null)
 
 bench:
 	D2M_RANDOM_WEIGHTS=$${D2M_RANDOM_WEIGHTS-1} .venv/bin/d2m bench --yml configs/basic.yml --shards .bench/shards

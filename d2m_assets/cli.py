@@ -21,6 +21,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_make_shards(args: argparse.Namespace) -> int:
+    if args.faults:
+        from d2m_core.faults import MANIFEST, make_fault_shards
+
+        for case in make_fault_shards(args.out, seed=args.seed).values():
+            print(f"{case.path}\t{case.what}")
+        print(f"expected outcomes per sample: {Path(args.out) / MANIFEST}")
+        return 0
     from d2m_core.synth import make_shards
 
     paths = make_shards(args.out, shards=args.shards, samples=args.samples, seed=args.seed, start=args.start,
@@ -116,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--start", type=int, default=0, help="index of the first shard")
     make.add_argument("--max-side", type=int, default=512)
     make.add_argument("--jpeg-quality", type=int, default=95)
+    make.add_argument("--faults", action="store_true",
+                      help="write the corpus of faulty shards (bad images, broken tars, ...) and faults.json instead")
     make.set_defaults(func=_cmd_make_shards)
 
     demo = sub.add_parser("demo", help="make demo shards and materialize the basic assets for them")

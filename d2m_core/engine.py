@@ -19,6 +19,10 @@ from d2m_core.shards import ShardRef
 
 log = logging.getLogger(__name__)
 
+
+class DeviceOutOfMemoryError(RuntimeError):
+    """A single sample does not fit in the device's memory: the batch cannot be split any further."""
+
 RAGGED = -1  # an output_fields width: one variable-length list per sample (face boxes)
 Field = np.ndarray | list  # (N,), (N, width) float32, or a list of N per-sample lists
 
@@ -93,6 +97,31 @@ class Engine:
                 outputs[name] = {f: _to_rows(v) for f, v in zip(model.output_fields, values)}
         return outputs
 
+    def forward_fitting(self, batch: Batch) -> dict[str, dict[str, Field]]:
+        """`forward`, but a batch that runs out of device memory is split in half and each half retried
+        (recursively, in order); a single sample that still does not fit raises DeviceOutOfMemoryError."""
+        try:
+            return self.forward(batch)
+        except Exception as err:  # noqa: BLE001 - only out-of-memory errors are handled, the rest re-raised
+            if not is_out_of_memory(err):
+                raise
+            reason = " ".join(str(err).split())[:200]
+        # Outside the except block, so the failed attempt's tensors (held by the traceback) are freed first.
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        size = len(batch)
+        if size == 1:
+            raise DeviceOutOfMemoryError(
+                f"sample {batch.keys[0]} of shard {batch.shard} does not fit in {self.device} memory even alone "
+                f"(batch_size {self.batch_size}, precision {self.dtype}): {reason}")
+        half = (size + 1) // 2
+        log.warning("shard %s: batch of %d split into %d + %d after out of memory on %s (%s)",
+                    batch.shard, size, half, size - half, self.device, reason)
+        first = self.forward_fitting(_slice(batch, 0, half))
+        second = self.forward_fitting(_slice(batch, half, size))
+        return {model: {name: _join(rows, second[model][name]) for name, rows in fields.items()}
+                for model, fields in first.items()}
+
     def run(self, shards: Sequence[ShardRef], progress: Callable[[Progress], None] | None = None) -> Iterator[ShardResult]:
         """Yield one ShardResult per shard, in order; an unreadable shard yields a result with `error` set."""
         current: ShardResult | None = None
@@ -131,7 +160,7 @@ class Engine:
         result.stats.failures.extend(batch.failures)
         if len(batch) == 0:
             return
-        outputs = self.forward(batch)
+        outputs = self.forward_fitting(batch)
         for model, fields in outputs.items():
             for name, rows in fields.items():
                 if len(rows) != len(batch):
@@ -146,6 +175,32 @@ class Engine:
         for model, fields in parts.items():
             widths = self.models[model].output_fields
             result.outputs[model] = {name: _concat(chunks, widths.get(name, 0)) for name, chunks in fields.items()}
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """torch's out-of-memory error, or a RuntimeError saying so (CUDA, cuDNN, MPS and others word it so)."""
+    if isinstance(err, DeviceOutOfMemoryError):
+        return False
+    return isinstance(err, torch.cuda.OutOfMemoryError) or (isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
+
+
+def _slice(batch: Batch, start: int, stop: int) -> Batch:
+    """Samples [start, stop) of a batch (views of its tensors); counts and failures stay with the original."""
+    return Batch(
+        shard=batch.shard,
+        keys=batch.keys[start:stop],
+        uids=batch.uids[start:stop],
+        jsons=batch.jsons[start:stop],
+        texts=batch.texts[start:stop],
+        images={name: pixels[start:stop] for name, pixels in batch.images.items()},
+        aux={name: side[start:stop] for name, side in batch.aux.items()},
+    )
+
+
+def _join(first: Field, second: Field) -> Field:
+    if isinstance(first, np.ndarray):
+        return np.concatenate([first, np.asarray(second, first.dtype)])
+    return list(first) + list(second)
 
 
 def _to_rows(value: Any) -> Field:

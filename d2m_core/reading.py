@@ -103,13 +103,13 @@ def split_name(name: str) -> tuple[str | None, str]:
     return (match.group(1), match.group(2).lower()) if match else (None, "")
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _clean_text(text: str) -> str:
-    """A str that can be written as UTF-8: lone surrogates (undecodable tar names, JSON escapes) -> U+FFFD."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    """A str that can be written as UTF-8: each lone surrogate (an undecodable byte of a tar name, a JSON
+    escape such as "\\ud800") becomes U+FFFD, as invalid bytes of a caption do."""
+    return _SURROGATE.sub("\ufffd", text)
 
 
 def _clean_json(value: Any) -> Any:
@@ -152,7 +152,7 @@ def _finish(sample: RawSample) -> RawSample:
     """Parse the json and set `problem` when the sample cannot become a row."""
     has_image = sample.image is not None
     if not has_image and "json" not in sample.members:
-        names = ", ".join(n[:100] for n in sample.names[:5]) or "-"
+        names = ", ".join(repr(n[:100]) for n in sample.names[:5])
         sample.add_problem(f"not a sample: no image and no json member (stray file; members: {names})")
         return sample
     _parse_json(sample)
@@ -211,6 +211,7 @@ def iter_samples(shard: ShardRef, report: ReadReport | None = None) -> Iterator[
     except (OSError, ValueError) as err:
         raise ShardReadError(f"cannot open shard {shard.url}: {err}") from err
     current: RawSample | None = None
+    current_stray = False  # a member without KEY.EXT form is a sample of its own
     seen: set[str] = set()
     broken: str | None = None
     closed = False
@@ -226,15 +227,13 @@ def iter_samples(shard: ShardRef, report: ReadReport | None = None) -> Iterator[
                 name = _clean_text(info.name)
                 key, ext = split_name(name)
                 stray = key is None
-                if stray:
-                    key = name
-                if current is not None and (stray or key != current.key or ext in current.members
-                                            or not split_name(current.names[-1])[0]):
+                key = name if key is None else key
+                if current is not None and (stray or current_stray or key != current.key or ext in current.members):
                     yield _finish(current)
                     report.samples += 1
                     current = None
                 if current is None:
-                    current = RawSample(key=key)
+                    current, current_stray = RawSample(key=key), stray
                     if key in seen:
                         current.add_problem("duplicate key: an earlier sample in this tar has the same key")
                     seen.add(key)
@@ -259,15 +258,16 @@ def iter_samples(shard: ShardRef, report: ReadReport | None = None) -> Iterator[
             broken = f"{broken}; {closing}" if broken else closing
         if broken is not None:
             report.truncated = f"{TRUNCATED}: {broken}"
-            if current is None:
-                report.done = True
-                raise ShardReadError(f"shard {shard.url}: {report.truncated} (no sample could be read)")
-            _finish(current)
-            current.problem = f"{report.truncated}; this sample is the last one read and may be incomplete" + (
-                f" (also: {current.problem})" if current.problem else "")
         if current is not None:
-            yield current if broken is not None else _finish(current)
+            _finish(current)
+            if broken is not None:  # the sample at the cut: its remaining members may be lost
+                names = ", ".join(repr(n[:100]) for n in current.names[:5])
+                current.problem = f"{report.truncated}; this is the last sample read and may be incomplete (members: {names})"
+            yield current
             report.samples += 1
+        elif broken is not None:  # only directory entries before the break (`current` is None only then)
+            report.done = True
+            raise ShardReadError(f"shard {shard.url}: {report.truncated}; no sample could be read")
         report.done = True
     finally:
         if not closed:

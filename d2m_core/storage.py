@@ -1,61 +1,346 @@
-"""File I/O through fsspec (local paths and s3:// alike): a file is either complete or absent."""
+"""File I/O through fsspec (local paths and s3:// alike): a file is either complete or absent.
+
+Local: each file is written as `<name>.<8 hex>.tmp` in its own folder, locked while written, fsynced and
+renamed into place. A writer killed mid-write leaves only such a temporary file, which the next writer of
+that folder (in any later process) removes; a file still locked by a live writer is never touched.
+
+Object stores (s3://): each file is one PUT (never a multipart upload below 5 GiB), visible only once
+complete. Transient errors (connection refused or reset, timeouts, HTTP 5xx, throttling) are retried with
+exponential backoff within a bounded number of attempts and seconds (`RetryPolicy`, set through the
+environment), then a `StorageError` names the URL. Error messages carry URLs and server messages only,
+never credentials.
+"""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import io
 import json
+import logging
 import os
+import random
+import re
+import threading
+import time
 import uuid
-from typing import Any
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+TMP_SUFFIX = ".tmp"
+_TMP_NAME = re.compile(r"\.[0-9a-f]{8}\.tmp$")  # what write_bytes_atomic names its temporary files
+FRESH_EMPTY_TMP_S = 5.0  # an empty temporary file this young may belong to a writer that has not locked it yet
+SINGLE_PUT_LIMIT = 5 * 2**30  # S3's limit for one PUT; below it a write is never a multipart upload
+REMOTE_CONNECT_TIMEOUT_S, REMOTE_READ_TIMEOUT_S = 5.0, 60.0  # per request; retries are ours, not botocore's
+
+
+class StorageError(OSError):
+    """A file could not be written or read; the message names its path or URL (errno kept when known)."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded retries of whole-object remote I/O: at most `attempts` tries (the first included), waiting
+    `backoff_s`, then twice as long each time (capped at `max_backoff_s`, with jitter), and no new try once
+    `deadline_s` have passed since the first. Worst case: deadline_s plus one request's timeouts.
+
+    From the environment: D2M_IO_ATTEMPTS, D2M_IO_BACKOFF_S, D2M_IO_DEADLINE_S.
+    """
+
+    attempts: int = 6
+    backoff_s: float = 0.5
+    max_backoff_s: float = 8.0
+    deadline_s: float = 60.0
+
+    @classmethod
+    def from_env(cls) -> RetryPolicy:
+        default = cls()
+
+        def number(name: str, fallback: float, kind: Callable[[str], Any]) -> Any:
+            raw = os.environ.get(name, "").strip()
+            if not raw:
+                return fallback
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise ValueError(f"{name}={raw!r} is not a number") from None
+            if value < 0 or (kind is int and value < 1):
+                raise ValueError(f"{name}={raw!r} is out of range")
+            return value
+
+        return cls(attempts=number("D2M_IO_ATTEMPTS", default.attempts, int),
+                   backoff_s=number("D2M_IO_BACKOFF_S", default.backoff_s, float),
+                   max_backoff_s=default.max_backoff_s,
+                   deadline_s=number("D2M_IO_DEADLINE_S", default.deadline_s, float))
+
+    def delay(self, retry: int) -> float:
+        """Seconds to wait before retry number `retry` (1-based): exponential, capped, with +-25% jitter."""
+        base = min(self.max_backoff_s, self.backoff_s * 2 ** (retry - 1))
+        return base * random.uniform(0.75, 1.25)
+
 
 def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
 
-def write_bytes_atomic(url: str, data: bytes) -> None:
+def write_bytes_atomic(url: str, data: bytes, *, retry: RetryPolicy | None = None) -> None:
     """Write `data` to `url` so readers never see a partial file.
 
-    Local: a temporary name in the same folder, fsynced, then os.replace. Object stores: one PUT, which
-    makes the object visible only once complete.
+    Local: a locked temporary file in the same folder, fsynced, then os.replace (the old file, if any,
+    stays complete until then). Object stores: one PUT, retried on transient errors.
     """
-    fs, path = fsspec.core.url_to_fs(url)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
+    fs, path = _filesystem(url)
     if _is_local(fs):
-        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+        _write_local(url, path, data)
+        return
+    put_options = {"chunksize": SINGLE_PUT_LIMIT} if _protocol(fs) in ("s3", "s3a") else {}
+    _with_retries("write", url, lambda: fs.pipe_file(path, data, **put_options), retry)
+
+
+def read_bytes(url: str, *, retry: RetryPolicy | None = None) -> bytes:
+    fs, path = _filesystem(url)
+    if _is_local(fs):
+        with open(path, "rb") as fh:
+            return fh.read()
+    return _with_retries("read", url, lambda: fs.cat_file(path), retry)
+
+
+def exists(url: str, *, retry: RetryPolicy | None = None) -> bool:
+    fs, path = _filesystem(url)
+    if _is_local(fs):
+        return os.path.exists(path)
+    return _with_retries("check", url, lambda: fs.exists(path), retry)
+
+
+# --- local files -------------------------------------------------------------------------------------------
+
+_swept: set[str] = set()
+_swept_lock = threading.Lock()
+
+
+def _write_local(url: str, path: str, data: bytes) -> None:
+    folder = os.path.dirname(path) or "."
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        _sweep_once(folder)
+        with open(tmp, "xb") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)  # held until closed: a sweeper leaves the file alone
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
             os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    else:
-        fs.pipe_file(path, data)
+    except BaseException as err:
+        _remove_quietly(tmp)
+        if isinstance(err, OSError):
+            raise StorageError(err.errno, f"cannot write {url}: {err.strerror or err}") from err
+        raise
+    _fsync_folder(folder)
+
+
+def sweep_partial_files(folder: str) -> list[str]:
+    """Remove the temporary files that interrupted writers left in a local folder; returns their paths.
+
+    A temporary file is left alone while its writer (in this process or another) holds its lock, and while
+    it is empty and younger than FRESH_EMPTY_TMP_S (a writer locks it right after creating it).
+    """
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    for entry in entries:
+        if _TMP_NAME.search(entry.name) and entry.is_file(follow_symlinks=False) and _remove_if_abandoned(entry.path):
+            removed.append(entry.path)
+    if removed:
+        log.warning("removed %d partial file(s) left by an interrupted writer in %s: %s", len(removed), folder,
+                    ", ".join(os.path.basename(p) for p in removed))
+    return removed
+
+
+def _sweep_once(folder: str) -> None:
+    """Sweep a folder at the first write into it by this process (later writes skip the listing)."""
+    key = os.path.abspath(folder)
+    with _swept_lock:
+        if key in _swept:
+            return
+        _swept.add(key)
+    sweep_partial_files(folder)
+
+
+def _remove_if_abandoned(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)  # read-write: NFS grants exclusive locks to writers only
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False  # locked: its writer is alive
+        stat = os.fstat(fd)
+        if stat.st_size == 0 and time.time() - stat.st_mtime < FRESH_EMPTY_TMP_S:
+            return False
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make the rename durable (a power cut after it must not bring the old file back)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --- remote objects ----------------------------------------------------------------------------------------
+
+
+def _protocol(fs: fsspec.AbstractFileSystem) -> str:
+    return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
+    return _protocol(fs) in ("file", "local")
 
 
-def read_bytes(url: str) -> bytes:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.cat_file(path)
+def _filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem of `url`; for S3 one whose own retries are off (ours are bounded) and timeouts are set."""
+    protocol = fsspec.core.split_protocol(url)[0]
+    if protocol not in ("s3", "s3a"):
+        return fsspec.core.url_to_fs(url)
+    configured = dict(fsspec.config.conf.get(protocol, {}).get("config_kwargs", {}))
+    config_kwargs = {"connect_timeout": REMOTE_CONNECT_TIMEOUT_S, "read_timeout": REMOTE_READ_TIMEOUT_S,
+                     **configured, "retries": {"mode": "standard", "total_max_attempts": 1}}
+    fs, path = fsspec.core.url_to_fs(url, config_kwargs=config_kwargs)
+    fs.retries = 1  # s3fs's own retry loop (a class attribute; this instance is ours, cached by its options)
+    return fs, path
 
 
-def exists(url: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.exists(path)
+def _with_retries(action: str, url: str, call: Callable[[], T], retry: RetryPolicy | None) -> T:
+    policy = retry or RetryPolicy.from_env()
+    start = time.monotonic()
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return call()
+        except Exception as err:  # noqa: BLE001 - classified below; anything not transient is re-raised as is
+            if not is_transient(err):
+                raise
+            elapsed = time.monotonic() - start
+            wait = policy.delay(attempt)
+            if attempt >= policy.attempts or elapsed + wait > policy.deadline_s:
+                raise StorageError(errno.EIO, f"cannot {action} {url}: {describe_error(err)} "
+                                   f"({attempt} attempt(s) in {elapsed:.1f} s)") from err
+            log.warning("%s %s failed (%s); retry %d of %d in %.1f s", action, url, describe_error(err),
+                        attempt, policy.attempts - 1, wait)
+        time.sleep(wait)
+
+
+_RETRYABLE_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling",
+                    "ThrottlingException", "RequestLimitExceeded", "TooManyRequests"}
+
+
+def is_transient(err: BaseException) -> bool:
+    """True for errors a retry may cure: refused/reset/closed connections, timeouts, 5xx and throttling."""
+    seen = 0
+    current: BaseException | None = err
+    while current is not None and seen < 8:
+        if isinstance(current, StorageError):
+            return False
+        if isinstance(current, (ConnectionError, TimeoutError)) or isinstance(current, _transient_types()):
+            return True
+        response = getattr(current, "response", None)
+        if isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            code = response.get("Error", {}).get("Code", "")
+            if status >= 500 or status == 429 or code in _RETRYABLE_CODES:
+                return True
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return False
+
+
+_TRANSIENT: tuple[type[BaseException], ...] | None = None
+
+
+def _transient_types() -> tuple[type[BaseException], ...]:
+    """Transport errors of the libraries under fsspec/s3fs, when they are installed."""
+    global _TRANSIENT
+    if _TRANSIENT is None:
+        found: list[type[BaseException]] = []
+        try:
+            from fsspec.exceptions import FSTimeoutError
+
+            found.append(FSTimeoutError)
+        except ImportError:
+            pass
+        try:
+            from botocore.exceptions import ConnectionError as BotoConnectionError
+            from botocore.exceptions import HTTPClientError, IncompleteReadError, ResponseStreamingError
+
+            found += [BotoConnectionError, HTTPClientError, IncompleteReadError, ResponseStreamingError]
+        except ImportError:
+            pass
+        try:
+            import aiohttp
+
+            found += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, aiohttp.ServerTimeoutError]
+        except ImportError:
+            pass
+        from http.client import IncompleteRead
+
+        found.append(IncompleteRead)
+        _TRANSIENT = tuple(found)
+    return _TRANSIENT
+
+
+def describe_error(err: BaseException) -> str:
+    """One line naming what went wrong: the exception and, for an HTTP error, the server's status and code.
+    Only exception messages go in (never request headers), so no credentials."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    line = f"{type(err).__name__}: {text[:300]}"
+    current: BaseException | None = err
+    for _ in range(8):
+        if current is None:
+            break
+        response = getattr(current, "response", None)
+        if isinstance(response, dict) and response.get("Error"):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = response["Error"].get("Code", "")
+            return f"{line} (HTTP {status} {code})"
+        current = current.__cause__ or current.__context__
+    return line
+
+
+# --- formats ----------------------------------------------------------------------------------------------
 
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:

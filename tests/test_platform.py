@@ -1,0 +1,112 @@
+"""The platform as users run it: a real daemon and webserver, a UI backfill over 6 shards with a gpu pool
+of 2, on SQLite and on a real PostgreSQL server."""
+
+import os
+import shutil
+import time
+from itertools import combinations
+from pathlib import Path
+
+import pytest
+import yaml
+from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
+
+from conftest import BASIC, REPO, run_cli
+from d2m_core.synth import make_shards
+from services import dagster_process, free_port, graphql, postgres_server
+
+ASSETS = ["clip_b32_features", "clip_b32_scores", "shard_metadata"]
+UI_QUERY = """
+{
+  workspaceOrError { ... on Workspace { locationEntries { name loadStatus
+      locationOrLoadError { __typename ... on RepositoryLocation { repositories {
+          sensors { name } schedules { name } } } ... on PythonError { message } } } } }
+  assetNodes { assetKey { path } isPartitioned partitionKeys assetChecksOrError { ... on AssetChecks { checks { name } } } }
+}
+"""
+LAUNCH = """
+mutation($params: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $params) {
+  __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message stack } } }
+"""
+STATUS = "query($id: String!) { partitionBackfillOrError(backfillId: $id) { ... on PartitionBackfill { status } } }"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def instance_env(request, tmp_path: Path):
+    home = tmp_path / "home"
+    home.mkdir()
+    if request.param == "sqlite":
+        shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+        yield {"DAGSTER_HOME": str(home)}
+        return
+    shutil.copy(REPO / "deploy" / "dagster-postgres.yaml", home / "dagster.yaml")
+    with postgres_server() as pg:
+        yield {"DAGSTER_HOME": str(home)} | pg
+
+
+def _step_windows(instance: DagsterInstance, run_ids: list[str]) -> list[tuple[float, float]]:
+    windows = []
+    for run_id in run_ids:
+        events = {e.dagster_event.event_type: e.timestamp for e in instance.all_logs(run_id)
+                  if e.dagster_event and e.dagster_event.step_key == "shard_features"
+                  and e.dagster_event.event_type in (DagsterEventType.STEP_START, DagsterEventType.STEP_SUCCESS)}
+        windows.append((events[DagsterEventType.STEP_START], events[DagsterEventType.STEP_SUCCESS]))
+    return windows
+
+
+def _max_overlap(windows: list[tuple[float, float]]) -> int:
+    points = sorted([(s, 1) for s, _ in windows] + [(e, -1) for _, e in windows], key=lambda p: (p[0], p[1]))
+    running = peak = 0
+    for _, delta in points:
+        running += delta
+        peak = max(peak, running)
+    return peak
+
+
+def test_ui_backfill_of_6_shards_with_a_gpu_pool_of_2(instance_env: dict, tmp_path: Path, monkeypatch) -> None:
+    make_shards(tmp_path / "shards", shards=6, samples=4, max_side=128)
+    config = tmp_path / "config.yml"
+    config.write_text(yaml.safe_dump(BASIC | {"input_tars": str(tmp_path / "shards" / "*.tar"),
+                                              "output_metadata_dir": str(tmp_path / "metadata"), "tars_per_wds": 1}))
+    env = instance_env | {"D2M_CONFIG": str(config), "D2M_AUTOMATION": "off", "D2M_RANDOM_WEIGHTS": "1"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    stems = [f"{i:05d}" for i in range(6)]
+    instance = DagsterInstance.get()
+    instance.add_dynamic_partitions("shards", stems)
+    pool = run_cli(["dagster", "instance", "concurrency", "set", "gpu", "2"], env, tmp_path)
+    assert pool.returncode == 0, pool.stderr[-2000:]
+
+    port = free_port()
+    with dagster_process(["dagster-daemon", "run", "-w", "workspace.yaml"], env, tmp_path / "daemon.log"), \
+         dagster_process(["dagster-webserver", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)], env,
+                         tmp_path / "webserver.log"):
+        ui = graphql(port, UI_QUERY)
+        (location,) = ui["workspaceOrError"]["locationEntries"]
+        assert location["loadStatus"] == "LOADED", location
+        repo = location["locationOrLoadError"]["repositories"][0]
+        assert {"new_shards_sensor", "shard_automation"} <= {s["name"] for s in repo["sensors"]}
+        assert [s["name"] for s in repo["schedules"]] == ["discover_shards_schedule"]
+        nodes = {"/".join(n["assetKey"]["path"]): n for n in ui["assetNodes"]}
+        assert {"raw_shards", "clip_b32_features", "clip_l14_features", "dedup_scores", "shard_metadata"} <= set(nodes)
+        assert nodes["clip_b32_features"]["isPartitioned"] and nodes["clip_b32_features"]["partitionKeys"] == stems
+        assert {c["name"] for c in nodes["shard_metadata"]["assetChecksOrError"]["checks"]} == {
+            "row_count", "uids", "features", "scores_in_range", "failure_rate"}
+
+        params = {"partitionNames": stems, "assetSelection": [{"path": [a]} for a in ASSETS], "fromFailure": False}
+        launched = graphql(port, LAUNCH, {"params": params})["launchPartitionBackfill"]
+        assert launched["__typename"] == "LaunchBackfillSuccess", launched
+        deadline = time.time() + 480
+        while graphql(port, STATUS, {"id": launched["backfillId"]})["partitionBackfillOrError"]["status"] not in (
+                "COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"):
+            assert time.time() < deadline, (tmp_path / "daemon.log").read_text()[-3000:]
+            time.sleep(2)
+
+    runs = instance.get_runs(RunsFilter(tags={"dagster/backfill": launched["backfillId"]}))
+    assert len(runs) == 6 and {r.status for r in runs} == {DagsterRunStatus.SUCCESS}
+    shard_of = lambda r: r.tags.get("dagster/partition") or r.tags["dagster/asset_partition_range_start"]  # noqa: E731
+    assert sorted(shard_of(r) for r in runs) == stems  # tars_per_wds: 1 -> one shard per run
+    windows = _step_windows(instance, [r.run_id for r in runs])
+    assert _max_overlap(windows) <= 2
+    for stem in stems:
+        assert (tmp_path / "metadata" / f"{stem}.parquet").is_file()
