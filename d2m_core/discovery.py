@@ -56,6 +56,7 @@ def list_local_after(prefix: str, after: str | None) -> list[str]:
 
 def list_fsspec_after(prefix: str, after: str | None) -> list[str]:
     fs, path = fsspec.core.url_to_fs(prefix)
+    fs.invalidate_cache(path)
     scheme = prefix.split("://", 1)[0] + "://" if "://" in prefix else ""
     names = sorted(scheme + p for p in fs.ls(path, detail=False))
     return [n for n in names if after is None or n > after]
@@ -104,4 +105,5 @@ def _exists(url: str) -> bool:
     if "://" not in url:
         return os.path.exists(url)
     fs, path = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache(path.rsplit("/", 1)[0])  # a cached listing would hide a stats file written since
     return fs.exists(path)

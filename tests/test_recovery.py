@@ -195,7 +195,7 @@ def test_disk_full_fails_the_shard_naming_the_file_and_keeps_earlier_outputs(
     full = run_config_file(both, echo=lambda _: None)
     assert not full.ok
     (failure,) = [e for e in instance.all_logs(full.failed_runs[0], of_type=DagsterEventType.STEP_FAILURE)]
-    error = failure.dagster_event.step_failure_data.error.message
+    error = failure.dagster_event.step_failure_data.error.to_string()
     assert f"cannot write {out}/.d2m/clip_b32_features/00001.npz: No space left on device" in error
     assert {name: (p.read_bytes(), p.stat().st_mtime_ns) for name, p in _files(out).items()} == before
     assert instance.get_materialized_partitions(FEATURES) == {"00000"}
@@ -257,7 +257,7 @@ def test_s3_credentials_never_appear_in_logs_errors_metadata_or_outputs(
     captured = capfd.readouterr()
     instance = DagsterInstance.get()
     (failure,) = instance.all_logs(failed.failed_runs[0], of_type=DagsterEventType.STEP_FAILURE)
-    assert "cannot write s3://meta/out/.d2m/clip_b32_features/00001.npz" in failure.dagster_event.step_failure_data.error.message
+    assert "cannot write s3://meta/out/.d2m/clip_b32_features/00001.npz" in failure.dagster_event.step_failure_data.error.to_string()
 
     traces = {"stdout": done.stdout, "stderr": done.stderr, "failed run output": captured.out + captured.err,
               "S3 objects": objects.decode("latin-1")}

@@ -146,9 +146,7 @@ def test_tar_with_mutated_headers(no_writes: Path, valid_tar: bytes, data: st.Da
         st.tuples(st.just("flip"), spots, st.integers(1, 255)),
         st.tuples(st.just("truncate"), spots, st.just(0)),
         st.tuples(st.just("zero-block"), spots, st.just(0))), min_size=1, max_size=3))
-    samples, report = _read(_mutate(valid_tar, mutations))
-    if report is not None and report.truncated is None:
-        assert report.samples == len(samples)
+    _read(_mutate(valid_tar, mutations))
 
 
 _names = st.one_of(
