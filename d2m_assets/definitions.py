@@ -9,10 +9,8 @@ from pathlib import Path
 from dagster import BackfillPolicy, Definitions
 from dagster_aws.s3 import S3Resource
 
-from d2m_assets.assets.features import RAW_SHARDS, build_feature_assets
-from d2m_assets.assets.metadata import build_metadata_asset
 from d2m_assets.assets.reference import dedup_reference
-from d2m_assets.assets.scores import build_score_assets
+from d2m_assets.assets.shards import RAW_SHARDS, build_shard_assets
 from d2m_assets.automation import build_automation_sensor
 from d2m_assets.resources import D2MConfigResource
 from d2m_assets.schedules import discover_shards_job, discover_shards_schedule
@@ -36,8 +34,7 @@ def build_definitions(path: str | Path) -> Definitions:
     policy = BackfillPolicy.multi_run(max_partitions_per_run=config.tars_per_wds or DEFAULT_TARS_PER_RUN)
     with warnings.catch_warnings():  # backfill_policy on @asset is marked beta in 1.13; we rely on it knowingly
         warnings.filterwarnings("ignore", message=".*backfill_policy.*is currently in beta")
-        assets = [RAW_SHARDS, dedup_reference, build_feature_assets(policy), *build_score_assets(policy),
-                  build_metadata_asset(policy)]
+        assets = [RAW_SHARDS, dedup_reference, build_shard_assets(policy)]
     return Definitions(
         assets=assets,
         sensors=[new_shards_sensor, build_automation_sensor()],

@@ -2,7 +2,7 @@
 
 from d2m_core.config import ConfigError, D2MConfig, load_config, parse_config
 from d2m_core.models import create_model, list_models
-from d2m_core.pipeline import ShardOutcome, compute_features, compute_scores, write_metadata
+from d2m_core.pipeline import ShardOutcome, process_shards
 from d2m_core.shards import ShardRef, expand_shards
 
 __all__ = [
@@ -10,12 +10,10 @@ __all__ = [
     "D2MConfig",
     "ShardOutcome",
     "ShardRef",
-    "compute_features",
-    "compute_scores",
     "create_model",
     "expand_shards",
     "list_models",
     "load_config",
     "parse_config",
-    "write_metadata",
+    "process_shards",
 ]

@@ -21,6 +21,7 @@ import warnings
 import zlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -190,7 +191,8 @@ def _write_tar(path: Path, members: list[_Member], *, fmt: int = tarfile.PAX_FOR
     with tarfile.open(path, "w", format=fmt, encoding=encoding) as tar:
         for m in members:
             info = tarfile.TarInfo(m.name)
-            info.type, info.linkname, info.mtime, info.mode = m.type, m.linkname, TAR_MTIME, 0o755 if m.type == tarfile.DIRTYPE else 0o644
+            info.type, info.linkname, info.mtime = m.type, m.linkname, TAR_MTIME
+            info.mode = 0o755 if m.type == tarfile.DIRTYPE else 0o644
             info.size = len(m.data) if m.type == tarfile.REGTYPE else 0
             tar.addfile(info, io.BytesIO(m.data) if info.size else None)
 
@@ -350,23 +352,49 @@ def _layout(s: _Shard) -> str:
             "odd member names processed, their names only used as keys")
 
 
-def _complete(s: _Shard, n: int = 6) -> None:
-    for _ in range(n):
-        s.sample("a normal sample")
+# A complete 6-sample tar, then damaged: (case, what, the member damaged (sample, ext), the damage, the sample at
+# the cut and whether its json was read). Samples before the one at the cut are processed, later ones are gone.
+_DAMAGED: tuple[tuple[str, str, tuple[int, str], str, int, bool], ...] = (
+    ("truncated-mid-member", "cut inside sample 3's image: samples 0-2 processed, sample 3 failed",
+     (3, "jpg"), "cut-in-data", 3, False),
+    ("truncated-between-members", "cut after sample 3's image member: samples 0-2 processed, sample 3 failed",
+     (3, "json"), "cut-before", 3, False),
+    ("truncated-between-samples", "cut exactly between samples 2 and 3: samples 0-1 processed; sample 2 failed, "
+     "since the reader cannot tell whether its members were all there", (3, "jpg"), "cut-before", 2, True),
+    ("truncated-first-member", "cut inside the first member: its sample failed, the shard holds 1 sample",
+     (0, "jpg"), "cut-in-data", 0, False),
+    ("corrupt-header", "sample 3's json header has a bad checksum: samples 0-2 processed, sample 3 failed, "
+     "the rest unreadable", (3, "json"), "bad-checksum", 3, False),
+    ("zeroed-header", "sample 3's json header is zeroed (reads as the end of the tar): samples 0-2 processed, "
+     "sample 3 failed", (3, "json"), "zero-header", 3, False),
+)
 
 
-def _offsets(path: Path) -> list[tarfile.TarInfo]:
-    with tarfile.open(path) as tar:
-        return tar.getmembers()
+def _normal_samples(what: str) -> Callable[[_Shard], str]:
+    def build(s: _Shard) -> str:
+        for _ in range(6):
+            s.sample("a normal sample")
+        return what
+
+    return build
 
 
-def _truncate(path: Path, s: _Shard, cut: int, at_cut: int, what: str, json_read: bool) -> None:
-    """Cut the tar at byte `cut`: samples before `at_cut` stay processed, `at_cut` fails, later ones vanish."""
-    path.write_bytes(path.read_bytes()[:cut])
-    kept = s.expected[: at_cut + 1]
-    kept[at_cut] = replace(kept[at_cut], what=what, processed=False, reason=TRUNCATED,
-                           uid=kept[at_cut].uid if json_read else None)
-    s.expected[:] = kept
+def _only_directories(s: _Shard) -> str:
+    s.members += [_Member("./", type=tarfile.DIRTYPE), _Member("images/", type=tarfile.DIRTYPE)]
+    return "only directory entries: 0 samples"
+
+
+def _damage(path: Path, member: tarfile.TarInfo, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "cut-in-data":
+        del data[member.offset_data + min(100, member.size // 2):]
+    elif how == "cut-before":
+        del data[member.offset:]
+    elif how == "bad-checksum":
+        data[member.offset + 148:member.offset + 156] = b"0000000\x00"
+    elif how == "zero-header":
+        data[member.offset:member.offset + 512] = bytes(512)
+    path.write_bytes(bytes(data))
 
 
 def make_fault_shards(out_dir: str | Path, *, seed: int = 0) -> dict[str, FaultCase]:
@@ -375,24 +403,12 @@ def make_fault_shards(out_dir: str | Path, *, seed: int = 0) -> dict[str, FaultC
     out.mkdir(parents=True, exist_ok=True)
     cases: dict[str, FaultCase] = {}
 
-    def add(name: str, build: Any, **tar_options: Any) -> tuple[Path, _Shard]:
+    def add(name: str, build: Callable[[_Shard], str], **tar_options: Any) -> _Shard:
         shard = _Shard(index=len(cases) + 1, seed=seed)
         what = build(shard)
-        path = out / f"{name}.tar"
-        _write_tar(path, shard.members, **tar_options)
-        cases[name] = FaultCase(name, path, what, tuple(shard.expected))
-        return path, shard
-
-    def cut(name: str, what: str, where: Any) -> None:
-        def build(s: _Shard) -> str:
-            _complete(s)
-            return what
-
-        path, shard = add(name, build)
-        members = {m.name: m for m in _offsets(path)}
-        byte, at = where(members, shard)
-        _truncate(path, shard, byte, at, what, json_read=at == 2)
-        cases[name] = FaultCase(name, path, what, tuple(shard.expected))
+        _write_tar(out / f"{name}.tar", shard.members, **tar_options)
+        cases[name] = FaultCase(name, out / f"{name}.tar", what, tuple(shard.expected))
+        return shard
 
     add("undecodable", _undecodable)
     add("odd-images", _odd_images)
@@ -401,37 +417,18 @@ def make_fault_shards(out_dir: str | Path, *, seed: int = 0) -> dict[str, FaultC
     add("metadata", _metadata)
     add("captions", _captions)
     add("layout", _layout, fmt=tarfile.GNU_FORMAT, encoding="latin-1")
-    cut("truncated-mid-member", "cut inside sample 3's image: samples 0-2 processed, sample 3 failed",
-        lambda m, s: (m[f"{s.key(3)}.jpg"].offset_data + 100, 3))
-    cut("truncated-between-members", "cut after sample 3's image member: samples 0-2 processed, sample 3 failed",
-        lambda m, s: (m[f"{s.key(3)}.json"].offset, 3))
-    cut("truncated-between-samples", "cut exactly between samples 2 and 3: samples 0-1 processed; sample 2 "
-        "failed, since the reader cannot tell whether its members were all there", lambda m, s: (m[f"{s.key(3)}.jpg"].offset, 2))
-    cut("truncated-first-member", "cut inside the first member: its sample failed, the shard holds 1 sample",
-        lambda m, s: (m[f"{s.key(0)}.jpg"].offset_data + 10, 0))
-
-    def corrupt(name: str, what: str, damage: Any) -> None:
-        def build(s: _Shard) -> str:
-            _complete(s)
-            return what
-
-        path, shard = add(name, build)
-        header = {m.name: m for m in _offsets(path)}[f"{shard.key(3)}.json"].offset
-        data = bytearray(path.read_bytes())
-        damage(data, header)
-        path.write_bytes(bytes(data))
-        kept = shard.expected[:4]
-        kept[3] = replace(kept[3], what=what, processed=False, reason=TRUNCATED, uid=None)
-        cases[name] = FaultCase(name, path, what, tuple(kept))
-
-    corrupt("corrupt-header", "sample 3's json header has a bad checksum: samples 0-2 processed, sample 3 failed, "
-            "the rest unreadable", lambda d, at: d.__setitem__(slice(at + 148, at + 156), b"0000000\x00"))
-    corrupt("zeroed-header", "sample 3's json header is zeroed (reads as the end of the tar): samples 0-2 "
-            "processed, sample 3 failed", lambda d, at: d.__setitem__(slice(at, at + 512), bytes(512)))
+    for name, what, (index, ext), how, at_cut, json_read in _DAMAGED:
+        shard = add(name, _normal_samples(what))
+        path = cases[name].path
+        with tarfile.open(path) as tar:
+            member = tar.getmember(f"{shard.key(index)}.{ext}")
+        _damage(path, member, how)
+        kept = shard.expected[: at_cut + 1]
+        kept[at_cut] = replace(kept[at_cut], what=what, processed=False, reason=TRUNCATED,
+                               uid=kept[at_cut].uid if json_read else None)
+        cases[name] = replace(cases[name], samples=tuple(kept))
     add("empty", lambda s: "a valid tar with no members (img2dataset writes these when every download failed): 0 samples")
-    add("only-directories", lambda s: (s.members.extend([_Member("./", type=tarfile.DIRTYPE),
-                                                         _Member("images/", type=tarfile.DIRTYPE)]),
-                                       "only directory entries: 0 samples")[1])
+    add("only-directories", _only_directories)
 
     def unreadable(name: str, data: bytes, error: str, what: str) -> None:
         path = out / f"{name}.tar"

@@ -29,6 +29,7 @@ from d2m_core.models.isc import DEDUP_REFERENCE_FILES, dedup_scores, load_refere
 from d2m_core.scores import ClipScorer, FunctionScorer, Scorer
 from d2m_core.shards import ShardRef
 from d2m_core.weights import resolve_weights, weights_dir
+from d2m_core.validation import CheckOutcome, check_shard, score_quantiles
 from d2m_core.writers import write_datacomp_files
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class ShardOutcome:
     weights: list[WeightsRecord] = field(default_factory=list)
     samples_per_s: float = 0.0
     error: str | None = None
+    checks: list[CheckOutcome] = field(default_factory=list)  # when shard_metadata was written
+    quantiles: dict[str, float] = field(default_factory=dict)
 
     @property
     def weights_kind(self) -> str:
@@ -115,24 +118,56 @@ def _write_pass(config: D2MConfig, result: ShardResult, feature_assets: Sequence
     return outcome
 
 
-def compute_features(
+def process_shards(
     config: D2MConfig,
     shards: Sequence[ShardRef],
-    feature_assets: Sequence[str],
+    assets: Sequence[str],
     progress: Callable[[Progress], None] | None = None,
     device: torch.device | None = None,
 ) -> Iterator[ShardOutcome]:
-    """One pass per shard for all selected feature assets; models load once; files are written in the
-    background while the next shard is computed. Yields outcomes in shard order."""
-    engine, weights = build_engine(config, feature_assets, device)
-    pending: deque[Future[ShardOutcome]] = deque()
+    """Everything `assets` asks for, shard by shard, in shard order: one pass over each tar for the feature
+    assets (models loaded once), then scores from the stored features, then DataComp's files and their checks.
+
+    Each shard's files are written in a background thread while the next shard is computed. A shard that
+    fails (unreadable tar, full disk, ...) is reported with its error; the other shards go on.
+    """
+    features = [a for a in catalog.FEATURE_ASSETS if a in assets]
+    scorers = {a: build_scorer(config, a) for a in catalog.SCORE_ASSETS if a in assets}
+    metadata = catalog.METADATA_ASSET in assets
+
+    def finish(outcome: ShardOutcome) -> ShardOutcome:
+        if outcome.error is not None:
+            return outcome
+        try:
+            for asset, scorer in scorers.items():
+                outcome.paths[asset] = score_shard(config, outcome.stem, asset, scorer)
+                outcome.weights += scorer.weights
+            if metadata:
+                outcome.paths |= write_shard_metadata(config, outcome.stem)
+                outcome.checks = check_shard(config, outcome.stem)
+                outcome.quantiles = score_quantiles(config, outcome.stem)
+        except Exception as err:  # this shard fails with its reason; the others go on
+            log.exception("shard %s failed", outcome.stem)
+            outcome.error = f"{type(err).__name__}: {err}"
+        return outcome
+
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="d2m-writer") as writer:
+        if not features:
+            yield from writer.map(lambda ref: finish(ShardOutcome(stem=ref.stem, stats=_stored_stats(config, ref.stem))), shards)
+            return
+        engine, weights = build_engine(config, features, device)
+        pending: deque[Future[ShardOutcome]] = deque()
         for result in engine.run(shards, progress):
-            pending.append(writer.submit(_write_pass, config, result, list(feature_assets), weights))
+            pending.append(writer.submit(lambda r: finish(_write_pass(config, r, features, weights)), result))
             while pending and pending[0].done():
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def _stored_stats(config: D2MConfig, stem: str) -> ShardStats | None:
+    url = artifact_url(config, catalog.SAMPLES, stem, "json")
+    return ShardStats.from_dict(storage.read_json(url)) if storage.exists(url) else None
 
 
 def shard_stats(config: D2MConfig, stem: str) -> ShardStats:
@@ -180,21 +215,14 @@ def build_scorer(config: D2MConfig, score_asset: str) -> Scorer:
     raise KeyError(f"no scorer for {score_asset!r}")
 
 
-def compute_scores(config: D2MConfig, stems: Sequence[str], score_asset: str) -> Iterator[ShardOutcome]:
-    """Scores from stored features (never from the tar): one file per shard."""
+def score_shard(config: D2MConfig, stem: str, score_asset: str, scorer: Scorer) -> str:
+    """One shard's scores from its stored features (never from the tar); returns the file written."""
     parents = [p for p in catalog.SCORE_ASSETS[score_asset].parents if p in catalog.FEATURE_ASSETS]
-    scorer = build_scorer(config, score_asset)
-    for stem in stems:
-        start = time.perf_counter()
-        features = {p: storage.read_npz(artifact_url(config, p, stem, "npz")) for p in parents}
-        scores = scorer(features)
-        url = artifact_url(config, score_asset, stem, "npz")
-        storage.write_npz(url, scores)
-        storage.write_json(artifact_url(config, score_asset, stem, "json"), {"weights": [w.as_dict() for w in scorer.weights]})
-        rows = len(next(iter(scores.values())))
-        elapsed = time.perf_counter() - start
-        yield ShardOutcome(stem=stem, paths={score_asset: url}, samples_per_s=rows / max(elapsed, 1e-9),
-                           stats=ShardStats(shard=stem, samples_read=rows, samples_written=rows), weights=scorer.weights)
+    features = {p: storage.read_npz(artifact_url(config, p, stem, "npz")) for p in parents}
+    url = artifact_url(config, score_asset, stem, "npz")
+    storage.write_npz(url, scorer(features))
+    storage.write_json(artifact_url(config, score_asset, stem, "json"), {"weights": [w.as_dict() for w in scorer.weights]})
+    return url
 
 
 def model_outputs(config: D2MConfig, model: str, stem: str) -> Any:
@@ -210,22 +238,18 @@ def _as_tensor(value: np.ndarray | list) -> Any:
     return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
 
 
-def write_metadata(config: D2MConfig, stems: Sequence[str]) -> Iterator[ShardOutcome]:
-    """The DataComp files of each shard, from the stored samples, features and scores."""
-    for stem in stems:
-        stats_record = storage.read_json(artifact_url(config, catalog.SAMPLES, stem, "json"))
-        for asset in selected_assets(config):
-            if asset in catalog.SCORE_ASSETS:
-                stats_record["weights"] += storage.read_json(artifact_url(config, asset, stem, "json"))["weights"]
-        samples = storage.read_parquet(artifact_url(config, catalog.SAMPLES, stem, "parquet"))
+def write_shard_metadata(config: D2MConfig, stem: str) -> dict[str, str]:
+    """The DataComp files of one shard, from the stored samples, features and scores."""
+    stats_record = storage.read_json(artifact_url(config, catalog.SAMPLES, stem, "json"))
+    for asset in selected_assets(config):
+        if asset in catalog.SCORE_ASSETS:
+            stats_record["weights"] += storage.read_json(artifact_url(config, asset, stem, "json"))["weights"]
+    samples = storage.read_parquet(artifact_url(config, catalog.SAMPLES, stem, "parquet"))
 
-        def load(asset: str, field_name: str) -> np.ndarray | list:
-            return storage.unpack_field(storage.read_npz(artifact_url(config, asset, stem, "npz")), field_name)
+    def load(asset: str, field_name: str) -> np.ndarray | list:
+        return storage.unpack_field(storage.read_npz(artifact_url(config, asset, stem, "npz")), field_name)
 
-        def outputs() -> dict[str, Any]:
-            return {m: model_outputs(config, m, stem) for m in config.models if catalog.MODEL_ASSETS.get(m) in catalog.FEATURE_ASSETS}
+    def outputs() -> dict[str, Any]:
+        return {m: model_outputs(config, m, stem) for m in config.models if catalog.MODEL_ASSETS.get(m) in catalog.FEATURE_ASSETS}
 
-        paths = write_datacomp_files(config, stem, samples, stats_record, load, outputs)
-        stats = ShardStats.from_dict(stats_record)
-        weights = [WeightsRecord(**w) for w in stats_record.get("weights", [])]
-        yield ShardOutcome(stem=stem, stats=stats, paths=paths, weights=weights)
+    return write_datacomp_files(config, stem, samples, stats_record, load, outputs)

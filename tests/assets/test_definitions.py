@@ -127,3 +127,22 @@ def test_checks_per_shard_and_a_failing_check_fails_the_run(shard_dir: Path, wri
     history = _check_records(instance)["failure_rate"]
     assert ("00000", False) in history and ("00001", True) in history[:3]
     assert instance.get_materialized_partitions(AssetKey("shard_metadata")) == {"00000", "00001"}
+
+
+def test_a_bad_shard_does_not_fail_the_others_of_its_run(shard_dir: Path, write_config, tmp_path: Path) -> None:
+    broken = tmp_path / "tars"
+    broken.mkdir()
+    (broken / "00002.tar").write_bytes(b"not a tar" * 100)
+    tars = [str(shard_dir / "00000.tar"), str(broken / "00002.tar"), str(shard_dir / "00001.tar")]
+    defs = build_definitions(write_config(shard_dir, input_tars=tars))
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("shards", ["00000", "00002", "00001"])
+    selection = [AssetKey(a) for a in ("clip_b32_features", "clip_b32_scores", "shard_metadata")]
+    result = materialize(list(defs.assets), instance=instance, resources=defs.resources, selection=selection, raise_on_error=False,
+                         tags={"dagster/asset_partition_range_start": "00000", "dagster/asset_partition_range_end": "00001"})
+    assert not result.success
+    failure = result.get_step_failure_events()[0].event_specific_data
+    assert "1 of 3 shard(s) failed: 00002" in failure.user_failure_data.description
+    for asset in ("clip_b32_features", "shard_metadata"):
+        assert instance.get_materialized_partitions(AssetKey(asset)) == {"00000", "00001"}
+    assert (tmp_path / "metadata" / "00001.parquet").is_file() and not (tmp_path / "metadata" / "00002.parquet").exists()

@@ -192,6 +192,7 @@ def test_adversarial_member_names_and_types_are_only_records(no_writes: Path, me
     assert sum((s.problem or "").count("not a regular file") for s in samples) == links
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # PIL on corrupt EXIF / TIFF tags
 @FUZZ
 @given(data=st.binary(max_size=4096))
 def test_random_bytes_as_an_image(no_writes: Path, data: bytes) -> None:
@@ -202,6 +203,7 @@ def test_random_bytes_as_an_image(no_writes: Path, data: bytes) -> None:
     assert image.mode == "RGB" and image.width * image.height > 0
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # PIL on corrupt EXIF / TIFF tags
 @FUZZ
 @given(index=st.integers(0, 5), mutations=st.lists(_mutation, min_size=1, max_size=3))
 def test_mutated_image(no_writes: Path, valid_images: list[bytes], index: int, mutations: list[tuple]) -> None:
