@@ -28,6 +28,7 @@ class RunSummary:
     skipped: list[str] = field(default_factory=list)
     processed: list[str] = field(default_factory=list)
     failed_runs: list[str] = field(default_factory=list)
+    failed_shards: list[str] = field(default_factory=list)
     run_ids: list[str] = field(default_factory=list)
 
     @property
@@ -116,14 +117,19 @@ def run_config_file(yml: str | Path, *, echo: Callable[[str], None] = print) -> 
                              partition_key=chunk[0] if len(chunk) == 1 else None, tags=tags,
                              run_config=LOG_CONFIG, raise_on_error=False)
         summary.run_ids.append(result.run_id)
-        if result.success:
-            summary.processed.extend(chunk)
-        else:
+        last = AssetKey(asset_names[-1])  # each shard is materialized on its own, as soon as it is written
+        done = {e.materialization.partition for e in result.get_asset_materialization_events()
+                if e.materialization.asset_key == last}
+        summary.processed.extend(s for s in chunk if s in done)
+        status = ""
+        if not result.success:
             summary.failed_runs.append(result.run_id)
+            bad = [s for s in chunk if s not in done]
+            summary.failed_shards.extend(bad)
+            status = f" (failed shards: {', '.join(bad)})" if bad else " (a blocking check failed: see the Checks tab)"
         elapsed = time.perf_counter() - started
         samples = sum(shard_stats(config, s).samples_written for s in summary.processed)
-        echo(f"[run {i}/{len(chunks)}] shards done {len(summary.processed)}/{len(todo)}"
-             f"{' (FAILED: ' + ', '.join(chunk) + ')' if not result.success else ''}; "
+        echo(f"[run {i}/{len(chunks)}] shards done {len(summary.processed)}/{len(todo)}{status}; "
              f"{samples} samples, {samples / max(elapsed, 1e-9):.1f} samples/s overall")
     return summary
 

@@ -71,3 +71,10 @@ def test_tokens_are_77_and_truncated_with_eot_last() -> None:
     assert tokens[1, -1].item() == eot and (tokens[0] == eot).sum() == 1
     assert tokens[0, 0].item() == tokens[1, 0].item()  # start-of-text
     assert IdentityText()(["a", "b"]) == ["a", "b"]
+
+
+def test_extreme_aspect_ratios_are_refused_before_resizing() -> None:
+    with pytest.raises(ValueError, match="aspect ratio 1x3000"):
+        ClipImageTransform().prepare(Image.new("RGB", (1, 3000)))
+    pixels, _ = ClipImageTransform().prepare(Image.new("RGB", (2, 400)))
+    assert pixels.shape == (3, 224, 224)
