@@ -160,10 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     from d2m_core.models import UnknownModelError
     from d2m_core.plugins import PluginError
     from d2m_core.shards import ShardListError
+    from d2m_core.storage import StorageError
     from d2m_core.weights import WeightsError
 
     user_errors = (ConfigError, ShardListError, WeightsError, UnknownOutputError, UnknownModelError,
-                   PluginError, PartitionNotInInputError)
+                   PluginError, PartitionNotInInputError, StorageError)
     try:
         return args.func(args)
     except user_errors as err:  # each names the field, file or shard at fault

@@ -1,9 +1,10 @@
 """Runs left unfinished by a process that died (kill -9, OOM killer, power cut): found and marked failed.
 
 A run executed in-process (`d2m run`, `materialize`) writes its own status; if its process is killed the
-run stays STARTED for ever, and its partitions show as in progress. `mark_abandoned_runs` reports such
-runs failed (as Dagster's run monitoring does for launched runs), so the UI shows their partitions failed
-and the next `d2m run` processes them again.
+run stays STARTED for ever, its partitions show as in progress, and the pool slot its step claimed (the
+`gpu` pool) stays taken, so every later run waits for it for ever. `mark_abandoned_runs` reports such runs
+failed (as Dagster's run monitoring does for launched runs) and frees their slots, so the UI shows their
+partitions failed and the next `d2m run` processes them again. Without a daemon nothing else does either.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFil
 
 PID_TAG, HOST_TAG = "d2m/pid", "d2m/host"
 UNFINISHED = (DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED)
+FINISHED = (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED)
 START_SLACK_S = 1.0  # clock ticks and timestamps are coarse: a process this close to the run's start may own it
 
 
@@ -24,20 +26,26 @@ def owner_tags() -> dict[str, str]:
     return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
 
 
-def mark_abandoned_runs(instance: DagsterInstance, host: str | None = None) -> list[str]:
-    """Report FAILURE for every unfinished run whose process is gone; returns their run ids.
+def mark_abandoned_runs(instance: DagsterInstance, host: str | None = None, *,
+                        untagged_are_local: bool | None = None) -> list[str]:
+    """Report FAILURE for every unfinished run whose process is gone and free the pool slots it held, and
+    those of any finished run still holding one; returns the run ids marked failed.
 
     A run's process is its `d2m/pid` tag (with `d2m/host`), else the pid Dagster's executor records when
     the run starts executing ("Executing steps in process (pid: N)"). It is gone when no process has that
     pid, or the one that has it started after the run did (the pid was reused). Runs of another host, and
-    runs whose process is unknown (queued, or still being launched), are left to their owner.
+    runs whose process is unknown (queued, or still being launched), are left to their owner. A run with no
+    `d2m/host` tag is judged only where it must have run on this machine (`untagged_are_local`; by default
+    when the instance keeps its runs in SQLite files, never with a shared database such as PostgreSQL).
     """
     host = host or socket.gethostname()
+    if untagged_are_local is None:
+        untagged_are_local = _runs_stored_locally(instance)
     marked: list[str] = []
     for record in instance.get_run_records(filters=RunsFilter(statuses=list(UNFINISHED))):
         run = record.dagster_run
         run_host = run.tags.get(HOST_TAG)
-        if run_host is not None and run_host != host:
+        if run_host != host and (run_host is not None or not untagged_are_local):
             continue
         pid = _run_pid(instance, run.run_id, run.tags)
         if pid is None:
@@ -48,7 +56,35 @@ def mark_abandoned_runs(instance: DagsterInstance, host: str | None = None) -> l
         where = f" on {run_host}" if run_host else ""
         instance.report_run_failed(run, _message(pid, where), *_unexpected_termination())
         marked.append(run.run_id)
+    free_slots_of_finished_runs(instance)
     return marked
+
+
+def free_slots_of_finished_runs(instance: DagsterInstance) -> list[str]:
+    """Free the pool slots (and queued step claims) still held by runs that have finished; returns those runs.
+
+    A run frees its slots as its steps end; one killed mid-step never does. Dagster's daemon frees them only
+    when `run_monitoring.free_slots_after_run_end_seconds` is set, and `d2m run` runs no daemon.
+    """
+    storage = instance.event_log_storage
+    if not storage.supports_global_concurrency_limits:
+        return []
+    holders = storage.get_concurrency_run_ids()
+    if not holders:
+        return []
+    finished = [r.run_id for r in instance.get_runs(filters=RunsFilter(run_ids=list(holders), statuses=list(FINISHED)))]
+    for run_id in finished:
+        storage.free_concurrency_slots_for_run(run_id)
+    return finished
+
+
+def _runs_stored_locally(instance: DagsterInstance) -> bool:
+    """True when runs live in SQLite files under $DAGSTER_HOME, which only this machine's processes use."""
+    try:
+        from dagster._core.storage.runs import SqliteRunStorage
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(instance.run_storage, SqliteRunStorage)
 
 
 def _message(pid: int, where: str) -> str:

@@ -13,6 +13,7 @@ from dagster import AssetKey, DagsterInstance, materialize
 
 from d2m_assets.definitions import DEFAULT_TARS_PER_RUN, build_definitions
 from d2m_assets.partitions import GPU_POOL, SHARDS
+from d2m_assets.recovery import mark_abandoned_runs, owner_tags
 from d2m_core.gpus import gpu_count
 from d2m_core import catalog, expand_shards, load_config
 from d2m_core.pipeline import selected_assets, shard_stats, verify_weights
@@ -90,6 +91,8 @@ def run_config_file(yml: str | Path, *, echo: Callable[[str], None] = print) -> 
     verify_weights(config)  # every weights file, before any shard is touched
     stems = [ref.stem for ref in expand_shards(config.input_tars)]
     instance = ensure_instance(echo)
+    for run_id in mark_abandoned_runs(instance):  # a killed run still holds its gpu slot: free it first
+        echo(f"run {run_id} was left unfinished by a process that is gone: marked failed; its shards run again")
     instance.add_dynamic_partitions(SHARDS, stems)
     summary = RunSummary(shards=stems)
     todo = stems if config.reprocess else pending_shards(instance, stems, asset_names)
@@ -103,7 +106,7 @@ def run_config_file(yml: str | Path, *, echo: Callable[[str], None] = print) -> 
     assets = list(defs.assets or [])
     if needs_reference:  # its own run, before the shards that use it
         if config.reprocess or not instance.get_latest_materialization_event(AssetKey(catalog.REFERENCE_ASSET)):
-            result = materialize(assets, instance=instance, selection=[AssetKey(catalog.REFERENCE_ASSET)],
+            result = materialize(assets, instance=instance, selection=[AssetKey(catalog.REFERENCE_ASSET)], tags=owner_tags(),
                                  resources=defs.resources, run_config=LOG_CONFIG, raise_on_error=False)
             if not result.success:
                 summary.failed_runs.append(result.run_id)
@@ -112,7 +115,7 @@ def run_config_file(yml: str | Path, *, echo: Callable[[str], None] = print) -> 
     chunks = contiguous_chunks(instance.get_dynamic_partitions(SHARDS), todo, config.tars_per_wds or DEFAULT_TARS_PER_RUN)
     started = time.perf_counter()
     for i, chunk in enumerate(chunks, 1):
-        tags = {} if len(chunk) == 1 else {RANGE_START: chunk[0], RANGE_END: chunk[-1]}
+        tags = owner_tags() | ({} if len(chunk) == 1 else {RANGE_START: chunk[0], RANGE_END: chunk[-1]})
         result = materialize(assets, instance=instance, selection=selection, resources=defs.resources,
                              partition_key=chunk[0] if len(chunk) == 1 else None, tags=tags,
                              run_config=LOG_CONFIG, raise_on_error=False)

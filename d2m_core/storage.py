@@ -24,7 +24,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -257,9 +257,9 @@ def _with_retries(action: str, url: str, call: Callable[[], T], retry: RetryPoli
             elapsed = time.monotonic() - start
             wait = policy.delay(attempt)
             if attempt >= policy.attempts or elapsed + wait > policy.deadline_s:
-                raise StorageError(errno.EIO, f"cannot {action} {url}: {describe_error(err)} "
+                raise StorageError(errno.EIO, f"cannot {action} {_shown(url)}: {describe_error(err)} "
                                    f"({attempt} attempt(s) in {elapsed:.1f} s)") from err
-            log.warning("%s %s failed (%s); retry %d of %d in %.1f s", action, url, describe_error(err),
+            log.warning("%s %s failed (%s); retry %d of %d in %.1f s", action, _shown(url), describe_error(err),
                         attempt, policy.attempts - 1, wait)
         time.sleep(wait)
 
@@ -320,6 +320,11 @@ def _transient_types() -> tuple[type[BaseException], ...]:
         found.append(IncompleteRead)
         _TRANSIENT = tuple(found)
     return _TRANSIENT
+
+
+def _shown(url: str) -> str:
+    """A URL as messages show it: without any user:password@ part."""
+    return re.sub(r"^([A-Za-z][\w+.-]*://)[^/@]*@", r"\1", url)
 
 
 def describe_error(err: BaseException) -> str:

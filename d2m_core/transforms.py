@@ -20,14 +20,16 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_CONTEXT_LENGTH = 77
 HALF = (0.5, 0.5, 0.5)
-MAX_ASPECT_RATIO = 200  # a 1x3000 strip resized to a 224 short side would take ~600 MB: such images fail
+MAX_RESIZED_PIXELS = 32_000_000  # a 1x3000 strip resized to a 224 short side would be 150 Mpx (~600 MB)
 
 
-def check_aspect(image: Image.Image) -> None:
+def check_aspect(image: Image.Image, short_side: int = 224) -> None:
     """Refuse images whose short-side resize would explode memory (recorded as a failed sample)."""
     w, h = image.size
-    if max(w, h) > MAX_ASPECT_RATIO * max(min(w, h), 1):
-        raise ValueError(f"aspect ratio {w}x{h} above {MAX_ASPECT_RATIO}:1; resizing it would need unbounded memory")
+    resized = short_side * short_side * max(w, h) / max(min(w, h), 1)
+    if resized > MAX_RESIZED_PIXELS:
+        raise ValueError(f"aspect ratio of {w}x{h} too extreme: its {short_side}px short-side resize would be "
+                         f"{resized / 1e6:.0f} Mpx (limit {MAX_RESIZED_PIXELS / 1e6:.0f})")
 
 
 class ImageTransform(Protocol):
@@ -66,7 +68,7 @@ class ClipImageTransform:
     size: int = 224
 
     def prepare(self, image: Image.Image) -> tuple[torch.Tensor, None]:
-        check_aspect(image)
+        check_aspect(image, self.size)
         resized = TF.resize(image.convert("RGB"), self.size, interpolation=InterpolationMode.BICUBIC)
         return pil_to_uint8(TF.center_crop(resized, [self.size, self.size])), None
 

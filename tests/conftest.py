@@ -92,3 +92,27 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Compl
     full_env = os.environ | {"PYTHONWARNINGS": "ignore"} | env
     return subprocess.run([str(VENV_BIN / args[0]), *args[1:]], env=full_env, cwd=cwd, capture_output=True,
                           text=True, timeout=600)
+
+
+@pytest.fixture
+def s3_server(monkeypatch: pytest.MonkeyPatch):
+    """A real S3 API server (moto) on loopback, with the AWS variables pointing at it and a bucket `pool`."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    for key, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # a cached filesystem would still point at an earlier server
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="pool")
+    try:
+        yield client
+    finally:
+        server.stop()
+        s3fs.S3FileSystem.clear_instance_cache()

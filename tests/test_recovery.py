@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +23,8 @@ import yaml
 from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatus
 
 from conftest import BASIC, VENV_BIN, run_cli
-from d2m_assets.recovery import mark_abandoned_runs
+from d2m_assets.partitions import GPU_POOL
+from d2m_assets.recovery import HOST_TAG, PID_TAG, mark_abandoned_runs, owner_tags
 from d2m_core.engine import RAGGED, DeviceOutOfMemoryError, Engine
 from d2m_core.shards import ShardRef
 from d2m_core.synth import make_shards
@@ -31,7 +33,7 @@ FEATURES = AssetKey("clip_b32_features")
 TIMING_KEYS = {"sample time (s)", "loader time (s)", "timings"}
 
 
-def _config(path: Path, shards: Path, out: Path, **overrides) -> Path:
+def _config(path: Path, shards: Path, out: Path | str, **overrides) -> Path:
     data = BASIC | {"input_tars": str(shards), "output_metadata_dir": str(out)} | overrides
     path.write_text(yaml.safe_dump(data))
     return path
@@ -67,6 +69,11 @@ def _partial_files(root: Path) -> list[str]:
     return bad
 
 
+def _event_log(instance: DagsterInstance, run_id: str) -> str:
+    """Everything Dagster recorded for a run (messages, metadata, errors with their causes), as text."""
+    return "\n".join(repr(entry) for entry in instance.all_logs(run_id))
+
+
 def _comparable(path: Path) -> bytes | dict:
     """A file's bytes, or for json its content without the wall-clock timings."""
     if path.suffix == ".json":
@@ -75,6 +82,19 @@ def _comparable(path: Path) -> bytes | dict:
 
 
 # --- kill -9 in the middle of a shard --------------------------------------------------------------------------
+
+
+def _d2m_run(config: Path, home: Path, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {"DAGSTER_HOME": str(home), "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([str(VENV_BIN / "d2m"), "run", "--yml", str(config)], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _d2m_start(config: Path, home: Path, log: Path) -> subprocess.Popen:
+    env = os.environ | {"DAGSTER_HOME": str(home), "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
+    with log.open("w") as sink:
+        return subprocess.Popen([str(VENV_BIN / "d2m"), "run", "--yml", str(config)], env=env, cwd=log.parent,
+                                stdout=sink, stderr=subprocess.STDOUT)
 
 
 def _wait_for(condition, what: str, proc: subprocess.Popen, log: Path, timeout: float = 120.0):
@@ -88,46 +108,50 @@ def _wait_for(condition, what: str, proc: subprocess.Popen, log: Path, timeout: 
     raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()[-3000:]}")
 
 
-def test_kill_9_mid_shard_leaves_no_partial_file_fails_the_run_and_the_rerun_matches(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    shards = tmp_path / "shards"
-    make_shards(shards, shards=3, samples=24, max_side=64)
-    settings = {"tars_per_wds": 1, "batch_size": 2}  # one run per shard; a shard takes a few seconds on a CPU
-    reference_out, out, home = tmp_path / "reference", tmp_path / "metadata", tmp_path / "home"
-
-    # The uninterrupted run, for comparison (its own instance and folder).
-    reference = run_cli(["d2m", "run", "--yml", str(_config(tmp_path / "reference.yml", shards, reference_out, **settings))],
-                        {"DAGSTER_HOME": str(tmp_path / "reference_home")}, tmp_path)
-    assert reference.returncode == 0, reference.stderr[-3000:]
-
-    config = _config(tmp_path / "config.yml", shards, out, **settings)
-    log = tmp_path / "killed.log"
-    env = os.environ | {"DAGSTER_HOME": str(home), "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
-    with log.open("w") as sink:
-        proc = subprocess.Popen([str(VENV_BIN / "d2m"), "run", "--yml", str(config)], env=env, cwd=tmp_path,
-                                stdout=sink, stderr=subprocess.STDOUT)
-    try:
-        _wait_for(lambda: "[run 1/3]" in log.read_text(), "the first shard's run to finish", proc, log)
-        instance = _instance(home, monkeypatch)
-
-        def second_run_computing() -> str | None:
-            for record in instance.get_run_records():
-                events = instance.all_logs(record.dagster_run.run_id, of_type=DagsterEventType.STEP_START)
-                if record.dagster_run.status == DagsterRunStatus.STARTED and events:
-                    return record.dagster_run.run_id
-            return None
-
-        killed_run = _wait_for(second_run_computing, "the second shard's run to start its step", proc, log)
-        assert mark_abandoned_runs(instance) == []  # its process is alive: left alone
-        time.sleep(1.5)  # models loaded, batches of shard 00001 going through
-        assert not (out / ".d2m" / "clip_b32_features" / "00001.npz").exists(), "shard 00001 finished before the kill"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
+@pytest.fixture
+def children() -> Iterator[list[subprocess.Popen]]:
+    """Processes a test starts; any still running at its end (a failed test) are killed."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for proc in started:
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
+
+
+def test_kill_9_mid_shard_leaves_no_partial_file_fails_the_run_and_the_rerun_matches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, children: list[subprocess.Popen]
+) -> None:
+    shards = tmp_path / "shards"
+    for start, samples in ((0, 8), (1, 40), (2, 8)):  # the kill lands in 00001, which takes seconds on a CPU
+        make_shards(shards, shards=1, samples=samples, start=start, max_side=64)
+    settings = {"tars_per_wds": 1, "batch_size": 2}  # one run per shard
+    reference_out, out, home = tmp_path / "reference", tmp_path / "metadata", tmp_path / "home"
+
+    # The uninterrupted run, for comparison (its own instance and folder), alongside the one we kill.
+    reference_log = tmp_path / "reference.log"
+    reference = _d2m_start(_config(tmp_path / "reference.yml", shards, reference_out, **settings),
+                           tmp_path / "reference_home", reference_log)
+    config = _config(tmp_path / "config.yml", shards, out, **settings)
+    log = tmp_path / "killed.log"
+    proc = _d2m_start(config, home, log)
+    children += [reference, proc]
+    _wait_for(lambda: "[run 1/3]" in log.read_text(), "the first shard's run to finish", proc, log)
+    instance = _instance(home, monkeypatch)
+
+    def second_run_computing() -> str | None:
+        for record in instance.get_run_records():
+            events = instance.all_logs(record.dagster_run.run_id, of_type=DagsterEventType.STEP_START)
+            if record.dagster_run.status == DagsterRunStatus.STARTED and events:
+                return record.dagster_run.run_id
+        return None
+
+    killed_run = _wait_for(second_run_computing, "the second shard's run to start its step", proc, log)
+    assert mark_abandoned_runs(instance) == []  # its process is alive: left alone
+    time.sleep(1.0)  # models loading or loaded, batches of shard 00001 going through
+    assert not (out / ".d2m" / "clip_b32_features" / "00001.npz").exists(), "shard 00001 finished before the kill"
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(30) == -signal.SIGKILL
 
     # No file a reader could trip on; 00000 complete; nothing of 00001 where DataComp's readers look.
     assert _partial_files(out) == []
@@ -135,9 +159,12 @@ def test_kill_9_mid_shard_leaves_no_partial_file_fails_the_run_and_the_rerun_mat
     assert finals == ["00000.json", "00000.npz", "00000.parquet"]
     leftovers = [n for n in _files(out) if n.endswith(".tmp")]  # only if the kill hit a write; swept below
 
-    # The killed run is left STARTED; mark_abandoned_runs reports it failed; its partition is not materialized.
+    # The killed run is left STARTED, holding the gpu pool's slot (later runs would wait for it for ever).
+    # mark_abandoned_runs reports it failed and frees the slot; its partition is not materialized.
     assert instance.get_run_by_id(killed_run).status == DagsterRunStatus.STARTED
+    assert instance.event_log_storage.get_concurrency_info(GPU_POOL).active_run_ids == {killed_run}
     assert mark_abandoned_runs(instance) == [killed_run]
+    assert instance.event_log_storage.get_concurrency_info(GPU_POOL).active_slot_count == 0
     failed = instance.get_run_by_id(killed_run)
     assert failed.status == DagsterRunStatus.FAILURE
     (failure,) = instance.all_logs(killed_run, of_type=DagsterEventType.RUN_FAILURE)
@@ -148,15 +175,36 @@ def test_kill_9_mid_shard_leaves_no_partial_file_fails_the_run_and_the_rerun_mat
     assert mark_abandoned_runs(instance) == []
 
     # The rerun (reprocess: false) skips 00000, finishes the rest, sweeps leftovers; outputs match the reference.
-    rerun = run_cli(["d2m", "run", "--yml", str(config)], {"DAGSTER_HOME": str(home)}, tmp_path)
+    rerun = _d2m_run(config, home, tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "1 shard(s) already materialized, skipped" in rerun.stdout
     assert instance.get_materialized_partitions(FEATURES) == {"00000", "00001", "00002"}
+    assert reference.wait(240) == 0, reference_log.read_text()[-3000:]
     files, expected = _files(out), _files(reference_out)
     assert sorted(files) == sorted(expected), leftovers
     assert _partial_files(out) == []
     for name, path in files.items():
         assert _comparable(path) == _comparable(expected[name]), name
+
+
+def test_only_runs_whose_process_is_gone_on_this_host_are_marked() -> None:
+    from dagster import DagsterRun
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # reaped: its pid names no process now
+    instance = DagsterInstance.ephemeral()  # not SQLite files: untagged runs may come from any machine
+    runs = {}
+    for name, tags in {"dead here": owner_tags() | {PID_TAG: str(gone.pid)},
+                       "dead elsewhere": {PID_TAG: str(gone.pid), HOST_TAG: "another-machine"},
+                       "alive here": owner_tags(),
+                       "unknown owner": {}}.items():
+        run = DagsterRun(job_name="shards", run_id=str(uuid.uuid4()), status=DagsterRunStatus.STARTED, tags=tags)
+        instance.add_run(run)
+        runs[name] = run.run_id
+    assert mark_abandoned_runs(instance) == [runs["dead here"]]
+    status = {name: instance.get_run_by_id(run_id).status for name, run_id in runs.items()}
+    assert status == {"dead here": DagsterRunStatus.FAILURE, "dead elsewhere": DagsterRunStatus.STARTED,
+                      "alive here": DagsterRunStatus.STARTED, "unknown owner": DagsterRunStatus.STARTED}
 
 
 # --- a full disk -----------------------------------------------------------------------------------------------
@@ -194,9 +242,7 @@ def test_disk_full_fails_the_shard_naming_the_file_and_keeps_earlier_outputs(
     both = _config(tmp_path / "both.yml", shard_dir, out)
     full = run_config_file(both, echo=lambda _: None)
     assert not full.ok
-    (failure,) = [e for e in instance.all_logs(full.failed_runs[0], of_type=DagsterEventType.STEP_FAILURE)]
-    error = failure.dagster_event.step_failure_data.error.to_string()
-    assert f"cannot write {out}/.d2m/clip_b32_features/00001.npz: No space left on device" in error
+    assert f"cannot write {out}/.d2m/clip_b32_features/00001.npz: No space left on device" in _event_log(instance, full.failed_runs[0])
     assert {name: (p.read_bytes(), p.stat().st_mtime_ns) for name, p in _files(out).items()} == before
     assert instance.get_materialized_partitions(FEATURES) == {"00000"}
 
@@ -234,7 +280,7 @@ def test_s3_credentials_never_appear_in_logs_errors_metadata_or_outputs(
         s3fs.S3FileSystem.clear_instance_cache()
         client = boto3.client("s3")
         client.create_bucket(Bucket="meta")
-        config = _config(tmp_path / "s3.yml", shard_dir / "00001.tar", "s3://meta/out")  # type: ignore[arg-type]
+        config = _config(tmp_path / "s3.yml", shard_dir / "00001.tar", "s3://meta/out")
 
         done = run_cli(["d2m", "run", "--yml", str(config)], aws, tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -248,7 +294,7 @@ def test_s3_credentials_never_appear_in_logs_errors_metadata_or_outputs(
         s3fs.S3FileSystem.clear_instance_cache()
         from d2m_assets.runner import run_config_file
 
-        failed = run_config_file(_config(tmp_path / "again.yml", shard_dir / "00001.tar", "s3://meta/out",  # type: ignore[arg-type]
+        failed = run_config_file(_config(tmp_path / "again.yml", shard_dir / "00001.tar", "s3://meta/out",
                                          reprocess=True), echo=print)
     finally:
         server.stop()
@@ -256,14 +302,12 @@ def test_s3_credentials_never_appear_in_logs_errors_metadata_or_outputs(
     assert not failed.ok
     captured = capfd.readouterr()
     instance = DagsterInstance.get()
-    (failure,) = instance.all_logs(failed.failed_runs[0], of_type=DagsterEventType.STEP_FAILURE)
-    assert "cannot write s3://meta/out/.d2m/clip_b32_features/00001.npz" in failure.dagster_event.step_failure_data.error.to_string()
+    assert "cannot write s3://meta/out/.d2m/clip_b32_features/00001.npz" in _event_log(instance, failed.failed_runs[0])
 
     traces = {"stdout": done.stdout, "stderr": done.stderr, "failed run output": captured.out + captured.err,
               "S3 objects": objects.decode("latin-1")}
-    for run_id in [*instance.get_run_ids(), failed.failed_runs[0]]:
-        for entry in instance.all_logs(run_id):
-            traces[f"event {run_id}"] = traces.get(f"event {run_id}", "") + repr(entry)
+    for run_id in instance.get_run_ids():
+        traces[f"events of run {run_id}"] = _event_log(instance, run_id)
     assert [where for where, text in traces.items() if SECRET in text] == []
     assert _leaks(tmp_path / "home") == []  # the SQLite files, run storage, compute logs
     assert [where for where, text in traces.items() if ACCESS in text] == []

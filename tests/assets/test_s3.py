@@ -5,30 +5,9 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pandas as pd
-import pytest
 from dagster import AssetKey, DagsterInstance, build_sensor_context, materialize
 
 from d2m_assets import build_definitions
-
-
-@pytest.fixture
-def s3_server(monkeypatch: pytest.MonkeyPatch):
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    for key, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    fsspec.config.conf.pop("s3", None)
-    client = boto3.client("s3")
-    client.create_bucket(Bucket="pool")
-    try:
-        yield client
-    finally:
-        server.stop()
 
 
 def test_sensor_finds_tars_on_s3_and_outputs_land_in_the_bucket(s3_server, shard_dir: Path, write_config) -> None:

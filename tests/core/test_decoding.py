@@ -84,7 +84,9 @@ def test_draft_mode_only_above_the_threshold() -> None:
 
 def test_eps_is_never_opened() -> None:
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
-    with pytest.raises(DecodeError):
+    with Image.open(io.BytesIO(eps)) as img:  # PIL itself would open it (and run Ghostscript to load it)
+        assert img.format == "EPS"
+    with pytest.raises(DecodeError, match="not a recognised image format"):
         decode_image(eps)
 
 

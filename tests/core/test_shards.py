@@ -49,29 +49,11 @@ def test_pipe_urls_are_named_and_read_like_files(shard_dir: Path) -> None:
     assert piped == direct and len(direct) == 9
 
 
-def test_s3_urls_go_through_the_same_path(shard_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                     "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            monkeypatch.setenv(k, v)
-        s3 = boto3.client("s3")
-        s3.create_bucket(Bucket="pool")
-        for stem in ("00000", "00001"):
-            s3.upload_file(str(shard_dir / f"{stem}.tar"), "pool", f"tars/{stem}.tar")
-        import fsspec
-
-        fsspec.config.conf.pop("s3", None)
-        refs = expand_shards("s3://pool/tars/*.tar")
-        assert [(r.stem, r.url) for r in refs] == [("00000", "s3://pool/tars/00000.tar"), ("00001", "s3://pool/tars/00001.tar")]
-        assert [r.stem for r in expand_shards("s3://pool/tars/0000{0..1}.tar")] == ["00000", "00001"]
-        keys = [s.key for s in iter_samples(refs[1])]
-        assert keys == [s.key for s in iter_samples(ShardRef("00001", str(shard_dir / "00001.tar")))]
-    finally:
-        server.stop()
+def test_s3_urls_go_through_the_same_path(shard_dir: Path, s3_server) -> None:
+    for stem in ("00000", "00001"):
+        s3_server.upload_file(str(shard_dir / f"{stem}.tar"), "pool", f"tars/{stem}.tar")
+    refs = expand_shards("s3://pool/tars/*.tar")
+    assert [(r.stem, r.url) for r in refs] == [("00000", "s3://pool/tars/00000.tar"), ("00001", "s3://pool/tars/00001.tar")]
+    assert [r.stem for r in expand_shards("s3://pool/tars/0000{0..1}.tar")] == ["00000", "00001"]
+    keys = [s.key for s in iter_samples(refs[1])]
+    assert keys == [s.key for s in iter_samples(ShardRef("00001", str(shard_dir / "00001.tar")))]
