@@ -42,14 +42,15 @@ class ShardResult:
 
 @dataclass(frozen=True)
 class Progress:
-    """Reported after each shard: how far the run is, and how fast."""
+    """Reported while a shard runs (every `progress_every_s`) and when it ends: how far, and how fast."""
 
     shard: str
     shards_done: int
     shards_total: int
-    samples: int
+    samples: int  # written so far in this shard
     samples_per_s: float
     error: str | None
+    finished: bool = True
 
 
 class Engine:
@@ -122,18 +123,19 @@ class Engine:
         return {model: {name: _join(rows, second[model][name]) for name, rows in fields.items()}
                 for model, fields in first.items()}
 
-    def run(self, shards: Sequence[ShardRef], progress: Callable[[Progress], None] | None = None) -> Iterator[ShardResult]:
+    def run(self, shards: Sequence[ShardRef], progress: Callable[[Progress], None] | None = None,
+            progress_every_s: float = 30.0) -> Iterator[ShardResult]:
         """Yield one ShardResult per shard, in order; an unreadable shard yields a result with `error` set."""
         current: ShardResult | None = None
         parts: dict[str, dict[str, list[Field]]] = {}
         done = 0
-        t_shard = t_wait = time.perf_counter()
+        t_shard = t_wait = t_report = time.perf_counter()
         for item in self.loader(shards):
             now = time.perf_counter()
             if isinstance(item, ShardStart):
                 current = ShardResult(shard=item.shard, stats=ShardStats(shard=item.shard.stem))
                 parts = {m: {f: [] for f in self.models[m].output_fields} for m in self.order}
-                t_shard = now
+                t_shard = t_report = now
                 current.stats.timings = {"loader_wait_s": 0.0, "decode_s": 0.0, "model_s": 0.0}
             elif isinstance(item, Batch):
                 assert current is not None
@@ -142,6 +144,11 @@ class Engine:
                 timings["decode_s"] += item.decode_s
                 self._consume(current, parts, item)
                 timings["model_s"] += time.perf_counter() - now
+                if progress is not None and time.perf_counter() - t_report >= progress_every_s:
+                    t_report = time.perf_counter()
+                    written = len(current.keys)
+                    progress(Progress(current.shard.stem, done, len(shards), written,
+                                      written / max(t_report - t_shard, 1e-9), None, finished=False))
             elif isinstance(item, ShardEnd):
                 assert current is not None
                 current.error = item.error

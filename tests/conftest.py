@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -109,10 +110,13 @@ def s3_server(monkeypatch: pytest.MonkeyPatch):
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()  # a cached filesystem would still point at an earlier server
+    reset = f"http://{host}:{port}/moto-api/reset"  # moto's state is per process, shared by its servers
+    urllib.request.urlopen(urllib.request.Request(reset, method="POST")).read()
     client = boto3.client("s3")
     client.create_bucket(Bucket="pool")
     try:
         yield client
     finally:
+        urllib.request.urlopen(urllib.request.Request(reset, method="POST")).read()
         server.stop()
         s3fs.S3FileSystem.clear_instance_cache()

@@ -84,3 +84,18 @@ def graphql(port: int, query: str, variables: dict | None = None, timeout: float
             if time.time() > deadline:
                 raise
             time.sleep(1)
+
+
+@contextmanager
+def tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A small tmpfs at `mount` (a disk that fills up); the test is skipped where mounting is refused."""
+    import pytest
+
+    mount.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
 
 from conftest import BASIC, REPO, run_cli
 from d2m_core.synth import make_shards
@@ -110,3 +110,35 @@ def test_ui_backfill_of_6_shards_with_a_gpu_pool_of_2(instance_env: dict, tmp_pa
     assert _max_overlap(windows) <= 2
     for stem in stems:
         assert (tmp_path / "metadata" / f"{stem}.parquet").is_file()
+
+
+def test_daemon_processes_new_shards_by_itself(tmp_path: Path, monkeypatch) -> None:
+    """Sensor + automation on: complete tars dropped into the input folder get materialized, each once."""
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    incoming = tmp_path / "incoming"
+    make_shards(incoming, shards=2, samples=4, max_side=128)
+    (incoming / "00001_stats.json").unlink()  # still downloading
+    config = tmp_path / "config.yml"
+    config.write_text(yaml.safe_dump(BASIC | {"input_tars": str(incoming), "tars_per_wds": 4,
+                                              "output_metadata_dir": str(tmp_path / "metadata")}))
+    env = {"DAGSTER_HOME": str(home), "D2M_CONFIG": str(config), "D2M_AUTOMATION": "on", "D2M_RANDOM_WEIGHTS": "1"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    instance = DagsterInstance.get()
+    metadata = AssetKey("shard_metadata")
+    with dagster_process(["dagster-daemon", "run", "-w", "workspace.yaml"], env, tmp_path / "daemon.log"):
+        deadline = time.time() + 420
+        while instance.get_materialized_partitions(metadata) != {"00000"}:
+            assert time.time() < deadline, (tmp_path / "daemon.log").read_text()[-4000:]
+            time.sleep(3)
+        (incoming / "00001_stats.json").write_text("{}")  # the download finishes
+        while instance.get_materialized_partitions(metadata) != {"00000", "00001"}:
+            assert time.time() < deadline, (tmp_path / "daemon.log").read_text()[-4000:]
+            time.sleep(3)
+        time.sleep(35)  # another automation tick: nothing is requested again
+    events = instance.fetch_materializations(metadata, limit=50).records
+    assert sorted(e.asset_materialization.partition for e in events) == ["00000", "00001"]
+    assert {r.status for r in instance.get_runs()} == {DagsterRunStatus.SUCCESS}
+    assert instance.get_dynamic_partitions("shards") == ["00000", "00001"]

@@ -23,6 +23,7 @@ import yaml
 from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatus
 
 from conftest import BASIC, VENV_BIN, run_cli
+from services import tmpfs
 from d2m_assets.partitions import GPU_POOL
 from d2m_assets.recovery import HOST_TAG, PID_TAG, mark_abandoned_runs, owner_tags
 from d2m_core.engine import RAGGED, DeviceOutOfMemoryError, Engine
@@ -213,15 +214,8 @@ def test_only_runs_whose_process_is_gone_on_this_host_are_marked() -> None:
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 1 MiB tmpfs as output_metadata_dir (needs root or CAP_SYS_ADMIN); skipped where mounting is refused."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with tmpfs(tmp_path / "small", "1m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_disk_full_fails_the_shard_naming_the_file_and_keeps_earlier_outputs(

@@ -56,7 +56,8 @@ def build_shard_assets(backfill_policy: BackfillPolicy):
         selected = [k.path[-1] for k in context.selected_asset_keys]
         shards = d2m.shards(config, context.partition_keys)
         progress = lambda p: context.log.info(  # noqa: E731
-            f"shard {p.shard} done ({p.shards_done}/{p.shards_total}): {p.samples} samples, {p.samples_per_s:.1f} samples/s")
+            f"shard {p.shard} {'done' if p.finished else 'running'} ({p.shards_done}/{p.shards_total} shards done): "
+            f"{p.samples} samples, {p.samples_per_s:.1f} samples/s")
         failed, checks = {}, {}
         with claim_device(config.device) as device:  # with several GPUs, each concurrent run its own
             for outcome in process_shards(config, shards, selected, progress, device):

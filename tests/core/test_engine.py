@@ -111,3 +111,11 @@ def test_dependencies_run_first_and_get_their_outputs(shard_dir: Path) -> None:
     assert engine.order == ["base", "head"]
     next(engine.run(_refs(shard_dir)[1:]))
     assert isinstance(head.calls[0][0], tuple) and head.calls[0][0][0].shape == (9,)
+
+
+def test_progress_is_reported_while_a_shard_runs(engine: Engine, shard_dir: Path) -> None:
+    events = []
+    list(engine.run(_refs(shard_dir), events.append, progress_every_s=0.0))
+    running = [e for e in events if not e.finished]
+    assert [e.samples for e in running if e.shard == "00001"] == [4, 8, 9]
+    assert [(e.shard, e.shards_done) for e in events if e.finished] == [("00000", 1), ("00001", 2)]

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from services import tmpfs
 from d2m_core import storage
 from d2m_core.storage import RetryPolicy, StorageError, sweep_partial_files, write_bytes_atomic
 
@@ -120,16 +121,9 @@ def test_sweep_only_takes_our_abandoned_temporary_files(tmp_path: Path) -> None:
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 256 KiB tmpfs (needs root, or CAP_SYS_ADMIN); skipped where mounting is not permitted."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    """A 256 KiB tmpfs (needs root or CAP_SYS_ADMIN); skipped where mounting is refused."""
+    with tmpfs(tmp_path / "small", "256k") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def fill(folder: Path, leave: int) -> Path:
