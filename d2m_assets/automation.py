@@ -12,6 +12,7 @@ import os
 from dagster import AssetSelection, AutomationCondition, AutomationConditionSensorDefinition, DefaultSensorStatus
 
 AUTOMATION_ENV = "D2M_AUTOMATION"  # "off" leaves the sensors stopped until turned on in the UI
+INTERVAL_ENV = "D2M_SENSOR_INTERVAL_S"  # seconds between evaluations of both sensors (default 30)
 
 _never_attempted_missing = AutomationCondition.missing() & ~AutomationCondition.execution_failed()
 SHARD_CONDITION = (
@@ -29,12 +30,16 @@ def default_status() -> DefaultSensorStatus:
     return DefaultSensorStatus.STOPPED if off else DefaultSensorStatus.RUNNING
 
 
+def sensor_interval() -> int:
+    return int(os.environ.get(INTERVAL_ENV, "30"))
+
+
 def build_automation_sensor() -> AutomationConditionSensorDefinition:
     return AutomationConditionSensorDefinition(
         "shard_automation",
         target=AssetSelection.all() - AssetSelection.assets("raw_shards"),
         default_status=default_status(),
-        minimum_interval_seconds=30,
+        minimum_interval_seconds=sensor_interval(),
         emit_backfills=True,
         description="Materializes new, missing and stale shard assets in backfills of tars_per_wds shards per run",
     )

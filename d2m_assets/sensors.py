@@ -5,7 +5,7 @@ from collections.abc import Iterator
 from dagster import AssetMaterialization, SensorEvaluationContext, SensorResult, SkipReason, sensor
 from dagster_aws.s3 import S3Resource
 
-from d2m_assets.automation import default_status
+from d2m_assets.automation import default_status, sensor_interval
 from d2m_assets.partitions import SHARDS, shard_partitions
 from d2m_assets.resources import D2MConfigResource
 from d2m_core import ShardRef
@@ -43,7 +43,7 @@ def registration(refs: list[ShardRef]) -> dict:
     }
 
 
-@sensor(name="new_shards_sensor", minimum_interval_seconds=30, default_status=default_status(),
+@sensor(name="new_shards_sensor", minimum_interval_seconds=sensor_interval(), default_status=default_status(),
         description="Registers complete tars (their NNNNN_stats.json present) at input_tars as shard partitions")
 def new_shards_sensor(context: SensorEvaluationContext, d2m: D2MConfigResource, s3: S3Resource):
     config = d2m.load()

@@ -1,34 +1,38 @@
 """Device-side preprocessing: encoded image bytes in, the model inputs of the image transforms out.
 
-The loader's CPU path (`decode_image` + `ImageTransform.prepare`, PIL, one image at a time in a thread
-pool) caps a GPU at a few hundred images/s per core. This module does the same work on any torch device:
+The loader's CPU path (`decode_image` + `ImageTransform.prepare`: PIL, one image at a time in a thread
+pool) costs ~11 ms of CPU per 512 px image for clip-aug + dedup-aug + faces-aug (~2.3 ms for clip-aug
+alone), so it caps a GPU at ~90 images/s per loader core. This module does that work on any torch device:
 
 1. `decode_batch`: JPEGs go through `torchvision.io.decode_jpeg` (on CUDA: nvJPEG, one batched call per
-   batch; on the CPU: libjpeg-turbo). Everything else — PNG, WebP, GIF, CMYK/YCCK or 12-bit JPEGs,
-   truncated JPEGs, huge JPEGs that PIL decodes in draft mode, bytes torchvision rejects — falls back, per
-   image, to `d2m_core.decoding.decode_image` (PIL, the seed's semantics) and is then copied to the device.
-   An undecodable image becomes a failure reason; one bad image never fails the batch.
+   batch; on the CPU: libjpeg-turbo). Everything else (PNG, WebP, GIF, CMYK/YCCK or 12-bit JPEGs,
+   truncated JPEGs, JPEGs so large that PIL decodes them in draft mode, bytes torchvision rejects) falls
+   back, per image, to `d2m_core.decoding.decode_image` (PIL, the seed's semantics) and is then copied to
+   the device. An undecodable image becomes a failure reason; one bad image never fails the batch.
 2. `prepare_tensors`: each transform of `d2m_core.transforms` as tensor ops, giving the same uint8
    (B, 3, S, S) batches (and faces-aug's padding) that `prepare` gives, so the transforms' own `finish`
-   turns them into model inputs (`tensor_transforms` does both).
+   turns them into model inputs (`tensor_transforms` does both; `preprocess_batch` does it all).
 
 What is kept from the PIL path, on purpose:
-- Sizes: torchvision's PIL `resize` (short side int(224 * long / short)), `center_crop` (round-half-even
-  offsets), the seed's square padding (`square_padding`), white fill.
+- Sizes: torchvision's PIL `resize` (short side to 224, long side int(224 * long / short)), `center_crop`
+  (offsets rounded half to even, Python's round), the seed's square padding (`square_padding`), white fill.
 - Filters: torch's antialiased bicubic (a = -0.5) and bilinear are PIL's filters. PIL resizes in two
   passes, horizontal then vertical, rounding to uint8 and clipping after each; so do we (float32 passes,
-  each clipped to [0, 255] and rounded half up). A single 2-D float pass without the intermediate rounding
-  differs from PIL by up to 9/255 at sharp edges; two rounded passes by at most 2/255.
-- No EXIF rotation (torchvision's default, as the seed's 'pilrgb'), grayscale JPEGs come out RGB.
+  each clipped to [0, 255] and rounded half up). One 2-D float pass without the intermediate rounding
+  differs from PIL by up to 9 levels at sharp edges; two rounded passes by at most 2.
+- No EXIF rotation (torchvision's default, as the seed's 'pilrgb'); grayscale JPEGs come out RGB.
 
-Measured against the PIL path (`prepare`) on make_shards images, uint8 levels (tests/core/test_fastpath.py
-pins the bounds): clip-aug max 2 (mean 0.002), dedup-aug max 2 (mean 0.01), faces-aug max 2 (mean 0.0001);
-on the CPU the JPEG decode is bit-identical to PIL's (both libjpeg-turbo). nvJPEG's IDCT and chroma
-upsampling differ from libjpeg-turbo's by a few levels: `python -m d2m_core.fastpath` measures it on a GPU.
+Measured against the PIL path (`prepare`) on 300 make_shards images (uint8 levels; tests/core/test_fastpath.py
+pins max <= 2, mean <= 0.02): clip-aug max 2 (mean 0.0023), dedup-aug max 2 (mean 0.0099), faces-aug max 1
+(mean 0.00005). On the CPU the JPEG decode is bit-identical to PIL's (both libjpeg-turbo); nvJPEG's IDCT
+and chroma upsampling differ from libjpeg-turbo's: `python -m d2m_core.fastpath` measures it on a GPU.
+On the CPU this path is about as fast as PIL's; it is meant for CUDA.
 
-Limits: the CUDA antialiased kernels refuse downscale factors above ~90 (shared memory); such a pass runs
-on the CPU instead. faces-aug never builds the padded square: the pass along the image's long side runs
-on the unpadded image and the white rows or columns are added to its small output.
+Memory and limits: same-size images are resized together (GROUP_PIXELS per call); the horizontal pass
+converts a huge image to float in chunks of rows; faces-aug never builds the padded square of a wide
+image (white rows are added after the horizontal pass, where they are still white) and builds that of a
+tall one only a chunk of rows at a time. CUDA's antialiased kernels refuse downscale factors above ~90
+(shared memory): a pass above MAX_CUDA_SCALE runs on the CPU.
 """
 
 from __future__ import annotations
@@ -170,7 +174,7 @@ def _pil_decode(data: bytes, device: torch.device) -> torch.Tensor:
 
 
 def _torchvision_decode(encoded: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    with torch.inference_mode():
+    with torch.no_grad():
         if device.type == "cuda":
             return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
         return [decode_jpeg(e, mode=ImageReadMode.RGB) for e in encoded]
@@ -323,7 +327,7 @@ def prepare_tensors(images: Sequence[torch.Tensor], names: Sequence[str]) -> dic
     pixels = {n: torch.empty((count, 3, _OUTPUT_SIZES[n], _OUTPUT_SIZES[n]), dtype=torch.uint8, device=device)
               for n in names}
     padding = torch.empty((count, 4), dtype=torch.float32) if "faces-aug" in names else None
-    with torch.inference_mode():
+    with torch.no_grad():
         for group in _groups(images):
             x = images[group[0]][None] if len(group) == 1 else torch.stack([images[i] for i in group])
             if x.numel() <= 3 * GROUP_PIXELS:  # else one huge image: _horizontal converts it in chunks of rows
@@ -349,7 +353,7 @@ def tensor_transforms(images: Sequence[torch.Tensor], names: Sequence[str], dtyp
     clip-aug (B,3,224,224) in `dtype`; dedup-aug (B,3,512,512) in `dtype`, channels_last; faces-aug a tuple
     of float32 (B,3,224,224) pixels and the float32 (B,4) padding."""
     prepared = prepare_tensors(images, names)
-    with torch.inference_mode():
+    with torch.no_grad():
         return {n: IMAGE_TRANSFORMS[n].finish(pixels, aux, dtype) for n, (pixels, aux) in prepared.items()}
 
 
@@ -368,7 +372,7 @@ class DevicePreprocessed:
 
     def finish(self, dtype: torch.dtype) -> dict[str, Any]:
         """The model inputs (see `tensor_transforms`)."""
-        with torch.inference_mode():
+        with torch.no_grad():
             return {n: IMAGE_TRANSFORMS[n].finish(p, self.aux.get(n), dtype) for n, p in self.pixels.items()}
 
 
@@ -481,9 +485,9 @@ def decode_fidelity(data: Sequence[bytes], device: torch.device | str) -> dict[s
         if decoded.backends[i] == "torchvision":
             diffs.append((image.cpu().int() - pil_to_uint8(decode_image(data[i])).int()).abs().flatten())
     if not diffs:
-        return {"images": 0}
+        return {"torchvision_images": 0, "pil_fallbacks": decoded.count("pil")}
     flat = torch.cat(diffs).float()
-    return {"images": len(diffs), "max_levels": flat.max().item(), "mean_levels": round(flat.mean().item(), 5),
+    return {"torchvision_images": len(diffs), "max_levels": flat.max().item(), "mean_levels": round(flat.mean().item(), 5),
             "share_over_1": round((flat > 1).float().mean().item(), 7), "pil_fallbacks": decoded.count("pil")}
 
 
@@ -569,9 +573,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(json.dumps(common | {"kind": "fastpath_decode_fidelity"} | decode_fidelity(data[:256], device)), flush=True)
     print(json.dumps(common | {"kind": "fastpath_fidelity", "per_transform": fidelity(data[:256], names, device)}),
           flush=True)
-    for subset in ([n for n in names if n == "clip-aug"], names):
+    for subset in dict.fromkeys((("clip-aug",) if "clip-aug" in names else (), tuple(names))):
         if subset:
-            print(json.dumps(common | {"kind": "fastpath_throughput", "transforms": subset, "batch_size": args.batch_size,
+            print(json.dumps(common | {"kind": "fastpath_throughput", "transforms": list(subset), "batch_size": args.batch_size,
                                        "precision": args.precision}
                              | throughput(data, subset, device, DTYPES[args.precision], args.batch_size)), flush=True)
     return 0

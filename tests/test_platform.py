@@ -123,7 +123,8 @@ def test_daemon_processes_new_shards_by_itself(tmp_path: Path, monkeypatch) -> N
     config = tmp_path / "config.yml"
     config.write_text(yaml.safe_dump(BASIC | {"input_tars": str(incoming), "tars_per_wds": 4,
                                               "output_metadata_dir": str(tmp_path / "metadata")}))
-    env = {"DAGSTER_HOME": str(home), "D2M_CONFIG": str(config), "D2M_AUTOMATION": "on", "D2M_RANDOM_WEIGHTS": "1"}
+    env = {"DAGSTER_HOME": str(home), "D2M_CONFIG": str(config), "D2M_AUTOMATION": "on", "D2M_RANDOM_WEIGHTS": "1",
+           "D2M_SENSOR_INTERVAL_S": "5"}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     instance = DagsterInstance.get()
@@ -137,7 +138,7 @@ def test_daemon_processes_new_shards_by_itself(tmp_path: Path, monkeypatch) -> N
         while instance.get_materialized_partitions(metadata) != {"00000", "00001"}:
             assert time.time() < deadline, (tmp_path / "daemon.log").read_text()[-4000:]
             time.sleep(3)
-        time.sleep(35)  # another automation tick: nothing is requested again
+        time.sleep(15)  # more automation ticks: nothing is requested again
     events = instance.fetch_materializations(metadata, limit=50).records
     assert sorted(e.asset_materialization.partition for e in events) == ["00000", "00001"]
     assert {r.status for r in instance.get_runs()} == {DagsterRunStatus.SUCCESS}
