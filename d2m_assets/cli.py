@@ -60,7 +60,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from d2m_core.bench import run_benchmark
 
     config = load_config(args.yml)
-    updates = {k: v for k, v in (("device", args.device), ("precision", args.precision)) if v is not None}
+    updates = {k: v for k, v in (("device", args.device), ("precision", args.precision), ("gpu_decode", args.gpu_decode))
+               if v is not None}
     config = config.model_copy(update=updates)
     shard_dir = Path(args.shards)
     if not any(shard_dir.glob("*.tar")):
@@ -143,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--shards", required=True, help="folder of tars (made with make-shards if empty)")
     bench.add_argument("--device", default=None, help="override the yml's device ('cpu', 0, 'cuda:1')")
     bench.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default=None)
+    bench.add_argument("--gpu-decode", choices=["auto", "on", "off"], default=None, help="override the yml's gpu_decode")
     bench.add_argument("--make-shards", type=int, default=2, help="shards to make when the folder is empty")
     bench.add_argument("--make-samples", type=int, default=256)
     bench.add_argument("--repeats", type=int, default=3, help="model-only passes over one batch")

@@ -21,7 +21,7 @@ SEED_OPTIONAL_FIELDS = (
     "logging",
     "warn_and_continue",
 )
-D2M_FIELDS = ("weights_dir", "precision", "artifacts_dir", "max_failure_rate")
+D2M_FIELDS = ("weights_dir", "precision", "artifacts_dir", "max_failure_rate", "gpu_decode")
 
 
 class ConfigError(ValueError):
@@ -53,6 +53,7 @@ class D2MConfig(BaseModel):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     artifacts_dir: str | None = None
     max_failure_rate: float = Field(default=0.1, ge=0.0, le=1.0)  # the failure_rate check's threshold
+    gpu_decode: Literal["auto", "on", "off"] = "auto"  # decode/resize on the device: auto = on CUDA
 
     @field_validator("postprocess_columns", "postprocess_features", mode="before")
     @classmethod

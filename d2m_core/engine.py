@@ -66,6 +66,7 @@ class Engine:
         pairs = [(inp, pre) for m in self.order for inp, pre in zip(models[m].raw_inputs, models[m].preprocessors)]
         self.image_transforms = [IMAGE_TRANSFORMS[pre] for inp, pre in dict.fromkeys(pairs) if inp == "image"]
         self.text_preprocessors = {pre: TEXT_PREPROCESSORS[pre]() for inp, pre in dict.fromkeys(pairs) if inp == "text"}
+        self.decode_on_device = False  # the GPU fast path: decode and resize in the loader, on `device`
 
     def loader(self, shards: Sequence[ShardRef]) -> Loader:
         return Loader(
@@ -75,6 +76,7 @@ class Engine:
             needs_text=bool(self.text_preprocessors),
             nworkers=self.nworkers,
             pin_memory=self.device.type == "cuda",
+            decode_device=self.device if self.decode_on_device else None,
         )
 
     def forward(self, batch: Batch) -> dict[str, dict[str, Field]]:
@@ -82,6 +84,8 @@ class Engine:
         inputs: dict[tuple[str, str], Any] = {}
         for t in self.image_transforms:
             pixels = batch.images[t.name].to(self.device, non_blocking=True)
+            if pixels.is_cuda and batch.images[t.name].is_cuda:  # made on a loader stream: keep it alive here
+                pixels.record_stream(torch.cuda.current_stream(self.device))
             inputs[("image", t.name)] = t.finish(pixels, batch.aux.get(t.name), self.dtype)
         for name, preprocess in self.text_preprocessors.items():
             text = preprocess(batch.texts)

@@ -6,6 +6,7 @@ next shard while the current one is computed, so the device never waits at a sha
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -99,8 +100,50 @@ def prepare_batch(
     return batch
 
 
+def prepare_batch_on_device(
+    shard: str, samples: Sequence[RawSample], transforms: Sequence[ImageTransform], needs_text: bool,
+    device: torch.device,
+) -> Batch:
+    """Like prepare_batch, but decoding (nvJPEG on CUDA, PIL fallback) and resizing run batched on `device`."""
+    from d2m_core.fastpath import preprocess_batch
+
+    start = time.perf_counter()
+    batch = Batch(shard=shard, samples_read=len(samples))
+    failures: list[tuple[int, SampleFailure]] = []
+    usable: list[tuple[int, RawSample]] = []
+    for index, raw in enumerate(samples):
+        if raw.problem is not None:
+            failures.append((index, SampleFailure(raw.key, raw.uid, raw.problem)))
+        elif needs_text and raw.text is None:
+            failures.append((index, SampleFailure(raw.key, raw.uid, "no txt member")))
+        else:
+            usable.append((index, raw))
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        result = preprocess_batch([raw.image for _, raw in usable], [t.name for t in transforms], device)
+    if stream is not None:
+        stream.synchronize()
+    for position, reason in result.failures.items():
+        index, raw = usable[position]
+        failures.append((index, SampleFailure(raw.key, raw.uid, reason)))
+    for position in result.kept:
+        raw = usable[position][1]
+        batch.keys.append(raw.key)
+        batch.uids.append(raw.uid)
+        batch.jsons.append(raw.json)
+        batch.texts.append(raw.text or "")
+    batch.failures = [f for _, f in sorted(failures, key=lambda pair: pair[0])]
+    batch.images, batch.aux = result.pixels, result.aux
+    batch.decode_s = time.perf_counter() - start
+    return batch
+
+
 class Loader:
-    """Iterate `ShardStart, Batch..., ShardEnd` for each shard, in order, with bounded read-ahead."""
+    """Iterate `ShardStart, Batch..., ShardEnd` for each shard, in order, with bounded read-ahead.
+
+    With `decode_device` set, workers decode and resize on that device (the GPU fast path); otherwise
+    with PIL on the CPU, handing uint8 batches (pinned for a CUDA device) to the device stage.
+    """
 
     def __init__(
         self,
@@ -112,6 +155,7 @@ class Loader:
         nworkers: int = 2,
         pin_memory: bool = False,
         prefetch_batches: int | None = None,
+        decode_device: torch.device | None = None,
     ) -> None:
         self.shards = list(shards)
         self.batch_size = batch_size
@@ -120,6 +164,7 @@ class Loader:
         self.nworkers = max(1, nworkers)
         self.pin_memory = pin_memory
         self.prefetch = prefetch_batches or 2 * self.nworkers + 2
+        self.decode_device = decode_device
 
     def __iter__(self) -> Iterator[Item]:
         out: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
@@ -178,5 +223,9 @@ class Loader:
             self._put(out, err, stop)
 
     def _submit(self, out: queue.Queue[Any], pool: ThreadPoolExecutor, shard: ShardRef, buffer: list[RawSample], stop: threading.Event) -> bool:
-        future = pool.submit(prepare_batch, shard.stem, buffer, self.transforms, self.needs_text, self.pin_memory)
+        if self.decode_device is not None:
+            future = pool.submit(prepare_batch_on_device, shard.stem, buffer, self.transforms, self.needs_text,
+                                 self.decode_device)
+        else:
+            future = pool.submit(prepare_batch, shard.stem, buffer, self.transforms, self.needs_text, self.pin_memory)
         return self._put(out, future, stop)

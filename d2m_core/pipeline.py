@@ -22,6 +22,7 @@ from d2m_core import catalog, storage
 from d2m_core.config import D2MConfig
 from d2m_core.device import resolve_device, resolve_dtype
 from d2m_core.engine import Engine, Progress, ShardResult
+from d2m_core.fastpath import supports
 from d2m_core.models import create_model, model_class, resolve_model_weights, topo_order
 from d2m_core.plugins import install_plugin
 from d2m_core.records import ShardStats, WeightsRecord
@@ -92,6 +93,9 @@ def build_engine(config: D2MConfig, feature_assets: Sequence[str], device: torch
     dtype = resolve_dtype(config.precision, device)
     models, weights = load_models(config, names, device, dtype)
     engine = Engine(models, device=device, dtype=dtype, batch_size=config.batch_size, nworkers=config.nworkers)
+    names = [t.name for t in engine.image_transforms]
+    on_device = config.gpu_decode == "on" or (config.gpu_decode == "auto" and device.type == "cuda")
+    engine.decode_on_device = bool(names) and on_device and supports(names)
     return engine, weights
 
 

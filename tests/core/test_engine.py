@@ -119,3 +119,18 @@ def test_progress_is_reported_while_a_shard_runs(engine: Engine, shard_dir: Path
     running = [e for e in events if not e.finished]
     assert [e.samples for e in running if e.shard == "00001"] == [4, 8, 9]
     assert [(e.shard, e.shards_done) for e in events if e.finished] == [("00000", 1), ("00001", 2)]
+
+
+def test_decoding_on_the_device_gives_the_same_rows_and_features(engine: Engine, shard_dir: Path) -> None:
+    refs = _refs(shard_dir)
+    reference = list(engine.run(refs))
+    engine.decode_on_device = True  # the GPU fast path's code, run on the CPU device
+    try:
+        fast = list(engine.run(refs))
+    finally:
+        engine.decode_on_device = False
+    for ref, got in zip(reference, fast):
+        assert got.keys == ref.keys and got.uids == ref.uids
+        assert [(f.key, f.reason) for f in got.stats.failures] == [(f.key, f.reason) for f in ref.stats.failures]
+        a, b = ref.outputs["oai-clip-vit-b32"]["image"], got.outputs["oai-clip-vit-b32"]["image"]
+        assert (a * b).sum(1).min() > 0.999
