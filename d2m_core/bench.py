@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from d2m_core import catalog
@@ -69,7 +70,34 @@ def model_only(config: D2MConfig, shards: Sequence[ShardRef], repeats: int = 3) 
     if engine.device.type == "cuda":
         torch.cuda.synchronize(engine.device)
     elapsed = time.perf_counter() - start
-    return {"kind": "model_only", "batch": len(batch), "samples_per_s": round(repeats * len(batch) / elapsed, 2)}
+    result = {"kind": "model_only", "batch": len(batch), "samples_per_s": round(repeats * len(batch) / elapsed, 2)}
+    if engine.device.type == "cuda":
+        result["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(engine.device) / 2**30, 2)
+    return result
+
+
+def fidelity(config: D2MConfig, shards: Sequence[ShardRef], samples: int = 64) -> dict[str, Any]:
+    """Per model output, the minimum cosine between the configured precision's features and fp32's, on the
+    same prepared batch (the DESIGN asks for at least 0.99)."""
+    names = [n for n in selected_assets(config) if n in catalog.FEATURE_ASSETS]
+    small = config.model_copy(update={"batch_size": min(samples, config.batch_size)})
+    engine, _ = build_engine(small, names)
+    batch = next(item for item in engine.loader(shards[:1]) if isinstance(item, Batch) and len(item))
+    ours = engine.forward(batch)
+    if engine.dtype == torch.float32:
+        return {"kind": "fidelity", "precision": "float32", "min_cosine_vs_fp32": 1.0}
+    reference_engine, _ = build_engine(small.model_copy(update={"precision": "fp32"}), names)
+    reference = reference_engine.forward(batch)
+    cosines = {}
+    for model, fields in ours.items():
+        for field, values in fields.items():
+            if isinstance(values, list) or values.ndim != 2:
+                continue  # boxes and scalar scores: compared through the features they come from
+            a, b = values.astype("float64"), reference[model][field].astype("float64")
+            cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+            cosines[f"{model}/{field}"] = round(float(cos.min()), 5)
+    return {"kind": "fidelity", "precision": str(engine.dtype).replace("torch.", ""), "batch": len(batch),
+            "min_cosine_vs_fp32": cosines, "ok": all(c >= 0.99 for c in cosines.values())}
 
 
 def run_benchmark(config: D2MConfig, shards: Sequence[ShardRef], config_name: str, repeats: int = 3) -> list[dict[str, Any]]:
@@ -86,4 +114,5 @@ def run_benchmark(config: D2MConfig, shards: Sequence[ShardRef], config_name: st
         "gpu_decode": config.gpu_decode,
         "weights": "random" if random_weights_enabled() else "real",
     }
-    return [common | end_to_end(config, shards), common | model_only(config, shards, repeats)]
+    return [common | end_to_end(config, shards), common | model_only(config, shards, repeats),
+            common | fidelity(config, shards)]
