@@ -1,13 +1,11 @@
-"""What each asset computes, per shard: the feature pass over tars, scores from features, DataComp files.
-
-These are the only calls d2m_assets makes into the library; each yields one `ShardOutcome` per shard.
+"""What the shard assets compute, per shard: the feature pass over tars, scores from features, DataComp files
+and their checks (`process_shards`), and the dedup reference set (`store_reference`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor

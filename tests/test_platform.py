@@ -1,10 +1,8 @@
 """The platform as users run it: a real daemon and webserver, a UI backfill over 6 shards with a gpu pool
 of 2, on SQLite and on a real PostgreSQL server."""
 
-import os
 import shutil
 import time
-from itertools import combinations
 from pathlib import Path
 
 import pytest

@@ -4,7 +4,6 @@ from pathlib import Path
 from dagster import AssetKey, DagsterInstance, SensorResult, build_sensor_context
 
 from d2m_assets import build_definitions
-from d2m_assets.sensors import new_shards_sensor
 
 
 def _evaluate(defs, instance: DagsterInstance, cursor: str | None) -> SensorResult:

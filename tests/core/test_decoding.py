@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from d2m_core import decoding
 from d2m_core.decoding import DecodeError, decode_image
 
 

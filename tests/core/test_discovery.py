@@ -1,5 +1,3 @@
-import shutil
-import time
 from pathlib import Path
 
 from d2m_core.discovery import DiscoveryCursor, discover

@@ -20,7 +20,7 @@ from PIL import Image
 
 from d2m_core.models.faces import Scrfd10G, ScrfdGraph, build_random_scrfd_onnx
 from d2m_core.transforms import HALF, FacesImageTransform, normalize_uint8
-from d2m_core.weights import ResolvedWeights, resolve_weights
+from d2m_core.weights import resolve_weights
 
 SIZE = 224
 GAIN, BIAS = 10.0, -5.0

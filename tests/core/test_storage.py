@@ -9,7 +9,6 @@ import logging
 import os
 import resource
 import signal
-import subprocess
 import threading
 import time
 import zipfile
