@@ -7,7 +7,6 @@ import json
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -200,18 +199,17 @@ def test_huge_jpeg_is_drafted_within_tolerance_of_a_full_decode(corpus: dict[str
 
 
 BOMB_PROBE = """
-import importlib.util, resource, sys, time
+import importlib.util, resource, sys
 spec = importlib.util.spec_from_file_location("decoding", sys.argv[1])
 decoding = importlib.util.module_from_spec(spec); spec.loader.exec_module(decoding)
 data = open(sys.argv[2], "rb").read()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-start = time.perf_counter()
 try:
     decoding.decode_image(data)
     print("decoded")
 except decoding.DecodeError as err:
     print(err)
-print(time.perf_counter() - start, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
 """
 
 
@@ -224,10 +222,9 @@ def test_bombs_are_refused_before_allocating(corpus: dict[str, FaultCase], tmp_p
         assert path.stat().st_size < 100_000  # a small file ...
         probe = subprocess.run([sys.executable, "-c", BOMB_PROBE, decoding.__file__, str(path)],
                                capture_output=True, text=True, timeout=60)
-        reason, measures = probe.stdout.strip().splitlines()
-        seconds, grown_mb = map(float, measures.split())
+        reason, grown = probe.stdout.strip().splitlines()
         assert "decompression bomb" in reason, probe.stdout + probe.stderr
-        assert seconds < 1.0 and grown_mb < 32, (expected.what, seconds, grown_mb)  # ... never decoded
+        assert float(grown) < 32, (expected.what, grown)  # ... never decoded: memory stays bounded
 
 
 def test_unreadable_tars_raise_shard_read_error_naming_the_file(corpus: dict[str, FaultCase]) -> None:
@@ -242,10 +239,8 @@ def test_decode_errors_are_decode_errors_only(corpus: dict[str, FaultCase]) -> N
     case = corpus["undecodable"]
     raws = _members(case)
     for expected in case.failed:
-        start = time.perf_counter()
         with pytest.raises(DecodeError, match=expected.reason):
             decode_image(raws[expected.key].image)
-        assert time.perf_counter() - start < 1
 
 
 def test_layout_members_never_touch_the_file_system(corpus: dict[str, FaultCase], tmp_path: Path,
