@@ -3,12 +3,12 @@
 It runs `discover_shards_job`, which registers complete tars the same way; automation then processes them.
 """
 
-from dagster import AssetMaterialization, DefaultScheduleStatus, OpExecutionContext, RunRequest, job, op, schedule
+from dagster import DefaultScheduleStatus, OpExecutionContext, RunRequest, job, op, schedule
 from dagster_aws.s3 import S3Resource
 
 from d2m_assets.partitions import SHARDS
 from d2m_assets.resources import D2MConfigResource
-from d2m_assets.sensors import find_new_shards
+from d2m_assets.sensors import find_new_shards, raw_shard_event
 from d2m_core.discovery import DiscoveryCursor
 
 
@@ -20,7 +20,7 @@ def discover_shards(context: OpExecutionContext, d2m: D2MConfigResource, s3: S3R
     refs, _ = find_new_shards(config, DiscoveryCursor(), known, s3)
     context.instance.add_dynamic_partitions(SHARDS, [r.stem for r in refs])
     for ref in refs:
-        context.log_event(AssetMaterialization("raw_shards", partition=ref.stem, metadata={"url": ref.url}))
+        context.log_event(raw_shard_event(ref))
     context.log.info(f"registered {len(refs)} new shard(s)")
 
 

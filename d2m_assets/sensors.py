@@ -35,11 +35,16 @@ def find_new_shards(config: D2MConfig, cursor: DiscoveryCursor, known: set[str],
     return discover(config.input_tars, cursor, known=known, list_after=lister)
 
 
+def raw_shard_event(ref: ShardRef) -> AssetMaterialization:
+    """raw_shards of this partition is materialized: its tar is complete, at this URL."""
+    return AssetMaterialization("raw_shards", partition=ref.stem, metadata={"url": ref.url})
+
+
 def registration(refs: list[ShardRef]) -> dict:
-    """The partition adds and raw_shards materializations (the tar, complete) for newly found shards."""
+    """The partition adds and raw_shards materializations for newly found shards."""
     return {
         "dynamic_partitions_requests": [shard_partitions.build_add_request([r.stem for r in refs])],
-        "asset_events": [AssetMaterialization("raw_shards", partition=r.stem, metadata={"url": r.url}) for r in refs],
+        "asset_events": [raw_shard_event(r) for r in refs],
     }
 
 
