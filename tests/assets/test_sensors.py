@@ -33,3 +33,15 @@ def test_sensor_registers_complete_tars_once(shard_dir: Path, write_config, tmp_
     shutil.copy(shard_dir / "00001_stats.json", incoming / "00001_stats.json")
     done = _evaluate(defs, instance, again.cursor)
     assert done.dynamic_partitions_requests[0].partition_keys == ["00001"]
+
+
+def test_discovery_schedule_job_registers_complete_tars(shard_dir: Path, write_config) -> None:
+    defs = build_definitions(write_config(shard_dir, input_tars=str(shard_dir)))
+    assert defs.get_schedule_def("discover_shards_schedule").cron_schedule == "0 * * * *"
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("shards", ["00000"])
+    result = defs.get_job_def("discover_shards_job").execute_in_process(instance=instance)
+    assert result.success
+    assert instance.get_dynamic_partitions("shards") == ["00000", "00001"]
+    events = instance.fetch_materializations(AssetKey("raw_shards"), limit=10).records
+    assert [e.asset_materialization.partition for e in events] == ["00001"]
