@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -61,10 +62,18 @@ def weights_dir(configured: str | None = None) -> Path:
     return Path(env).expanduser() if env else DEFAULT_WEIGHTS_DIR
 
 
-def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
+def sha256_of(path: Path) -> str:
+    """The file's sha256, hashed once per process for an unchanged file (the preflight check and each
+    model load of a run verify the same multi-GB files)."""
+    stat = path.stat()
+    return _sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
             digest.update(block)
     return digest.hexdigest()
 

@@ -71,3 +71,12 @@ def test_openai_and_open_clip_formats_load_the_same_model(real_weights: None, tm
     assert resolved.file.format == "open_clip"
     other = create_model("oai-clip-vit-b32", torch.device("cpu"), torch.float32, resolved)
     assert torch.allclose(other(image, tokens)[0], expected, atol=1e-5)
+
+
+def test_sha256_is_recomputed_only_when_the_file_changes(tmp_path: Path) -> None:
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"one")
+    first = sha256_of(path)
+    assert sha256_of(path) == first
+    path.write_bytes(b"two!")  # another size (and mtime): hashed again
+    assert sha256_of(path) != first
