@@ -51,55 +51,28 @@ class OaiClip:
         return torch.nn.functional.normalize(img, dim=-1), torch.nn.functional.normalize(txt, dim=-1)
 
 
+def openai_clip_weights(arch: str, openai_file: str, sha256: str, hf_repo: str) -> list[WeightsFile]:
+    """The files an OpenAI CLIP loads from: OpenAI's own archive (sha256 pinned), or open_clip's checkpoint
+    of the same weights, renamed `<arch>.openai.safetensors` / `.bin`."""
+    open_clip_source = f"open_clip's '{arch}' / 'openai' checkpoint (hf-hub {hf_repo}"
+    return [
+        WeightsFile(openai_file, "openai-jit", sha256, f"{OPENAI_URL}/{sha256}/{openai_file}"),
+        WeightsFile(f"{arch}.openai.safetensors", "open_clip", None, f"{open_clip_source}, open_clip_model.safetensors), renamed"),
+        WeightsFile(f"{arch}.openai.bin", "open_clip", None, f"{open_clip_source}, open_clip_pytorch_model.bin), renamed"),
+    ]
+
+
 class OaiClipVitB32(OaiClip):
     name = "oai-clip-vit-b32"
     arch = "ViT-B-32-quickgelu"
     output_fields = {"image": 512, "text": 512}
-    weights_files = [
-        WeightsFile(
-            "ViT-B-32.pt",
-            "openai-jit",
-            "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
-            f"{OPENAI_URL}/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
-        ),
-        WeightsFile(
-            "ViT-B-32-quickgelu.openai.safetensors",
-            "open_clip",
-            None,
-            "open_clip's 'ViT-B-32-quickgelu' / 'openai' checkpoint (hf-hub timm/vit_base_patch32_clip_224.openai, "
-            "open_clip_model.safetensors), renamed",
-        ),
-        WeightsFile(
-            "ViT-B-32-quickgelu.openai.bin",
-            "open_clip",
-            None,
-            "open_clip's 'ViT-B-32-quickgelu' / 'openai' checkpoint (open_clip_pytorch_model.bin), renamed",
-        ),
-    ]
+    weights_files = openai_clip_weights(arch, "ViT-B-32.pt", "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
+                                        "timm/vit_base_patch32_clip_224.openai")
 
 
 class OaiClipVitL14(OaiClip):
     name = "oai-clip-vit-l14"
     arch = "ViT-L-14-quickgelu"
     output_fields = {"image": 768, "text": 768}
-    weights_files = [
-        WeightsFile(
-            "ViT-L-14.pt",
-            "openai-jit",
-            "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836",
-            f"{OPENAI_URL}/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
-        ),
-        WeightsFile(
-            "ViT-L-14-quickgelu.openai.safetensors",
-            "open_clip",
-            None,
-            "open_clip's 'ViT-L-14-quickgelu' / 'openai' checkpoint (hf-hub timm/vit_large_patch14_clip_224.openai, "
-            "open_clip_model.safetensors), renamed",
-        ),
-        WeightsFile(
-            "ViT-L-14-quickgelu.openai.bin",
-            "open_clip",
-            None,
-            "open_clip's 'ViT-L-14-quickgelu' / 'openai' checkpoint (open_clip_pytorch_model.bin), renamed",
-        ),
-    ]
+    weights_files = openai_clip_weights(arch, "ViT-L-14.pt", "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836",
+                                        "timm/vit_large_patch14_clip_224.openai")
