@@ -28,7 +28,7 @@ from d2m_core.models.isc import DEDUP_REFERENCE_FILES, dedup_scores, load_refere
 from d2m_core.scores import ClipScorer, FunctionScorer, Scorer
 from d2m_core.shards import ShardRef
 from d2m_core.weights import resolve_weights, weights_dir
-from d2m_core.validation import CheckOutcome, check_shard, score_quantiles
+from d2m_core.validation import CheckOutcome, inspect_shard
 from d2m_core.writers import write_datacomp_files
 
 log = logging.getLogger(__name__)
@@ -146,8 +146,7 @@ def process_shards(
                 outcome.weights += scorer.weights
             if metadata:
                 outcome.paths |= write_shard_metadata(config, outcome.stem)
-                outcome.checks = check_shard(config, outcome.stem)
-                outcome.quantiles = score_quantiles(config, outcome.stem)
+                outcome.checks, outcome.quantiles = inspect_shard(config, outcome.stem)
         except Exception as err:  # this shard fails with its reason; the others go on
             log.exception("shard %s failed", outcome.stem)
             outcome.error = f"{type(err).__name__}: {err}"

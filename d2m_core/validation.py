@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from d2m_core import catalog, storage
 from d2m_core.config import D2MConfig
@@ -34,8 +35,9 @@ def _score_columns(config: D2MConfig) -> dict[str, str]:
             for n in config.postprocess_columns if n in SCORE_RANGES}
 
 
-def check_shard(config: D2MConfig, stem: str) -> list[CheckOutcome]:
-    """Row count, uids, features, score ranges and failure rate of one shard's written files."""
+def inspect_shard(config: D2MConfig, stem: str) -> tuple[list[CheckOutcome], dict[str, float]]:
+    """The checks (row count, uids, features, score ranges, failure rate) and score quantiles of one shard's
+    written files, each file read once."""
     out = config.output_metadata_dir
     log = storage.read_json(storage.join(out, f"{stem}.json"))
     samples = storage.read_parquet(storage.join(config.artifacts_root, catalog.SAMPLES, f"{stem}.parquet"))
@@ -86,20 +88,15 @@ def check_shard(config: D2MConfig, stem: str) -> list[CheckOutcome]:
     outcomes.append(CheckOutcome("failure_rate", rate <= config.max_failure_rate,
                                  f"failed samples at most {config.max_failure_rate:.0%} of the tar",
                                  {"failure_rate": round(rate, 4), "threshold": config.max_failure_rate}))
-    return outcomes
+    return outcomes, score_quantiles(config, table)
 
 
-def score_quantiles(config: D2MConfig, stem: str) -> dict[str, float]:
-    """p05/p50/p95 of each score column, for plots over partitions."""
-    parquet_url = storage.join(config.output_metadata_dir, f"{stem}.parquet")
-    if not storage.exists(parquet_url):
-        return {}
-    table = storage.read_parquet(parquet_url)
+def score_quantiles(config: D2MConfig, table: pa.Table | None) -> dict[str, float]:
+    """p05/p50/p95 of each score column of the shard's parquet, for plots over partitions."""
     result: dict[str, float] = {}
-    for name in config.postprocess_columns:
-        column = catalog.output_name(name, feature=False).column(config.use_datacomp_keys)
-        if name not in SCORE_RANGES or column not in table.column_names or table.num_rows == 0:
-            continue
+    if table is None or table.num_rows == 0:
+        return result
+    for column in _score_columns(config).values():
         values = table.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
         for q in (5, 50, 95):
             result[f"{column}/p{q:02d}"] = round(float(np.percentile(values, q)), 5)
