@@ -4,6 +4,7 @@ and their checks (`process_shards`), and the dedup reference set (`store_referen
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections import deque
@@ -226,9 +227,8 @@ def score_shard(config: D2MConfig, stem: str, score_asset: str, scorer: Scorer) 
     return url
 
 
-def model_outputs(config: D2MConfig, model: str, stem: str) -> Any:
-    """A model's stored outputs for one shard in the seed's shape (a tensor, or a tuple of them)."""
-    arrays = storage.read_npz(artifact_url(config, catalog.MODEL_ASSETS[model], stem, "npz"))
+def model_outputs(model: str, arrays: dict[str, np.ndarray]) -> Any:
+    """A model's stored outputs for one shard (its asset's npz) in the seed's shape: a tensor, or a tuple."""
     names = sorted({k.split(".")[0] for k in arrays}, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else k))
     declared = list(getattr(model_class(model), "output_fields", {}) or names)
     values = tuple(_as_tensor(storage.unpack_field(arrays, n)) for n in declared)
@@ -247,10 +247,15 @@ def write_shard_metadata(config: D2MConfig, stem: str) -> dict[str, str]:
             stats_record["weights"] += storage.read_json(artifact_url(config, asset, stem, "json"))["weights"]
     samples = storage.read_parquet(artifact_url(config, catalog.SAMPLES, stem, "parquet"))
 
+    @functools.cache
+    def arrays(asset: str) -> dict[str, np.ndarray]:  # each stored file read (and decompressed) once
+        return storage.read_npz(artifact_url(config, asset, stem, "npz"))
+
     def load(asset: str, field_name: str) -> np.ndarray | list:
-        return storage.unpack_field(storage.read_npz(artifact_url(config, asset, stem, "npz")), field_name)
+        return storage.unpack_field(arrays(asset), field_name)
 
     def outputs() -> dict[str, Any]:
-        return {m: model_outputs(config, m, stem) for m in config.models if catalog.MODEL_ASSETS.get(m) in catalog.FEATURE_ASSETS}
+        return {m: model_outputs(m, arrays(catalog.MODEL_ASSETS[m])) for m in config.models
+                if catalog.MODEL_ASSETS.get(m) in catalog.FEATURE_ASSETS}
 
     return write_datacomp_files(config, stem, samples, stats_record, load, outputs)
