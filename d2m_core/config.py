@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 REQUIRED_FIELDS = ("models", "nworkers", "batch_size", "device", "input_tars", "output_metadata_dir")
 SEED_OPTIONAL_FIELDS = (
@@ -21,11 +21,66 @@ SEED_OPTIONAL_FIELDS = (
     "logging",
     "warn_and_continue",
 )
-D2M_FIELDS = ("weights_dir", "precision", "artifacts_dir", "max_failure_rate", "gpu_decode")
+D2M_FIELDS = ("weights_dir", "precision", "artifacts_dir", "max_failure_rate", "gpu_decode", "filters", "filter_cron",
+              "reshard")
 
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the offending field."""
+
+
+BASELINES = ("no_filter", "basic_filter", "text_based", "image_based", "image_based_intersect_clip_score",
+             "clip_score", "laion2b")  # DataComp's baselines.py --name choices
+SCALES = ("small", "medium", "large", "xlarge")  # --image_based_scale: whose pool centroids
+
+
+class FilterSpec(BaseModel):
+    """One DataComp filtering baseline (baselines.py's flags), materialized as the asset `asset`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Literal["no_filter", "basic_filter", "text_based", "image_based", "image_based_intersect_clip_score",
+                  "clip_score", "laion2b"]
+    threshold: float | None = None
+    fraction: float | None = Field(default=None, ge=0.0, le=1.0)
+    arch: Literal["b32", "l14"] | None = None
+    image_based_scale: Literal["small", "medium", "large", "xlarge"] | None = None
+    batch_size: int = Field(default=1024, gt=0)  # image_based: samples per nearest-centroid batch
+    asset: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_]+$")  # the asset's name; default: `name`
+    save_path: str | None = None  # also write the uid file here (default: <artifacts>/filters/<asset>.npy only)
+    data_files: dict[str, str | list[str]] = Field(default_factory=dict)  # data file name -> path, instead of weights_dir
+
+    @model_validator(mode="after")
+    def _datacomp_rules(self) -> FilterSpec:
+        """baselines.py's check_args, message for message."""
+        clip = "clip_score" in self.name
+        if self.name == "laion2b" and any(v is not None for v in (self.fraction, self.threshold, self.arch, self.image_based_scale)):
+            raise ValueError("laion2b does not support clip_score or image_based flags")
+        if clip and (self.fraction is None) == (self.threshold is None):
+            raise ValueError("clip_score baselines take exactly one of fraction or threshold")
+        if clip and self.arch is None:
+            raise ValueError("specify arch (b32 or l14) for clip_score baselines")
+        if not clip and any(v is not None for v in (self.fraction, self.threshold, self.arch)):
+            raise ValueError("fraction, threshold and arch are only used by clip_score baselines")
+        if ("image_based" in self.name) != (self.image_based_scale is not None):
+            raise ValueError("image_based_scale is required by, and only used by, the image_based baselines")
+        return self
+
+    @property
+    def asset_name(self) -> str:
+        return self.asset or self.name
+
+
+class ReshardSpec(BaseModel):
+    """Reshard the original tars to a filter's uid subset (DataComp's resharder.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    subset: str  # the `asset` name of one of `filters`
+    output_dir: str
+    shard_size: int = Field(default=10_000, gt=0)
+    apply_blur: bool = True
+    inject_blur_metadata: bool = True
 
 
 class D2MConfig(BaseModel):
@@ -54,6 +109,9 @@ class D2MConfig(BaseModel):
     artifacts_dir: str | None = None
     max_failure_rate: float = Field(default=0.1, ge=0.0, le=1.0)  # the failure_rate check's threshold
     gpu_decode: Literal["auto", "on", "off"] = "auto"  # decode/resize on the device: auto = on CUDA
+    filters: list[FilterSpec] = Field(default_factory=list)  # DataComp baselines as assets
+    filter_cron: str = "0 * * * *"  # how often filters made stale by new shards re-run
+    reshard: ReshardSpec | None = None
 
     @field_validator("postprocess_columns", "postprocess_features", mode="before")
     @classmethod
@@ -66,6 +124,16 @@ class D2MConfig(BaseModel):
         if not value:
             raise ValueError("input_tars is empty")
         return value
+
+    @model_validator(mode="after")
+    def _filters_named_once(self) -> D2MConfig:
+        names = [f.asset_name for f in self.filters]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"filters: asset name(s) {', '.join(repeated)} used twice: give each an `asset` name")
+        if self.reshard is not None and self.reshard.subset not in names:
+            raise ValueError(f"reshard.subset {self.reshard.subset!r} is none of the filters' assets ({', '.join(names) or 'none'})")
+        return self
 
     @property
     def artifacts_root(self) -> str:
@@ -117,6 +185,16 @@ def _resolve_relative_paths(data: dict[str, Any], base_dir: Path) -> dict[str, A
         value = data.get(key)
         if isinstance(value, str) and _is_local_relative(value):
             data[key] = os.path.normpath(base_dir / value)
+    local = lambda v: os.path.normpath(base_dir / v) if isinstance(v, str) and _is_local_relative(v) else v  # noqa: E731
+    if isinstance(data.get("reshard"), dict) and "output_dir" in data["reshard"]:
+        data["reshard"] = data["reshard"] | {"output_dir": local(data["reshard"]["output_dir"])}
+    if isinstance(data.get("filters"), list):
+        data["filters"] = [
+            f | {"save_path": local(f.get("save_path")),
+                 "data_files": {k: [local(x) for x in v] if isinstance(v, list) else local(v)
+                                for k, v in (f.get("data_files") or {}).items()}}
+            if isinstance(f, dict) else f
+            for f in data["filters"]]
     tars = data.get("input_tars")
     if isinstance(tars, str) and _is_local_relative(tars):
         data["input_tars"] = os.path.normpath(base_dir / tars)

@@ -13,6 +13,7 @@ never credentials.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import io
@@ -21,12 +22,13 @@ import logging
 import os
 import random
 import re
+import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import fsspec
 import numpy as np
@@ -112,6 +114,12 @@ def read_bytes(url: str, *, retry: RetryPolicy | None = None) -> bytes:
         with open(path, "rb") as fh:
             return fh.read()
     return _with_retries("read", url, lambda: fs.cat_file(path), retry)
+
+
+def open_read(url: str) -> IO[bytes]:
+    """A seekable binary file to read `url` in parts (parquet column chunks, npz members)."""
+    fs, path = _filesystem(url)
+    return fs.open(path, "rb")
 
 
 def exists(url: str, *, retry: RetryPolicy | None = None) -> bool:
@@ -405,3 +413,45 @@ def write_json(url: str, obj: Any) -> None:
 
 def read_json(url: str) -> Any:
     return json.loads(read_bytes(url))
+
+
+@contextlib.contextmanager
+def open_atomic(url: str, *, retry: RetryPolicy | None = None) -> Iterator[IO[bytes]]:
+    """A binary file to write `url` through, too big for memory (a tar): complete or absent, as
+    write_bytes_atomic. Local: a locked temporary file beside it, renamed on success. Object stores: a local
+    spool file, uploaded with one PUT (retried) on success. Removed if the block raises."""
+    fs, path = _filesystem(url)
+    local = _is_local(fs)
+    folder = os.path.dirname(path) if local else tempfile.gettempdir()
+    if local:
+        os.makedirs(folder, exist_ok=True)
+        _sweep_once(folder)
+    tmp = f"{path}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}" if local else os.path.join(folder, f"d2m-{uuid.uuid4().hex}{TMP_SUFFIX}")
+    try:
+        with open(tmp, "xb") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            yield fh
+            fh.flush()
+            if local:
+                os.fsync(fh.fileno())
+                os.replace(tmp, path)
+        if local:
+            _fsync_folder(folder)
+        else:
+            put_options = {"chunksize": SINGLE_PUT_LIMIT} if _protocol(fs) in ("s3", "s3a") else {}
+            _with_retries("write", url, lambda: fs.put_file(tmp, path, **put_options), retry)
+    except OSError as err:
+        if isinstance(err, StorageError):
+            raise
+        raise StorageError(err.errno, f"cannot write {_shown(url)}: {err.strerror or err}") from err
+    finally:
+        _remove_quietly(tmp)
+
+
+def remove(url: str, *, retry: RetryPolicy | None = None) -> None:
+    """Delete a file (local or object); an absent one is not an error."""
+    fs, path = _filesystem(url)
+    if _is_local(fs):
+        _remove_quietly(path)
+        return
+    _with_retries("remove", url, lambda: fs.rm_file(path) if fs.exists(path) else None, retry)
