@@ -10,8 +10,12 @@ under the same module name and API, built for current Pythons (the `gcld3` relea
 
 from __future__ import annotations
 
+import atexit
 import functools
+import shutil
+import tempfile
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -53,18 +57,34 @@ def gcld3_english(texts: Sequence[str]) -> np.ndarray:
     return np.array([identifier.FindLanguage(text=t.replace("\n", " ")).language == "en" for t in texts], bool)
 
 
+def _wordnet_reader(wordnet_path: Path):
+    """NLTK's WordNet reader over a `wordnet/` folder or NLTK's `wordnet.zip`, found as NLTK finds its own
+    corpus (`corpora/wordnet` on its data path: its reader looks itself up there), so the lookups are
+    DataComp's `nltk.corpus.wordnet` lookups."""
+    import nltk.data
+    from nltk.corpus.reader.wordnet import WordNetCorpusReader
+    from nltk.corpus.util import LazyCorpusLoader
+
+    target = wordnet_path.resolve()
+    root = Path(tempfile.mkdtemp(prefix="d2m-nltk-"))
+    atexit.register(shutil.rmtree, root, True)
+    (root / "corpora").mkdir()
+    (root / "corpora" / ("wordnet.zip" if target.is_file() else "wordnet")).symlink_to(target)
+    nltk.data.path.insert(0, str(root))
+    if str(target.parent) not in nltk.data.path:  # NLTK reads only below its data paths: trust the configured one
+        nltk.data.path.append(str(target.parent))
+    with warnings.catch_warnings():  # "multilingual functions are not available": not used here
+        warnings.simplefilter("ignore")
+        reader = LazyCorpusLoader("wordnet", WordNetCorpusReader, None)
+        reader.ensure_loaded()
+    return reader
+
+
 class WordNetEntities:
     """`contains(texts)`: whether a caption names one of the entity synsets (by offset), as DataComp's text filter."""
 
     def __init__(self, wordnet_path: Path, entity_ids_path: Path) -> None:
-        from nltk.corpus.reader.wordnet import WordNetCorpusReader
-        from nltk.data import FileSystemPathPointer, ZipFilePathPointer
-
-        if wordnet_path.is_dir():
-            root = FileSystemPathPointer(str(wordnet_path))
-        else:
-            root = ZipFilePathPointer(str(wordnet_path), "wordnet/")
-        self._reader = WordNetCorpusReader(root, None)
+        self._reader = _wordnet_reader(wordnet_path)
         lines = [x.strip() for x in entity_ids_path.read_text().splitlines()]
         self.entities = frozenset(int(x[1:]) for x in lines if x)  # "n01440764" -> 1440764
         self._lock = threading.Lock()
