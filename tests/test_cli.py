@@ -77,7 +77,8 @@ def test_d2m_weights_lists_and_verifies(tmp_path: Path) -> None:
     assert listing.returncode == 0
     assert f"{tmp_path}/ViT-B-32.pt" in listing.stdout and "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af" in listing.stdout
     for name in ("ViT-L-14.pt", "nsfw_torch.pt", "multilingual_debiased-0b549669.ckpt", "isc_ft_v107.pth.tar",
-                 "scrfd_10g_bnkps.onnx", "eval_dedup_embeddings.pt", "xlm-roberta-base/"):
+                 "scrfd_10g_bnkps.onnx", "eval_dedup_embeddings.pt", "xlm-roberta-base/",
+                 "lid.176.bin", "imagenet21k_wordnet_ids.txt", "in1k_clip_vit_l14_4.pt", "small_centroids_l14.pt"):
         assert name in listing.stdout
     (tmp_path / "ViT-B-32.pt").write_bytes(b"corrupt")
     verify = run_cli(["d2m", "weights", "verify", "--dir", str(tmp_path)], {"D2M_RANDOM_WEIGHTS": ""}, tmp_path)

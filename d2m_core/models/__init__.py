@@ -63,7 +63,10 @@ def resolve_model_weights(name: str, configured_dir: str | None = None) -> Resol
 
 
 def weights_inventory(configured_dir: str | None = None) -> list[dict[str, str | None]]:
-    """Every file each built-in model needs: name, sha256, where it goes, where users get it."""
+    """Every file each built-in model (and each filtering baseline) needs: name, sha256, where it goes, where
+    users get it."""
+    from d2m_core.filter_files import data_files_inventory
+
     directory = weights_dir(configured_dir)
     rows: list[dict[str, str | None]] = []
     for cls in BUILTIN_MODELS:
@@ -73,7 +76,7 @@ def weights_inventory(configured_dir: str | None = None) -> list[dict[str, str |
         for extra in getattr(cls, "extra_files", []):
             rows.append({"model": cls.name, "file": extra, "format": "folder", "sha256": None,
                          "path": str(directory / extra.split(" ")[0]), "source": None})
-    return rows
+    return rows + data_files_inventory(configured_dir)
 
 
 def create_model(name: str, device: torch.device, dtype: torch.dtype, weights: ResolvedWeights) -> Any:
