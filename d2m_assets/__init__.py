@@ -1,7 +1,34 @@
-"""d2m_assets: the Dagster asset graph over d2m_core (`dagster ... -m d2m_assets` loads `defs`)."""
+"""d2m_assets: the Dagster asset graph over d2m_core (`dagster ... -m d2m_assets` loads `defs`).
 
-from d2m_assets.definitions import build_definitions, config_path
+`defs` is built on first access (PEP 562), so `d2m --help` and config errors do not import dagster.
+"""
 
-defs = build_definitions(config_path())
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __all__ = ["build_definitions", "defs"]
+
+if TYPE_CHECKING:
+    from dagster import Definitions
+
+    from d2m_assets.definitions import build_definitions
+
+    defs: Definitions
+
+
+def __getattr__(name: str) -> Any:
+    if name == "build_definitions":
+        from d2m_assets.definitions import build_definitions
+
+        return build_definitions
+    if name == "defs":
+        from d2m_assets.definitions import build_definitions, config_path
+
+        value = globals()["defs"] = build_definitions(config_path())
+        return value
+    raise AttributeError(f"module 'd2m_assets' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

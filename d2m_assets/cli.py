@@ -1,4 +1,8 @@
-"""The `d2m` command: run (the seed's workflow), make-shards, demo, bench."""
+"""The `d2m` command: run (the seed's workflow), register, make-shards, demo, weights, bench.
+
+Heavy libraries (torch, open_clip, dagster) are imported inside the command that uses them, so `--help`
+and config errors answer at once.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +16,52 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
+RUN_DESCRIPTION = """\
+Process every shard of a dataset2metadata yml: register each tar of input_tars as a partition in the
+Dagster instance at $DAGSTER_HOME, then materialize the assets the yml asks for, tars_per_wds shards per
+Dagster run. Every weights file is verified first. Progress is shown live on a terminal, as a line every
+--progress-every seconds otherwise, then a summary; the runs appear in the Dagster UI like any other.
+
+reprocess: false (or absent) skips the shards whose requested assets Dagster has already materialized
+(state in the instance, not files on disk), so rerunning after a failure processes exactly what is
+missing; reprocess: true recomputes every shard.
+
+exit status: 0 all shards done, 1 a shard or run failed (named above the summary), 2 a config, weights or
+input error (one line saying which file or field)."""
+
+ENVIRONMENT = """\
+environment:
+  DAGSTER_HOME         the Dagster instance folder (d2m run: default ./.dagster_home, created)
+  D2M_CONFIG           the yml the Dagster definitions load (dagster dev, daemon, dagster asset materialize);
+                       d2m run and d2m register use --yml
+  D2M_WEIGHTS_DIR      the weights folder when the yml has no weights_dir (default ~/.cache/d2m/weights)
+  D2M_RANDOM_WEIGHTS   1: run the same models with random weights (tests, demos); outputs say 'weights: random'
+  D2M_PROGRESS_INTERVAL_S  seconds between progress lines when not on a terminal and in the run log (30)"""
+
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from d2m_core.config import load_config
+
+    load_config(args.yml)  # a config error answers before torch and dagster are imported
+    from d2m_assets.display import RunDisplay
     from d2m_assets.runner import run_config_file
 
-    summary = run_config_file(args.yml)
+    with RunDisplay(sys.stdout, interval_s=args.progress_every) as display:
+        summary = run_config_file(args.yml, echo=display.echo)
+    display.print_summary(summary)
     return 0 if summary.ok else 1
+
+
+def _cmd_register(args: argparse.Namespace) -> int:
+    from d2m_core.config import load_config
+
+    load_config(args.yml)
+    from d2m_assets.registration import register_config_shards
+
+    registered = register_config_shards(args.yml)
+    print(f"{len(registered.stems)} shard(s) of {args.yml} registered as partitions of '{registered.partitions}' "
+          f"in the instance at {registered.home} ({registered.added} new)")
+    return 0
 
 
 def _cmd_make_shards(args: argparse.Namespace) -> int:
@@ -38,28 +82,37 @@ def _cmd_make_shards(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from d2m_assets.display import RunDisplay
     from d2m_assets.runner import run_config_file
-    from d2m_core import load_config
+    from d2m_core.config import load_config
     from d2m_core.synth import make_shards
 
+    os.chdir(REPO)  # the demo yml's relative paths are relative to the repo root, as the seed resolves them
     config_file = REPO / "configs" / "demo.yml"
     shard_dir = REPO / ".demo" / "shards"
     if not any(shard_dir.glob("*.tar")):
         print(f"making demo shards in {shard_dir}")
         make_shards(shard_dir, shards=args.shards, samples=args.samples)
-    summary = run_config_file(config_file)
+    with RunDisplay(sys.stdout, interval_s=args.progress_every) as display:
+        summary = run_config_file(config_file, echo=display.echo)
+    display.print_summary(summary)
     out = load_config(config_file).output_metadata_dir
-    print(f"\noutputs in {out}: {{shard}}.parquet, {{shard}}.npz, {{shard}}.json")
-    print(f"  python -c \"import pandas as pd; print(pd.read_parquet('{out}/{summary.shards[0]}.parquet'))\"")
-    print(f"Dagster UI: DAGSTER_HOME={os.environ['DAGSTER_HOME']} D2M_CONFIG={config_file} .venv/bin/dagster dev -w {REPO / 'workspace.yaml'}")
+    python = REPO / ".venv" / "bin" / "python"
+    print(f"\noutputs in {out}: {{shard}}.parquet, {{shard}}.npz, {{shard}}.json; look at one:")
+    print(f"  {python} -c \"import pandas as pd; print(pd.read_parquet('{out}/{summary.shards[0]}.parquet'))\"")
+    print("Dagster UI (on this machine only, http://127.0.0.1:3000):")
+    print(f"  DAGSTER_HOME={os.environ['DAGSTER_HOME']} D2M_CONFIG={config_file} D2M_RANDOM_WEIGHTS=1 "
+          f"{REPO / '.venv' / 'bin' / 'dagster'} dev -h 127.0.0.1 -w {REPO / 'workspace.yaml'}")
     return 0 if summary.ok else 1
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from d2m_core import expand_shards, load_config
-    from d2m_core.bench import run_benchmark
+    from d2m_core.config import load_config
 
     config = load_config(args.yml)
+    from d2m_core.bench import run_benchmark
+    from d2m_core.shards import expand_shards
+
     updates = {k: v for k, v in (("device", args.device), ("precision", args.precision), ("gpu_decode", args.gpu_decode))
                if v is not None}
     config = config.model_copy(update=updates)
@@ -74,13 +127,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_weights(args: argparse.Namespace) -> int:
-    from d2m_core import load_config
+    from d2m_core.config import load_config
+
+    config = load_config(args.yml) if args.yml else None
+    directory = args.dir or (config.weights_dir if config else None)
+    if args.action == "download":
+        from d2m_core.download import download_missing
+
+        return 1 if download_missing(config.models if config else None, directory, base_url=args.base_url) else 0
     from d2m_core.models import list_models, resolve_model_weights, weights_inventory
     from d2m_core.models.isc import DEDUP_REFERENCE_FILES
     from d2m_core.pipeline import REFERENCE_MODEL
     from d2m_core.weights import WeightsError, random_weights_enabled, resolve_weights, weights_dir
 
-    directory = args.dir or (load_config(args.yml).weights_dir if args.yml else None)
     if args.action == "list":
         print(f"weights folder: {weights_dir(directory)} (weights_dir in the yml, or $D2M_WEIGHTS_DIR)")
         for row in weights_inventory(directory):
@@ -93,7 +152,7 @@ def _cmd_weights(args: argparse.Namespace) -> int:
     if random_weights_enabled():
         print("d2m: D2M_RANDOM_WEIGHTS is set: unset it to verify real weights", file=sys.stderr)
         return 2
-    models = load_config(args.yml).models if args.yml else list_models()
+    models = config.models if config else list_models()
     checks = {m: (lambda m=m: resolve_model_weights(m, directory)) for m in models}
     if "dedup-isc-ft-v107" in models:
         checks[REFERENCE_MODEL] = lambda: resolve_weights(REFERENCE_MODEL, DEDUP_REFERENCE_FILES, weights_dir(directory))
@@ -109,69 +168,162 @@ def _cmd_weights(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="d2m", description="DataComp metadata as Dagster assets")
-    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="on an error, print the full traceback too")
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="d2m", description="DataComp metadata (dataset2metadata) as Dagster assets",
+                                     epilog=ENVIRONMENT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="process the shards of a seed-format yml (registers partitions, materializes)")
-    run.add_argument("--yml", required=True, help="the config (the seed's yml format)")
+    run = sub.add_parser("run", parents=[common], help="process the shards of a seed-format yml (the seed's workflow)",
+                         description=RUN_DESCRIPTION, epilog=ENVIRONMENT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--yml", required=True, help="the config, in dataset2metadata's yml format")
+    run.add_argument("--progress-every", type=float, default=None, metavar="S",
+                     help="seconds between progress lines when stdout is not a terminal "
+                          "(default: $D2M_PROGRESS_INTERVAL_S or 30)")
     run.set_defaults(func=_cmd_run)
 
-    make = sub.add_parser("make-shards", help="write img2dataset-format test shards from bundled photos")
-    make.add_argument("out")
-    make.add_argument("--shards", type=int, default=2)
-    make.add_argument("--samples", type=int, default=32)
-    make.add_argument("--seed", type=int, default=0)
-    make.add_argument("--start", type=int, default=0, help="index of the first shard")
-    make.add_argument("--max-side", type=int, default=512)
-    make.add_argument("--jpeg-quality", type=int, default=95)
+    register = sub.add_parser(
+        "register", parents=[common], help="register a yml's shards as partitions, without running them",
+        description="Register every tar of the yml's input_tars as a partition in the Dagster instance at "
+                    "$DAGSTER_HOME (which must be set), so that `dagster asset materialize --partition SHARD` "
+                    "and UI backfills can select them. Nothing is computed.")
+    register.add_argument("--yml", required=True, help="the config, in dataset2metadata's yml format")
+    register.set_defaults(func=_cmd_register)
+
+    make = sub.add_parser("make-shards", parents=[common], formatter_class=defaults,
+                          help="write img2dataset-format test shards from bundled photos",
+                          description="Write img2dataset-format webdataset tars (jpg, txt, json with uid, "
+                                      "NNNNN_stats.json) made from photos bundled with scikit-image.")
+    make.add_argument("out", help="folder to write the tars into (created)")
+    make.add_argument("--shards", type=int, default=2, help="number of tars")
+    make.add_argument("--samples", type=int, default=32, help="samples per tar")
+    make.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
+    make.add_argument("--start", type=int, default=0, help="index of the first shard (its file name)")
+    make.add_argument("--max-side", type=int, default=512, help="longest image side in pixels")
+    make.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality, 1-100")
     make.add_argument("--faults", action="store_true",
                       help="write the corpus of faulty shards (bad images, broken tars, ...) and faults.json instead")
     make.set_defaults(func=_cmd_make_shards)
 
-    demo = sub.add_parser("demo", help="make demo shards and materialize the basic assets for them")
-    demo.add_argument("--shards", type=int, default=3)
-    demo.add_argument("--samples", type=int, default=24)
+    demo = sub.add_parser("demo", parents=[common], formatter_class=defaults,
+                          help="make demo shards and materialize the basic assets for them",
+                          description="Make small shards in .demo/shards, run configs/demo.yml on them "
+                                      "(random weights via `make demo`) and print how to look at the outputs and the UI.")
+    demo.add_argument("--shards", type=int, default=3, help="number of demo tars")
+    demo.add_argument("--samples", type=int, default=24, help="samples per demo tar")
+    demo.add_argument("--progress-every", type=float, default=None, metavar="S",
+                      help="seconds between progress lines when stdout is not a terminal")
     demo.set_defaults(func=_cmd_demo)
 
-    weights = sub.add_parser("weights", help="list the weights files each model needs, or verify a folder of them")
-    weights.add_argument("action", nargs="?", choices=["list", "verify"], default="list")
-    weights.add_argument("--dir", default=None, help="the weights folder (default: $D2M_WEIGHTS_DIR or ~/.cache/d2m/weights)")
+    weights = sub.add_parser(
+        "weights", parents=[common], help="list, download or verify the weights files each model needs",
+        description="list: every file, its sha256, where it goes and where to get it. download: fetch the missing "
+                    "files from their sources (resumable, sha256-verified before they are moved into place). "
+                    "verify: check a folder (exit 1 if anything is missing or corrupt).")
+    weights.add_argument("action", nargs="?", choices=["list", "download", "verify"], default="list")
+    weights.add_argument("--dir", default=None, help="the weights folder (default: the yml's weights_dir, "
+                                                     "$D2M_WEIGHTS_DIR or ~/.cache/d2m/weights)")
     weights.add_argument("--yml", default=None, help="only the models of this config (and its weights_dir)")
+    weights.add_argument("--base-url", default=None,
+                         help="download: fetch every file from BASE_URL/<file name> instead of its source (a mirror); "
+                              "default $D2M_WEIGHTS_BASE_URL")
     weights.set_defaults(func=_cmd_weights)
 
-    bench = sub.add_parser("bench", help="print throughput as JSON lines")
-    bench.add_argument("--yml", required=True)
+    bench = sub.add_parser("bench", parents=[common], formatter_class=defaults, help="print throughput as JSON lines")
+    bench.add_argument("--yml", required=True, help="the config to measure")
     bench.add_argument("--shards", required=True, help="folder of tars (made with make-shards if empty)")
     bench.add_argument("--device", default=None, help="override the yml's device ('cpu', 0, 'cuda:1')")
-    bench.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default=None)
+    bench.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default=None, help="override the yml's precision")
     bench.add_argument("--gpu-decode", choices=["auto", "on", "off"], default=None, help="override the yml's gpu_decode")
     bench.add_argument("--make-shards", type=int, default=2, help="shards to make when the folder is empty")
-    bench.add_argument("--make-samples", type=int, default=256)
+    bench.add_argument("--make-samples", type=int, default=256, help="samples per shard made")
     bench.add_argument("--repeats", type=int, default=3, help="model-only passes over one batch")
     bench.set_defaults(func=_cmd_bench)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    warnings.filterwarnings("ignore", message=".*is currently in beta.*")
-    args = build_parser().parse_args(argv)
-    from d2m_assets.resources import PartitionNotInInputError
-    from d2m_core.catalog import UnknownOutputError
-    from d2m_core.config import ConfigError
-    from d2m_core.models import UnknownModelError
-    from d2m_core.plugins import PluginError
-    from d2m_core.shards import ShardListError
-    from d2m_core.storage import StorageError
-    from d2m_core.weights import WeightsError
+# Errors a user can fix, each with a message naming the field, file or shard at fault: (module, class).
+# A class whose module was never imported cannot have been raised, so only loaded modules are consulted.
+USER_ERRORS = (
+    ("d2m_core.config", "ConfigError"),
+    ("d2m_core.shards", "ShardListError"),
+    ("d2m_core.weights", "WeightsError"),
+    ("d2m_core.catalog", "UnknownOutputError"),
+    ("d2m_core.models", "UnknownModelError"),
+    ("d2m_core.plugins", "PluginError"),
+    ("d2m_core.storage", "StorageError"),
+    ("d2m_core.download", "DownloadError"),
+    ("d2m_assets.resources", "PartitionNotInInputError"),
+    ("d2m_assets.registration", "InstanceError"),
+)
 
-    user_errors = (ConfigError, ShardListError, WeightsError, UnknownOutputError, UnknownModelError,
-                   PluginError, PartitionNotInInputError, StorageError)
+
+def user_error_message(err: BaseException) -> str | None:
+    """The one line to print for an error the user can fix, or None for a bug."""
+    for module, name in USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(err, cls):
+            return str(err)
+    dagster_errors = sys.modules.get("dagster._core.errors")
+    if dagster_errors is not None:
+        from d2m_assets.registration import dagster_error_message
+
+        return dagster_error_message(err)
+    return None
+
+
+def _quiet_library_noise() -> None:
+    """Warnings that say nothing actionable to a d2m user (kept in the run log where Dagster records them)."""
+    warnings.filterwarnings("ignore", message=".*is currently in beta.*")
+    warnings.filterwarnings("ignore", message=".*is currently in preview.*")
+
+
+class _Once(logging.Filter):
+    """Each distinct message once on the terminal (a model warns at the preflight and again in each run;
+    the Dagster run logs keep every occurrence)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[str, int, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+def _terminal_logging() -> None:
+    """Warnings and errors of any library on stderr, each once; INFO stays in the run logs."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(logging.WARNING)  # loggers Dagster raises to INFO (python_log_level) stay quiet here
+        handler.addFilter(_Once())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _terminal_logging()
+    _quiet_library_noise()
+    if args.debug:  # Dagster's own event lines on the terminal too
+        os.environ.setdefault("D2M_CONSOLE_LOG_LEVEL", "DEBUG")
     try:
         return args.func(args)
-    except user_errors as err:  # each names the field, file or shard at fault
-        print(f"d2m: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("d2m: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the CLI's one place that turns errors into one line
+        if args.debug:
+            raise
+        message = user_error_message(err)
+        if message is not None:
+            print(f"d2m: error: {message}", file=sys.stderr)
+            return 2
+        print(f"d2m: error: {type(err).__name__}: {err} (run again with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,19 +1,42 @@
-"""d2m_core: DataComp metadata computation as a plain library (no Dagster)."""
+"""d2m_core: DataComp metadata computation as a plain library (no Dagster).
 
-from d2m_core.config import ConfigError, D2MConfig, load_config, parse_config
-from d2m_core.models import create_model, list_models
-from d2m_core.pipeline import ShardOutcome, process_shards
-from d2m_core.shards import ShardRef, expand_shards
+The public names load on first use (PEP 562), so `import d2m_core.config` does not import torch.
+"""
 
-__all__ = [
-    "ConfigError",
-    "D2MConfig",
-    "ShardOutcome",
-    "ShardRef",
-    "create_model",
-    "expand_shards",
-    "list_models",
-    "load_config",
-    "parse_config",
-    "process_shards",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "ConfigError": "d2m_core.config",
+    "D2MConfig": "d2m_core.config",
+    "load_config": "d2m_core.config",
+    "parse_config": "d2m_core.config",
+    "create_model": "d2m_core.models",
+    "list_models": "d2m_core.models",
+    "ShardOutcome": "d2m_core.pipeline",
+    "process_shards": "d2m_core.pipeline",
+    "ShardRef": "d2m_core.shards",
+    "expand_shards": "d2m_core.shards",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from d2m_core.config import ConfigError, D2MConfig, load_config, parse_config
+    from d2m_core.models import create_model, list_models
+    from d2m_core.pipeline import ShardOutcome, process_shards
+    from d2m_core.shards import ShardRef, expand_shards
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'd2m_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

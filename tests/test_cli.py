@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -57,13 +59,11 @@ def test_dagster_cli_materializes_a_partition(shard_dir: Path, write_config, tmp
     home = tmp_path / "home"
     home.mkdir()
     env = {"DAGSTER_HOME": str(home), "D2M_CONFIG": str(config)}
-    from dagster import DagsterInstance
-
-    os.environ["DAGSTER_HOME"] = str(home)
-    try:
-        DagsterInstance.get().add_dynamic_partitions("shards", ["00000", "00001"])
-    finally:
-        del os.environ["DAGSTER_HOME"]
+    unset = run_cli(["d2m", "register", "--yml", str(config)], {"DAGSTER_HOME": ""}, tmp_path)
+    assert unset.returncode == 2 and unset.stderr.startswith("d2m: error: DAGSTER_HOME is not set")
+    assert len(unset.stderr.splitlines()) == 1
+    registered = run_cli(["d2m", "register", "--yml", str(config)], env, tmp_path)  # the README's CI recipe
+    assert registered.returncode == 0 and "2 shard(s)" in registered.stdout and "(2 new)" in registered.stdout
     result = run_cli(["dagster", "asset", "materialize", "-m", "d2m_assets", "--select",
                       "clip_b32_features,clip_b32_scores", "--partition", "00001"], env, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -91,3 +91,52 @@ def test_missing_weights_stop_d2m_run_before_any_shard(shard_dir: Path, write_co
     result = run_cli(["d2m", "run", "--yml", str(config)], {"DAGSTER_HOME": str(tmp_path / "h"), "D2M_RANDOM_WEIGHTS": ""}, tmp_path)
     assert result.returncode == 2 and str(tmp_path / "weights" / "ViT-B-32.pt") in result.stderr
     assert not (tmp_path / "metadata").exists() and not (tmp_path / "h").exists()
+
+
+HEAVY = ("torch", "dagster", "open_clip", "pandas", "pyarrow")
+
+
+def _in_process(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """Run d2m's main in a fresh interpreter and print which heavy libraries it imported."""
+    code = ("import sys\nfrom d2m_assets.cli import main\ntry:\n    rc = main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    rc = e.code\nprint('heavy:', [m for m in %r if m in sys.modules])\nsys.exit(rc)" % (HEAVY,))
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+
+
+def test_help_and_config_errors_import_no_heavy_library(tmp_path: Path) -> None:
+    top = _in_process(["--help"], tmp_path)
+    assert top.returncode == 0 and "heavy: []" in top.stdout and "register" in top.stdout
+    run_help = _in_process(["run", "--help"], tmp_path)
+    assert run_help.returncode == 0 and "heavy: []" in run_help.stdout
+    for words in ("DAGSTER_HOME", "D2M_CONFIG", "D2M_WEIGHTS_DIR", "D2M_RANDOM_WEIGHTS", "reprocess: false"):
+        assert words in run_help.stdout
+    make_help = _in_process(["make-shards", "--help"], tmp_path)
+    assert "(default: 32)" in make_help.stdout and "(default: 95)" in make_help.stdout
+    bad = tmp_path / "bad.yml"
+    bad.write_text("models: [oai-clip-vit-b32]\nnworkers: 1\nbatch_size: 1\ndevice: cpu\ninput_tars: x.tar\ngpu_decode: off\n")
+    error = _in_process(["run", "--yml", str(bad)], tmp_path)
+    assert error.returncode == 2 and "heavy: []" in error.stdout
+    assert error.stderr == "d2m: error: missing required yml field: output_metadata_dir\n"
+
+
+def test_d2m_run_shows_progress_and_a_summary_off_a_terminal(shard_dir: Path, write_config, tmp_path: Path) -> None:
+    """Not a terminal: progress lines at the interval, the summary; the run log holds INFO progress lines."""
+    home = tmp_path / "home"
+    config = write_config(shard_dir, tars_per_wds=2, batch_size=4)
+    result = run_cli(["d2m", "run", "--yml", str(config), "--progress-every", "0.2"], {"DAGSTER_HOME": str(home)}, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "progress: " in result.stdout and "/2 shards done" in result.stdout
+    assert "d2m run: 2 shard(s) processed, 0 skipped (already materialized), 0 failed; 17 samples" in result.stdout
+    assert "Model initialized randomly" not in result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
+    assert warnings and len(warnings) == len(set(warnings))  # each warning once
+    from dagster import DagsterInstance
+
+    os.environ["DAGSTER_HOME"] = str(home)
+    try:
+        instance = DagsterInstance.get()
+        run = instance.get_runs(limit=1)[0]
+        infos = [e.user_message for e in instance.all_logs(run.run_id) if e.level == 20 and "shard 0000" in e.user_message]
+    finally:
+        del os.environ["DAGSTER_HOME"]
+    assert any("shard 00001 done" in m and "samples/s" in m for m in infos), infos
