@@ -13,14 +13,18 @@ from dagster import AssetKey, DagsterInstance, materialize
 
 from d2m_assets.definitions import DEFAULT_TARS_PER_RUN, build_definitions
 from d2m_assets.partitions import GPU_POOL, SHARDS
+from d2m_assets.progress import RunPlan, publish, run_failure_line
 from d2m_assets.recovery import mark_abandoned_runs, owner_tags
+from d2m_assets.yml_paths import record_base_dir
 from d2m_core.gpus import gpu_count
 from d2m_core import catalog, expand_shards, load_config
 from d2m_core.pipeline import selected_assets, shard_stats, verify_weights
 
-REPO_DAGSTER_YAML = Path(__file__).resolve().parent.parent / "dagster.yaml"
+REPO_DAGSTER_YAML = Path(__file__).resolve().parent.parent / "deploy" / "dagster.yaml"
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
-LOG_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+# The run log (event storage) keeps everything; the terminal shows d2m's display, and Dagster's console
+# logger only what is critical (D2M_CONSOLE_LOG_LEVEL=INFO shows Dagster's events too; `--debug` sets it).
+LOG_CONFIG = {"loggers": {"console": {"config": {"log_level": os.environ.get("D2M_CONSOLE_LOG_LEVEL", "CRITICAL")}}}}
 
 
 @dataclass
@@ -91,12 +95,14 @@ def run_config_file(yml: str | Path, *, echo: Callable[[str], None] = print) -> 
     verify_weights(config)  # every weights file, before any shard is touched
     stems = [ref.stem for ref in expand_shards(config.input_tars)]
     instance = ensure_instance(echo)
+    record_base_dir(yml)  # the definitions below (and the daemon's) resolve relative paths as this process did
     for run_id in mark_abandoned_runs(instance):  # a killed run still holds its gpu slot: free it first
         echo(f"run {run_id} was left unfinished by a process that is gone: marked failed; its shards run again")
     instance.add_dynamic_partitions(SHARDS, stems)
     summary = RunSummary(shards=stems)
     todo = stems if config.reprocess else pending_shards(instance, stems, asset_names)
     summary.skipped = [s for s in stems if s not in todo]
+    publish(RunPlan(len(todo), len(summary.skipped)))
     if summary.skipped:
         echo(f"{len(summary.skipped)} shard(s) already materialized, skipped (reprocess: false)")
     if not todo:
@@ -110,6 +116,7 @@ def run_config_file(yml: str | Path, *, echo: Callable[[str], None] = print) -> 
                                  resources=defs.resources, run_config=LOG_CONFIG, raise_on_error=False)
             if not result.success:
                 summary.failed_runs.append(result.run_id)
+                echo(f"{catalog.REFERENCE_ASSET} failed: {run_failure_line(result)}")
                 return summary
     selection = [AssetKey(a) for a in asset_names]
     chunks = contiguous_chunks(instance.get_dynamic_partitions(SHARDS), todo, config.tars_per_wds or DEFAULT_TARS_PER_RUN)
@@ -129,7 +136,7 @@ def run_config_file(yml: str | Path, *, echo: Callable[[str], None] = print) -> 
             summary.failed_runs.append(result.run_id)
             bad = [s for s in chunk if s not in done]
             summary.failed_shards.extend(bad)
-            status = f" (failed shards: {', '.join(bad)})" if bad else " (a blocking check failed: see the Checks tab)"
+            status = f" (failed shards: {', '.join(bad)})" if bad else f" ({run_failure_line(result)})"
         elapsed = time.perf_counter() - started
         samples = sum(shard_stats(config, s).samples_written for s in summary.processed)
         echo(f"[run {i}/{len(chunks)}] shards done {len(summary.processed)}/{len(todo)}{status}; "

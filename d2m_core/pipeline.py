@@ -127,6 +127,7 @@ def process_shards(
     assets: Sequence[str],
     progress: Callable[[Progress], None] | None = None,
     device: torch.device | None = None,
+    progress_every_s: float = 30.0,
 ) -> Iterator[ShardOutcome]:
     """Everything `assets` asks for, shard by shard, in shard order: one pass over each tar for the feature
     assets (models loaded once), then scores from the stored features, then DataComp's files and their checks.
@@ -159,7 +160,7 @@ def process_shards(
             return
         engine, weights = build_engine(config, features, device)
         pending: deque[Future[ShardOutcome]] = deque()
-        for result in engine.run(shards, progress):
+        for result in engine.run(shards, progress, progress_every_s):
             pending.append(writer.submit(lambda r: finish(_write_pass(config, r, features, weights)), result))
             while pending and pending[0].done():
                 yield pending.popleft().result()

@@ -34,7 +34,7 @@ def instance_env(request, tmp_path: Path):
     home = tmp_path / "home"
     home.mkdir()
     if request.param == "sqlite":
-        shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+        shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
         yield {"DAGSTER_HOME": str(home)}
         return
     shutil.copy(REPO / "deploy" / "dagster-postgres.yaml", home / "dagster.yaml")
@@ -114,7 +114,7 @@ def test_daemon_processes_new_shards_by_itself(tmp_path: Path, monkeypatch) -> N
     """Sensor + automation on: complete tars dropped into the input folder get materialized, each once."""
     home = tmp_path / "home"
     home.mkdir()
-    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
     incoming = tmp_path / "incoming"
     make_shards(incoming, shards=2, samples=4, max_side=128)
     (incoming / "00001_stats.json").unlink()  # still downloading

@@ -12,6 +12,7 @@ from dagster import (AssetCheckSpec, AssetExecutionContext, AssetKey, AssetSpec,
 
 from d2m_assets.automation import SHARD_CONDITION
 from d2m_assets.partitions import GPU_POOL, shard_partitions
+from d2m_assets.progress import RunLogReporter
 from d2m_assets.reporting import check_events, materializations
 from d2m_assets.resources import D2MConfigResource
 from d2m_core import catalog, process_shards
@@ -55,14 +56,13 @@ def build_shard_assets(backfill_policy: BackfillPolicy):
         config = d2m.load()
         selected = [k.path[-1] for k in context.selected_asset_keys]
         shards = d2m.shards(config, context.partition_keys)
-        progress = lambda p: context.log.info(  # noqa: E731
-            f"shard {p.shard} {'done' if p.finished else 'running'} ({p.shards_done}/{p.shards_total} shards done): "
-            f"{p.samples} samples, {p.samples_per_s:.1f} samples/s")
+        progress = RunLogReporter(context.log.info)  # the run log, and `d2m run`'s display
         failed, checks = {}, {}
         with claim_device(config.device) as device:  # with several GPUs, each concurrent run its own
-            for outcome in process_shards(config, shards, selected, progress, device):
+            for outcome in process_shards(config, shards, selected, progress, device, progress_every_s=1.0):
                 if outcome.error is not None:
                     context.log.error(f"shard {outcome.stem} failed: {outcome.error}")
+                    progress.failed(outcome.stem, outcome.error)
                     failed[outcome.stem] = outcome.error
                     continue
                 for event in materializations(outcome, selected):
