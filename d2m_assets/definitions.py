@@ -15,7 +15,7 @@ from d2m_assets.automation import build_automation_sensor
 from d2m_assets.resources import D2MConfigResource
 from d2m_assets.schedules import discover_shards_job, discover_shards_schedule
 from d2m_assets.sensors import new_shards_sensor
-from d2m_core import load_config
+from d2m_assets.yml_paths import load_recorded_config
 from d2m_core.pipeline import selected_assets
 
 CONFIG_ENV = "D2M_CONFIG"
@@ -29,7 +29,7 @@ def config_path() -> Path:
 
 def build_definitions(path: str | Path) -> Definitions:
     """Definitions for one yml: its `tars_per_wds` sets how many shards a backfill run takes."""
-    config = load_config(path)
+    config = load_recorded_config(path)
     selected_assets(config)  # validates names; installs custom_pypath models so they appear as assets
     policy = BackfillPolicy.multi_run(max_partitions_per_run=config.tars_per_wds or DEFAULT_TARS_PER_RUN)
     with warnings.catch_warnings():  # backfill_policy on @asset is marked beta in 1.13; we rely on it knowingly

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 from dagster import ConfigurableResource
 
-from d2m_core import D2MConfig, ShardRef, expand_shards, load_config
+from d2m_assets.yml_paths import load_recorded_config
+from d2m_core import D2MConfig, ShardRef, expand_shards
 
 
 class PartitionNotInInputError(ValueError):
@@ -19,7 +20,7 @@ class D2MConfigResource(ConfigurableResource):
     config_path: str
 
     def load(self) -> D2MConfig:
-        return load_config(self.config_path)
+        return load_recorded_config(self.config_path)
 
     def shards(self, config: D2MConfig, keys: Sequence[str]) -> list[ShardRef]:
         """The input tars of these partition keys, in the given order."""

@@ -113,6 +113,12 @@ class D2MConfig(BaseModel):
     filter_cron: str = "0 * * * *"  # how often filters made stale by new shards re-run
     reshard: ReshardSpec | None = None
 
+    @field_validator("gpu_decode", mode="before")
+    @classmethod
+    def _yaml_boolean(cls, value: Any) -> Any:
+        """`gpu_decode: off` (as the README writes it) is YAML's false: on/off fields accept the booleans."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
     @field_validator("postprocess_columns", "postprocess_features", mode="before")
     @classmethod
     def _none_is_empty(cls, value: Any) -> Any:
@@ -162,8 +168,10 @@ def parse_config(raw: dict[str, Any], *, base_dir: Path | None = None) -> D2MCon
         raise ConfigError(f"invalid config: {problems}") from None
 
 
-def load_config(path: str | Path) -> D2MConfig:
-    """Read a seed-format yml safely (no object construction); relative paths resolve against its folder."""
+def load_config(path: str | Path, base_dir: str | Path | None = None) -> D2MConfig:
+    """Read a seed-format yml safely (no object construction). Relative local paths (input_tars,
+    output_metadata_dir, custom_pypath, weights_dir, artifacts_dir) resolve against `base_dir`, by default
+    the working directory, as the seed resolves them."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -172,7 +180,7 @@ def load_config(path: str | Path) -> D2MConfig:
             raw = yaml.safe_load(fh)
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return parse_config(raw, base_dir=path.resolve().parent)
+    return parse_config(raw, base_dir=Path(base_dir) if base_dir is not None else Path.cwd())
 
 
 def _is_local_relative(value: str) -> bool:
@@ -180,7 +188,7 @@ def _is_local_relative(value: str) -> bool:
 
 
 def _resolve_relative_paths(data: dict[str, Any], base_dir: Path) -> dict[str, Any]:
-    """Make local relative paths absolute against the yml's folder, so runs do not depend on the cwd."""
+    """Make local relative paths absolute against `base_dir`, so the config holds absolute paths only."""
     for key in ("output_metadata_dir", "custom_pypath", "weights_dir", "artifacts_dir"):
         value = data.get(key)
         if isinstance(value, str) and _is_local_relative(value):
@@ -203,3 +211,18 @@ def _resolve_relative_paths(data: dict[str, Any], base_dir: Path) -> dict[str, A
             os.path.normpath(base_dir / t) if isinstance(t, str) and _is_local_relative(t) else t for t in tars
         ]
     return data
+
+
+def relative_path_fields(path: str | Path) -> list[str]:
+    """The fields of a yml that hold relative local paths (they depend on the folder they resolve against)."""
+    with Path(path).open("r", encoding="utf-8") as fh:
+        raw = yaml.safe_load(fh)
+    if not isinstance(raw, dict):
+        return []
+    fields = []
+    for key in ("input_tars", "output_metadata_dir", "custom_pypath", "weights_dir", "artifacts_dir"):
+        value = raw.get(key)
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, str) and _is_local_relative(v) for v in values):
+            fields.append(key)
+    return fields

@@ -17,10 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
 from d2m_core import catalog
+from d2m_core.postprocessors import seed_helpers_importable
+from d2m_core.engine import RAGGED
 from d2m_core.records import WeightsRecord
 from d2m_core.transforms import IMAGE_TRANSFORMS, TEXT_PREPROCESSORS
 from d2m_core.weights import ResolvedWeights
@@ -51,6 +54,7 @@ def load_plugin(path: str | Path) -> Plugin:
     path = Path(path)
     if not path.is_file():
         raise PluginError(f"custom_pypath {path} does not exist")
+    seed_helpers_importable()  # `from dataset2metadata.postprocessors import select, ...`, as seed plugins begin
     spec = importlib.util.spec_from_file_location(f"d2m_plugin_{path.stem}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -89,11 +93,19 @@ class PluginModel:
 
     def __call__(self, *inputs: Any) -> tuple[Any, ...]:
         out = self.inner(*inputs)
-        values = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        # A tuple (or a list of tensors) is several outputs; any other list is one value per sample (captions).
+        several = isinstance(out, tuple) or (isinstance(out, list) and out and all(isinstance(v, torch.Tensor) for v in out))
+        values = tuple(out) if several else (out,)
         if not self.output_fields:  # learnt from the first batch: one field per output
-            self.output_fields = {str(i): (v.shape[1] if isinstance(v, torch.Tensor) and v.ndim > 1 else 0)
-                                  for i, v in enumerate(values)}
+            self.output_fields = {str(i): _field_width(v) for i, v in enumerate(values)}
         return values
+
+
+def _field_width(value: Any) -> int:
+    """Feature width of a tensor output, 0 for one number per sample, RAGGED for per-sample Python values."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return value.shape[1] if value.ndim > 1 else 0
+    return RAGGED
 
 
 def _plugin_factory(cls: type) -> Callable[..., PluginModel]:

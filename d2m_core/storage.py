@@ -362,15 +362,23 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-RAGGED_VALUES, RAGGED_LENGTHS = ".values", ".lengths"
+RAGGED_VALUES, RAGGED_LENGTHS, JSON_ROWS = ".values", ".lengths", ".json"
+
+
+def _is_boxes(value: list) -> bool:
+    return all(isinstance(row, list) and all(isinstance(box, (list, tuple)) for box in row) for row in value)
 
 
 def pack_fields(fields: dict[str, np.ndarray | list]) -> dict[str, np.ndarray]:
-    """Arrays stay as they are; a list of per-sample lists of [x1,y1,x2,y2] becomes values + lengths."""
+    """Arrays stay as they are; a list of per-sample lists of [x1,y1,x2,y2] becomes values + lengths; any
+    other list of per-sample values (a plugin's captions, ints, flags) one JSON string per sample."""
     packed: dict[str, np.ndarray] = {}
     for name, value in fields.items():
         if isinstance(value, np.ndarray):
             packed[name] = value
+            continue
+        if not _is_boxes(value):
+            packed[name + JSON_ROWS] = np.array([json.dumps(row, ensure_ascii=False) for row in value], dtype=np.str_)
             continue
         lengths = np.array([len(row) for row in value], np.int64)
         flat = [box for row in value for box in row]
@@ -383,6 +391,8 @@ def unpack_field(arrays: dict[str, np.ndarray], name: str) -> np.ndarray | list:
     """The inverse of pack_fields for one field."""
     if name in arrays:
         return arrays[name]
+    if name + JSON_ROWS in arrays:
+        return [json.loads(str(row)) for row in arrays[name + JSON_ROWS]]
     values, lengths = arrays[name + RAGGED_VALUES], arrays[name + RAGGED_LENGTHS]
     ends = np.cumsum(lengths)
     return [values[end - n : end].tolist() for n, end in zip(lengths, ends)]

@@ -25,7 +25,9 @@ def _values(out: catalog.OutputName, load: LoadField, outputs: ModelOutputs | No
     value = out.compute(outputs())
     if isinstance(value, torch.Tensor):
         return value.detach().float().cpu().numpy()
-    return np.asarray(value, np.float32) if not isinstance(value, list) or not value or not isinstance(value[0], list) else value
+    if isinstance(value, np.ndarray):
+        return value.astype(np.float32, copy=False)
+    return list(value)  # per-sample Python values (captions, ints, flags, lists): carried as they are
 
 
 def datacomp_table(config: D2MConfig, samples: pa.Table, load: LoadField, outputs: ModelOutputs | None = None) -> pa.Table | None:
@@ -39,8 +41,10 @@ def datacomp_table(config: D2MConfig, samples: pa.Table, load: LoadField, output
         if len(values) != rows:
             raise ValueError(f"{name}: {len(values)} rows for {rows} samples; rerun its asset")
         names.append(out.column(config.use_datacomp_keys))
-        if isinstance(values, list):
+        if isinstance(values, list) and out.compute is None:
             columns.append(pa.array(values, BOXES_TYPE))  # empty list when no face, never null
+        elif isinstance(values, list):  # a plugin's values: str, int, bool, lists keep their types
+            columns.append(pa.array(values))
         else:
             columns.append(pa.array(values.astype(np.float32), pa.float32()))
     if config.additional_fields:
@@ -58,7 +62,12 @@ def datacomp_arrays(config: D2MConfig, rows: int, load: LoadField, outputs: Mode
     arrays: dict[str, np.ndarray] = {}
     for name in config.postprocess_features:
         out = catalog.output_name(name, feature=True)
-        values = np.asarray(_values(out, load, outputs), np.float32)
+        raw = _values(out, load, outputs)
+        try:
+            values = np.asarray(raw, np.float32)
+        except (TypeError, ValueError):
+            raise ValueError(f"postprocess_features {name}: not numeric features (strings, flags and lists "
+                             "belong in postprocess_columns)") from None
         if len(values) != rows:
             raise ValueError(f"{name}: {len(values)} rows for {rows} samples; rerun its asset")
         arrays[out.column(config.use_datacomp_keys)] = values

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import open_clip
 import torch
@@ -15,15 +17,40 @@ OPENAI_URL = "https://openaipublic.azureedge.net/clip/models"
 
 
 def _load_open_clip(arch: str, weights: ResolvedWeights) -> torch.nn.Module:
-    if weights.is_random:
+    if weights.is_random:  # resolve_weights has already warned, once, that this model runs with random weights
         torch.manual_seed(0)
-        return open_clip.create_model(arch, pretrained=None)
+        with _dropping_log_message(RANDOM_INIT_MESSAGE):
+            return open_clip.create_model(arch, pretrained=None)
     assert weights.file is not None
     if weights.file.format == "openai-jit":
         return open_clip.load_openai_model(str(weights.path), precision="fp32", device="cpu")
-    model = open_clip.create_model(arch, pretrained=None)
+    with _dropping_log_message(RANDOM_INIT_MESSAGE):  # false: the checkpoint is loaded right after
+        model = open_clip.create_model(arch, pretrained=None)
     open_clip.load_checkpoint(model, str(weights.path))
     return model
+
+
+RANDOM_INIT_MESSAGE = "Model initialized randomly"  # open_clip's warning for create_model(pretrained=None)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+@contextmanager
+def _dropping_log_message(text: str) -> Iterator[None]:
+    """Drop root-logger records containing `text` while the block runs (open_clip logs through the root)."""
+    drop = _DropMessage(text)
+    logging.getLogger().addFilter(drop)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(drop)
 
 
 class OaiClip:

@@ -8,7 +8,8 @@ DATA = Path(__file__).resolve().parent.parent / "data"
 
 
 @pytest.mark.parametrize("name", ["seed_basic.yml", "seed_datacomp.yml"])
-def test_seed_ymls_load_unchanged(name: str) -> None:
+def test_seed_ymls_load_unchanged(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(DATA)  # relative paths resolve against the working directory, as in the seed
     config = load_config(DATA / name)
     assert config.models[0] == "oai-clip-vit-b32"
     assert config.device == 0 and config.batch_size == 512 and config.nworkers == 2
@@ -60,11 +61,24 @@ def test_yaml_objects_are_not_constructed(tmp_path: Path) -> None:
         load_config(path)
 
 
-def test_relative_paths_resolve_against_the_yml(tmp_path: Path) -> None:
-    (tmp_path / "cfg").mkdir()
-    path = tmp_path / "cfg" / "c.yml"
+def test_relative_paths_resolve_against_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the seed: its tests/ymls/*.yml, run from its repo root, name ./tests/tar_test_files/..."""
+    (tmp_path / "tests" / "ymls").mkdir(parents=True)
+    path = tmp_path / "tests" / "ymls" / "c.yml"
     path.write_text("models: [oai-clip-vit-b32]\nnworkers: 1\nbatch_size: 2\ndevice: cpu\n"
-                    "input_tars: ['../tars/a.tar', 's3://b/c.tar']\noutput_metadata_dir: ../out\n")
-    config = load_config(path)
-    assert config.input_tars == [str(tmp_path / "tars" / "a.tar"), "s3://b/c.tar"]
-    assert config.output_metadata_dir == str(tmp_path / "out")
+                    "input_tars: ['./tests/tar_test_files/a.tar', 's3://b/c.tar']\noutput_metadata_dir: ./tests/test_out\n")
+    monkeypatch.chdir(tmp_path)
+    config = load_config("tests/ymls/c.yml")
+    assert config.input_tars == [str(tmp_path / "tests" / "tar_test_files" / "a.tar"), "s3://b/c.tar"]
+    assert config.output_metadata_dir == str(tmp_path / "tests" / "test_out")
+    assert load_config(path, base_dir=tmp_path / "elsewhere").output_metadata_dir == str(tmp_path / "elsewhere" / "tests" / "test_out")
+
+
+@pytest.mark.parametrize(("written", "value"), [("off", "off"), ("false", "off"), ("no", "off"), ("on", "on"),
+                                                ("true", "on"), ("auto", "auto"), ("'off'", "off")])
+def test_on_off_fields_accept_yaml_booleans(written: str, value: str) -> None:
+    """`gpu_decode: off`, as the README writes it, is YAML's false."""
+    import yaml
+
+    assert parse_config(_minimal(gpu_decode=yaml.safe_load(f"v: {written}")["v"])).gpu_decode == value
+    assert parse_config(_minimal(reprocess=yaml.safe_load("v: on")["v"])).reprocess is True
