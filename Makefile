@@ -4,7 +4,7 @@ PIP     := .venv/bin/pip
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 export D2M_CONFIG   ?= $(CURDIR)/configs/demo.yml
 
-.PHONY: setup demo test test-services bench clean
+.PHONY: setup demo ui test test-services bench clean
 
 setup:
 	python3.11 -m venv .venv
@@ -16,6 +16,10 @@ setup:
 
 demo:
 	D2M_RANDOM_WEIGHTS=$${D2M_RANDOM_WEIGHTS-1} .venv/bin/d2m demo
+
+# The UI on loopback only: Dagster's webserver has no authentication (README: Daemon and UI).
+ui:
+	D2M_RANDOM_WEIGHTS=$${D2M_RANDOM_WEIGHTS-1} .venv/bin/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
 
 test: test-services
 	.venv/bin/pytest -q
