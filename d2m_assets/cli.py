@@ -146,6 +146,8 @@ def _cmd_weights(args: argparse.Namespace) -> int:
             print(f"\n{row['model']}: {row['file']} ({row['format']})\n  goes to: {row['path']}")
             if row["sha256"]:
                 print(f"  sha256:  {row['sha256']}")
+            elif row.get("sha256_prefix"):
+                print(f"  sha256:  {row['sha256_prefix']}... (the release's prefix pin)")
             if row["source"]:
                 print(f"  get it:  {row['source']}")
         return 0
@@ -160,7 +162,7 @@ def _cmd_weights(args: argparse.Namespace) -> int:
     for model, check in checks.items():
         try:
             record = check().record
-            print(f"ok       {model}: {record.path} sha256 {record.sha256}")
+            print(f"ok       {model}: {record.path} sha256 {record.sha256} ({record.kind})")
         except WeightsError as err:
             failed += 1
             print(f"MISSING  {err}")

@@ -19,6 +19,7 @@ def outcome_metadata(outcome: ShardOutcome, asset: str) -> dict[str, object]:
     if outcome.weights:
         meta["weights"] = outcome.weights_kind
         meta["weights_detail"] = MetadataValue.json({w.model: w.as_dict() for w in outcome.weights})
+    meta |= outcome.metadata
     if asset in outcome.paths:
         meta["path"] = MetadataValue.path(outcome.paths[asset])
     for name in ("parquet", "npz", "json"):

@@ -112,7 +112,7 @@ def run_benchmark(config: D2MConfig, shards: Sequence[ShardRef], config_name: st
         "nworkers": config.nworkers,
         "precision": str(resolve_dtype(config.precision, device)).replace("torch.", ""),
         "gpu_decode": config.gpu_decode,
-        "weights": "random" if random_weights_enabled() else "real",
+        "weights": "random" if random_weights_enabled() else "files",
     }
     return [common | end_to_end(config, shards), common | model_only(config, shards, repeats),
             common | fidelity(config, shards)]

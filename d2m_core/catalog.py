@@ -63,7 +63,7 @@ SCORE_ASSETS: dict[str, ScoreAsset] = {
         ScoreAsset("clip_b32_scores", ("clip_b32_features",), "CLIP ViT-B/32 score: dot product of image and text features"),
         ScoreAsset("clip_l14_scores", ("clip_l14_features",), "CLIP ViT-L/14 score: dot product of image and text features"),
         ScoreAsset("nsfw_image_scores", ("clip_l14_features",), "NSFW probability from the L/14 image features (DataComp's MLP head)"),
-        ScoreAsset("dedup_scores", ("isc_features", REFERENCE_ASSET), "max cosine similarity to the evaluation-set ISC embeddings"),
+        ScoreAsset("dedup_scores", ("isc_features", REFERENCE_ASSET), "max of z . ref over the evaluation-set ISC embeddings (the seed's dedup score)"),
     )
 }
 

@@ -25,7 +25,7 @@ from d2m_core.fastpath import supports
 from d2m_core.models import create_model, model_class, resolve_model_weights, topo_order
 from d2m_core.plugins import install_plugin
 from d2m_core.records import ShardStats, WeightsRecord
-from d2m_core.models.isc import DEDUP_REFERENCE_FILES, dedup_scores, load_reference_embeddings
+from d2m_core.models.isc import DEDUP_REFERENCE_FILES, dedup_scores, load_reference_embeddings, reference_norms
 from d2m_core.scores import ClipScorer, FunctionScorer, Scorer
 from d2m_core.shards import ShardRef
 from d2m_core.weights import resolve_weights, weights_dir
@@ -50,11 +50,13 @@ class ShardOutcome:
     error: str | None = None
     checks: list[CheckOutcome] = field(default_factory=list)  # when shard_metadata was written
     quantiles: dict[str, float] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)  # asset-specific facts for its materialization
 
     @property
     def weights_kind(self) -> str:
+        """The least verified kind among the weights used: random, then user, custom, official; none if none."""
         kinds = {w.kind for w in self.weights}
-        return "random" if "random" in kinds else ("real" if kinds else "none")
+        return next((k for k in ("random", "user", "custom", "official") if k in kinds), "none")
 
 
 def selected_assets(config: D2MConfig) -> list[str]:
@@ -183,7 +185,8 @@ def reference_url(config: D2MConfig) -> str:
 
 
 def store_reference(config: D2MConfig) -> ShardOutcome:
-    """Copy the dedup reference embeddings (DataComp's eval_dedup_embeddings.pt) into the artifacts, verified."""
+    """Copy the dedup reference embeddings (DataComp's eval_dedup_embeddings.pt) into the artifacts, verified,
+    recording whether its rows are unit norm (dedup scores use them as stored, as the seed does)."""
     resolved = resolve_weights(REFERENCE_MODEL, DEDUP_REFERENCE_FILES, weights_dir(config.weights_dir))
     if resolved.is_random:
         rng = np.random.default_rng(0)
@@ -192,11 +195,24 @@ def store_reference(config: D2MConfig) -> ShardOutcome:
     else:
         reference = load_reference_embeddings(resolved.path)
     url = reference_url(config)
+    norms = reference_norms(reference)
     storage.write_npz(url, {"reference": reference})
-    storage.write_json(url[: -len(".npz")] + ".json", resolved.record.as_dict() | {"rows": int(reference.shape[0])})
+    storage.write_json(url[: -len(".npz")] + ".json",
+                       resolved.record.as_dict() | {"rows": int(reference.shape[0])} | norms)
     stats = ShardStats(shard=catalog.REFERENCE_ASSET, samples_read=len(reference), samples_written=len(reference))
     return ShardOutcome(stem=catalog.REFERENCE_ASSET, stats=stats, paths={catalog.REFERENCE_ASSET: url},
-                        weights=[resolved.record])
+                        weights=[resolved.record], metadata=norms)
+
+
+def reference_info(config: D2MConfig) -> dict[str, Any]:
+    """The stored dedup reference's record: weights fields, rows, unit_norm, min_norm, max_norm."""
+    url = reference_url(config)
+    return storage.read_json(url[: -len(".npz")] + ".json")
+
+
+def reference_record(config: D2MConfig) -> WeightsRecord:
+    fields = set(WeightsRecord.__dataclass_fields__)
+    return WeightsRecord(**{k: v for k, v in reference_info(config).items() if k in fields})
 
 
 def build_scorer(config: D2MConfig, score_asset: str) -> Scorer:
@@ -213,7 +229,7 @@ def build_scorer(config: D2MConfig, score_asset: str) -> Scorer:
         if not storage.exists(url):
             raise FileNotFoundError(f"{url} is missing: materialize {catalog.REFERENCE_ASSET} first")
         reference = storage.read_npz(url)["reference"]
-        record = WeightsRecord(**{k: v for k, v in storage.read_json(url[: -len(".npz")] + ".json").items() if k != "rows"})
+        record = reference_record(config)
         return FunctionScorer("isc_features", "image", lambda f: dedup_scores(f, reference), [record])
     raise KeyError(f"no scorer for {score_asset!r}")
 

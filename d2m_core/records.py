@@ -20,10 +20,12 @@ class SampleFailure:
 
 @dataclass(frozen=True)
 class WeightsRecord:
-    """Which weights a model ran with: 'real' (file + sha256) or 'random' (tests, demos, benchmarks)."""
+    """Which weights a model ran with, as far as d2m knows: "official" (the sha256 the seed or the upstream
+    release pins matched; `source` is that release), "user" (a file nobody upstream pins: its path and sha256,
+    no source, no claim of origin), "random" (tests, demos, benchmarks), "custom" (a plugin's own weights)."""
 
     model: str
-    kind: str  # "real" | "random"
+    kind: str  # "official" | "user" | "random" | "custom"
     path: str | None = None
     sha256: str | None = None
     source: str | None = None

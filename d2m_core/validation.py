@@ -17,6 +17,7 @@ SCORE_RANGES = {
     "oai-clip-vit-b32-score": (-1.0, 1.0), "oai-clip-vit-l14-score": (-1.0, 1.0),
     "nsfw-detoxify-score": (0.0, 1.0), "nsfw-image-score": (0.0, 1.0), "dedup-isc-ft-v107-score": (-1.0, 1.0),
 }
+DEDUP_SCORE = "dedup-isc-ft-v107-score"  # z . ref: within +-(largest reference row norm), 1 for unit rows
 NORM_TOLERANCE = 1e-2  # fp16/bf16 features, re-normalised in float32, stay well within this
 CHECKS = ("row_count", "uids", "features", "scores_in_range", "failure_rate")
 
@@ -33,6 +34,16 @@ def _score_columns(config: D2MConfig) -> dict[str, str]:
     """postprocess column name -> its column in the parquet, for columns with a known range."""
     return {n: catalog.output_name(n, feature=False).column(config.use_datacomp_keys)
             for n in config.postprocess_columns if n in SCORE_RANGES}
+
+
+def _score_range(config: D2MConfig, name: str) -> tuple[float, float]:
+    low, high = SCORE_RANGES[name]
+    if name == DEDUP_SCORE:
+        from d2m_core.pipeline import reference_info  # pipeline imports this module
+
+        bound = max(1.0, float(reference_info(config).get("max_norm", 1.0)))
+        return -bound, bound
+    return low, high
 
 
 def inspect_shard(config: D2MConfig, stem: str) -> tuple[list[CheckOutcome], dict[str, float]]:
@@ -77,7 +88,7 @@ def inspect_shard(config: D2MConfig, stem: str) -> tuple[list[CheckOutcome], dic
         if table is None:
             break
         values = table.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
-        low, high = SCORE_RANGES[name]
+        low, high = _score_range(config, name)
         bad = int((~np.isfinite(values) | (values < low - 1e-3) | (values > high + 1e-3)).sum())
         if bad:
             out_of_range[column] = bad

@@ -23,13 +23,26 @@ class WeightsError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class PixelNorm:
+    """The input normalisation a network was trained with, on 0-255 pixel values: (p - mean) / std."""
+
+    mean: float
+    std: float
+
+
+@dataclass(frozen=True)
 class WeightsFile:
-    """One accepted file for a model: its name in the weights directory, format, pinned sha256, origin."""
+    """One accepted file for a model: its name in the weights directory, format, the sha256 the seed or the
+    upstream release publishes (None when it publishes none), where the official file is, and (for models whose
+    input scale depends on the file) its input normalisation. `sha256_prefix`: the only pin some releases give
+    (torch.hub names files by the first 8 hex digits of their sha256)."""
 
     filename: str
     format: str  # e.g. "openai-jit", "open_clip"
     sha256: str | None
     source: str
+    input_norm: PixelNorm | None = None
+    sha256_prefix: str | None = None
 
 
 @dataclass(frozen=True)
@@ -81,8 +94,12 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
 def resolve_weights(model: str, accepted: list[WeightsFile], directory: Path) -> ResolvedWeights:
     """Find and verify the first accepted file present in `directory`, or return random weights if enabled.
 
-    A file whose pinned sha256 differs raises WeightsError; a file without a pinned sha256 is accepted
-    if a `<file>.sha256` sidecar matches it, else it is used with a warning and its sha256 recorded.
+    What the record says is what is known (`WeightsRecord.kind`):
+    - "official": the entry pins the file's sha256 (or the release's sha256 prefix) and the file matches; the
+      record carries the release's source. A file that does not match raises WeightsError.
+    - "user": nothing upstream pins the file; its sha256 is recorded, with no source (no claim of origin).
+      A `<file>.sha256` sidecar, if present, must match it (a check against corruption, not of origin).
+    - "random": D2M_RANDOM_WEIGHTS asked for random weights.
     """
     if random_weights_enabled():
         log.warning("%s: using RANDOM weights (%s=1); outputs are flagged 'weights: random'", model, RANDOM_WEIGHTS_ENV)
@@ -92,18 +109,25 @@ def resolve_weights(model: str, accepted: list[WeightsFile], directory: Path) ->
         if not path.is_file():
             continue
         actual = sha256_of(path)
-        expected = spec.sha256
+        if spec.sha256 is not None or spec.sha256_prefix is not None:
+            pin = spec.sha256 or spec.sha256_prefix or ""
+            if not actual.startswith(pin.lower()) or (spec.sha256 is not None and actual != spec.sha256.lower()):
+                raise WeightsError(
+                    f"{model}: {path} has sha256 {actual}, expected {pin}{'' if spec.sha256 else '...'} "
+                    f"(the release's pin); the file is corrupt or not the right one: download it again from "
+                    f"{spec.source}"
+                )
+            record = WeightsRecord(model=model, kind="official", path=str(path), sha256=actual, source=spec.source)
+            return ResolvedWeights(record, spec)
         sidecar = path.with_name(path.name + ".sha256")
-        if expected is None and sidecar.is_file():
+        if sidecar.is_file():
             expected = sidecar.read_text().split()[0].strip().lower()
-        if expected is not None and actual != expected:
-            raise WeightsError(
-                f"{model}: {path} has sha256 {actual}, expected {expected}; "
-                f"the file is corrupt or not the right one: download it again from {spec.source}"
-            )
-        if expected is None:
-            log.warning("%s: %s has no pinned sha256; recording %s", model, path, actual)
-        record = WeightsRecord(model=model, kind="real", path=str(path), sha256=actual, source=spec.source)
+            if actual != expected:
+                raise WeightsError(f"{model}: {path} has sha256 {actual}, but {sidecar} says {expected}: "
+                                   f"the file is corrupt or not the one the sidecar describes")
+        else:
+            log.warning("%s: %s is user-supplied (upstream pins no sha256); recording sha256 %s", model, path, actual)
+        record = WeightsRecord(model=model, kind="user", path=str(path), sha256=actual)
         return ResolvedWeights(record, spec)
     wanted = " or ".join(str(directory / s.filename) for s in accepted)
     sources = "; ".join(f"{s.filename}: {s.source}" for s in accepted)

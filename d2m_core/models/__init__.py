@@ -72,7 +72,8 @@ def weights_inventory(configured_dir: str | None = None) -> list[dict[str, str |
     for cls in BUILTIN_MODELS:
         for spec in [*cls.weights_files, *getattr(cls, "reference_files", [])]:
             rows.append({"model": cls.name, "file": spec.filename, "format": spec.format, "sha256": spec.sha256,
-                         "path": str(directory / spec.filename), "source": spec.source})
+                         "sha256_prefix": spec.sha256_prefix, "path": str(directory / spec.filename),
+                         "source": spec.source})
         for extra in getattr(cls, "extra_files", []):
             rows.append({"model": cls.name, "file": extra, "format": "folder", "sha256": None,
                          "path": str(directory / extra.split(" ")[0]), "source": None})

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import transformers
 
-from d2m_core.weights import ResolvedWeights, WeightsError, WeightsFile, sha256_of
+from d2m_core.weights import ResolvedWeights, WeightsError, WeightsFile
 
 log = logging.getLogger(__name__)
 
@@ -116,17 +116,6 @@ def stand_in_tokenizer() -> transformers.PreTrainedTokenizerBase:
     return transformers.XLMRobertaTokenizer(vocab=vocab, model_max_length=MAX_LENGTH)
 
 
-def _check_sha256_prefix(weights: ResolvedWeights) -> None:
-    path = weights.path
-    actual = weights.record.sha256 or sha256_of(path)
-    if not actual.lower().startswith(EXPECTED_SHA256_PREFIX):
-        source = weights.file.source if weights.file is not None else CHECKPOINT_URL
-        raise WeightsError(
-            f"nsfw-detoxify: {path} has sha256 {actual}, which does not start with {EXPECTED_SHA256_PREFIX} "
-            f"(the release's pin); the file is corrupt or not the right one: download it again from {source}"
-        )
-
-
 def _check_tokenizer_dir(folder: Path) -> None:
     has_config = (folder / "config.json").is_file()
     has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "sentencepiece.bpe.model").is_file()
@@ -138,11 +127,15 @@ def _check_tokenizer_dir(folder: Path) -> None:
         )
 
 
-def _torch_load(path: Path) -> dict[str, Any]:
+def _torch_load(path: Path, trusted: bool) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Release checkpoints may pickle more than tensors and plain containers; the sha256 prefix is verified.
+    except pickle.UnpicklingError as exc:
+        if not trusted:
+            raise WeightsError(f"nsfw-detoxify: {path} needs full unpickling and is not the release's file "
+                               f"(sha256 prefix {EXPECTED_SHA256_PREFIX}): refusing it ({exc})") from exc
+        # Release checkpoints may pickle more than tensors and plain containers; resolve_weights verified the
+        # release's sha256 prefix.
         log.info("nsfw-detoxify: %s needs full unpickling (weights_only=False)", path)
         return torch.load(path, map_location="cpu", weights_only=False)
 
@@ -150,10 +143,9 @@ def _torch_load(path: Path) -> dict[str, Any]:
 def load_detoxify_checkpoint(weights: ResolvedWeights) -> tuple[torch.nn.Module, Any, list[str]]:
     """(model, tokenizer, class names) from a detoxify .ckpt and the local xlm-roberta-base folder; no network."""
     path = weights.path
-    _check_sha256_prefix(weights)
     folder = path.parent / TOKENIZER_DIR
     _check_tokenizer_dir(folder)
-    loaded = _torch_load(path)
+    loaded = _torch_load(path, trusted=weights.record.kind == "official")
     if not isinstance(loaded, dict) or "config" not in loaded or "state_dict" not in loaded:
         raise WeightsError(f"nsfw-detoxify: {path} is not a detoxify checkpoint (needs 'config' and 'state_dict')")
     try:
@@ -196,13 +188,13 @@ class DetoxifyMultilingual:
     dependencies: list[str] = []
     to_device = False
     output_fields = {"score": 0}
-    weights_files = [WeightsFile(CHECKPOINT_NAME, "detoxify-ckpt", None, CHECKPOINT_URL)]
+    weights_files = [WeightsFile(CHECKPOINT_NAME, "detoxify-ckpt", None, CHECKPOINT_URL,
+                                 sha256_prefix=EXPECTED_SHA256_PREFIX)]
     extra_files = [f"{TOKENIZER_DIR}/ (config.json + tokenizer.json or sentencepiece.bpe.model): {TOKENIZER_SOURCE}"]
 
     @staticmethod
     def verify(weights: ResolvedWeights) -> None:
-        """The checks beyond the file's presence: sha256 prefix, the tokenizer/config folder beside it."""
-        _check_sha256_prefix(weights)
+        """The check beyond the file and its sha256 prefix: the tokenizer/config folder beside it."""
         _check_tokenizer_dir(weights.path.parent / TOKENIZER_DIR)
 
     def __init__(self, device: torch.device | int | str, *, dtype: torch.dtype = torch.float32,

@@ -1,22 +1,28 @@
-"""SCRFD-10G face boxes on onnxruntime, batched, as the seed's `faces-scrfd10g`.
+"""SCRFD-10G face boxes, batched, as the seed's `faces-scrfd10g`.
 
-Model: insightface's SCRFD-10G ONNX export (`scrfd_10g_bnkps.onnx`, or `det_10g.onnx` from the buffalo_l pack).
-insightface's `SCRFD` detector class reads the model's signature (output count -> strides, anchors per location,
-keypoints; input name and normalisation). Its own `detect` runs one image per `session.run`, so the batched decode
-is done here, with its semantics: anchor centres (x*stride, y*stride) repeated per anchor, `distance2bbox` on the
-stride-scaled distances. Then the seed's post-processing (mmdet test_cfg + detect_faces): boxes clipped to the
-224 frame, score > 0.3, greedy NMS at IoU 0.45 (torchvision's, as the seed; insightface's own numpy NMS uses
-"+1 pixel" areas), no cap on faces, then mapped to [0, 1] of the original unpadded image.
-The seed itself ran SCRFD_10G (GN head, no keypoints) through its own PyTorch port of `scrfd_10g.pt`;
-scrfd_10g_bnkps is the BN + keypoints variant of the same detector, so its boxes are close to the seed's, not
-identical. Any SCRFD export with 6/9 (strides 8/16/32, 2 anchors) or 10/15 outputs runs here.
+Default: the seed's released checkpoint `scrfd_10g.pt` (SCRFD-10G with a GroupNorm head and no keypoints, the
+network DataComp's `face_bboxes` came from), verified by the seed's sha256 and loaded exactly into d2m's own
+torch architecture (`scrfd_net.py`), run in float32 on the pipeline's device, fed the seed's normalisation
+(p - 127.5) / 127.5, which is faces-aug's output as is.
 
-Input: d2m's `faces-aug` gives RGB x = (p/255 - 0.5)/0.5 for pixels p in [0, 255]. insightface feeds
-`cv2.dnn.blobFromImage(bgr, 1/128, mean 127.5, swapRB=True)`, i.e. RGB (p - 127.5)/128. Hence
-blob = x * 127.5/128 (in general (x + 1) * 127.5 / std - mean / std), with no channel swap; done with torch on the
-device.
+Alternative: insightface's ONNX exports (`scrfd_10g_bnkps.onnx`, or `det_10g.onnx` from the buffalo_l pack), the
+BN + keypoints variant of the same detector (boxes close to the seed's, not equal), on onnxruntime, fed
+insightface's normalisation (p - 127.5) / 128 (`cv2.dnn.blobFromImage(bgr, 1/128, mean 127.5, swapRB=True)`).
+insightface's `SCRFD` detector class reads the export's signature (output count -> strides, anchors per location,
+keypoints; input name). Its own `detect` runs one image per `session.run`, so the batched decode is done here.
+Any SCRFD export with 6/9 (strides 8/16/32, 2 anchors) or 10/15 outputs runs here.
 
-Batching (one `session.run` per batch): the released exports (2021) give 2-D outputs, (rows, C), from
+The input normalisation belongs to the weights entry (`WeightsFile.input_norm`): with faces-aug's
+x = (p/255 - 0.5)/0.5, blob = ((x + 1) * 127.5 - mean) / std, done with torch on the device.
+
+Both backends give the outputs in insightface's order, batch first: scores (B, N, 1) per stride, then distances
+(B, N, 4) in stride units, rows (y, x, anchor). The decode follows the seed (mmdet's SCRFDHead.get_bboxes with the
+seed's test_cfg, then FaceDetector.detect_faces): anchor centres (x*stride, y*stride) for both anchors,
+`distance2bbox` on the stride-scaled distances, boxes clipped to the 224 frame, score > 0.3, greedy NMS at IoU
+0.45 (torchvision's, as the seed; thresholding before NMS keeps the same boxes, as lower scores never suppress
+higher ones), no cap on faces, then mapped to [0, 1] of the original unpadded image.
+
+ONNX batching (one `session.run` per batch): the released exports (2021) give 2-D outputs, (rows, C), from
 `permute(2, 3, 0, 1).reshape(-1, C)` in insightface's SCRFD head at export time, so with a batch B the rows are
 ordered (y, x, image, anchor); their input's batch dimension may be fixed to 1. At load time a fixed batch
 dimension of the graph input is made symbolic, the outputs' fixed dimensions too, and stale `value_info` shapes
@@ -26,7 +32,7 @@ reproduces the single runs: "spatial" (rows (y, x, image, anchor), the released 
 3-D (B, N, C) outputs of the later exports, or 2-D rows (image, y, x, anchor)). If no layout matches, or the
 batched run fails, the model runs one image per `session.run` (a warning says so).
 
-The session runs through IO binding: the input is bound to the torch tensor's memory and the outputs to
+The ONNX session runs through IO binding: the input is bound to the torch tensor's memory and the outputs to
 preallocated torch tensors (shapes known from the anchors and the probed layout). On CUDA (CUDAExecutionProvider)
 that memory is on the device, so nothing goes through the host except the final boxes; decode and NMS run in torch
 on the same device.
@@ -43,7 +49,15 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from d2m_core.weights import ResolvedWeights, WeightsFile
+from d2m_core.models.scrfd_net import (
+    ANCHORS,
+    STRIDES,
+    ScrfdNet,
+    load_scrfd_state_dict,
+    random_scrfd_net,
+    read_scrfd_checkpoint,
+)
+from d2m_core.weights import PixelNorm, ResolvedWeights, WeightsFile
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +65,12 @@ SIZE = 224
 SCORE_THRESHOLD = 0.3  # the seed's detect_faces: keep score > 0.3
 NMS_IOU = 0.45  # the seed's TEST_CFG nms iou_threshold
 PIXEL_MEAN = 127.5  # what faces-aug's mean/std 0.5 undo: p = (x + 1) * 127.5
-RANDOM_DOC = "d2m RANDOM SCRFD-shaped model: deterministic random weights, NOT a face detector"
 
 Layout = Literal["spatial", "batch", "loop"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ONNX graphs with SCRFD's output signature (random weights; tests build their own heads with ScrfdGraph).
+# ONNX graphs with SCRFD's output signature (tests build their own models with it).
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -131,47 +144,6 @@ class ScrfdGraph:
         return model
 
 
-def build_random_scrfd_onnx(seed: int = 0, *, layout: str = "spatial", kps: bool = True) -> onnx.ModelProto:
-    """An ONNX model with SCRFD-10G's signature (2 anchors, strides 8/16/32, 9 outputs with `kps`) and
-    deterministic random weights, batch- and size-dynamic, about 1.3 G multiply-adds per 224x224 image (SCRFD-10G:
-    "10 GFLOPs" as mmcv counts them, i.e. multiply-adds, at 640x480, so about 1.6 G at 224x224): a stem of 3x3
-    convs to strides 8/16/32 and per level three 3x3 convs of width 80 (SCRFD's stacked_convs 3, feat 80) and 1x1
-    outputs. Flagged random in its doc_string and metadata.
-    """
-    rng = np.random.default_rng(seed)
-    g = ScrfdGraph()
-
-    def conv_relu(x: str, cin: int, cout: int, stride: int = 1) -> str:
-        w = rng.standard_normal((cout, cin, 3, 3)).astype(np.float32) * np.sqrt(2.0 / (9 * cin))
-        return g.op("Relu", [g.conv(x, w, np.zeros(cout, np.float32), stride)])
-
-    def out_conv(x: str, cin: int, cout: int, bias: float, gain: float) -> str:
-        w = rng.standard_normal((cout, cin, 1, 1)).astype(np.float32) * gain / np.sqrt(cin)
-        return g.conv(x, w, np.full(cout, bias, np.float32))
-
-    x = conv_relu(g.input_name, 3, 32, 2)  # 112
-    x = conv_relu(x, 32, 128, 2)  # 56
-    x = conv_relu(x, 128, 128)
-    x = conv_relu(x, 128, 128)
-    levels = [conv_relu(x, 128, 56, 2)]  # stride 8
-    levels.append(conv_relu(levels[-1], 56, 88, 2))  # stride 16
-    levels.append(conv_relu(levels[-1], 88, 224, 2))  # stride 32
-    anchors = 2
-    heads: list[tuple[str, str, str | None]] = []
-    for feat, cin in zip(levels, (56, 88, 224)):
-        h = conv_relu(feat, cin, 80)
-        h = conv_relu(h, 80, 80)
-        h = conv_relu(h, 80, 80)
-        scores = g.op("Sigmoid", [out_conv(h, 80, anchors, -1.3, 2.0)])
-        # distances in stride units: softplus keeps them positive, so boxes are well formed
-        boxes = g.op("Softplus", [out_conv(h, 80, anchors * 4, 1.0, 1.0)])
-        points = out_conv(h, 80, anchors * 10, 0.0, 1.0) if kps else None
-        heads.append((scores, boxes, points))
-    model = g.model(heads, layout, RANDOM_DOC)
-    onnx.helper.set_model_props(model, {"d2m_random_weights": "1", "d2m_seed": str(seed)})
-    return model
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------------------
@@ -237,8 +209,19 @@ def _to_bnc(out: torch.Tensor, layout: Layout, batch: int, anchors: int) -> torc
 # ---------------------------------------------------------------------------------------------------------------
 
 
+SEED_RELEASE = "https://github.com/mlfoundations/dataset2metadata/releases/download/v0.1.0-alpha"
+SEED_NORM = PixelNorm(127.5, 127.5)  # the seed's faces-aug: ToTensor then Normalize(0.5, 0.5)
+INSIGHTFACE_NORM = PixelNorm(127.5, 128.0)  # insightface's SCRFD: blobFromImage(1/128, mean 127.5, swapRB)
+
+
 class Scrfd10G:
-    """SCRFD-10G face detector: per image the list of face boxes [x1, y1, x2, y2] in [0, 1] of the original image."""
+    """SCRFD-10G face detector: per image the list of face boxes [x1, y1, x2, y2] in [0, 1] of the original image.
+
+    Default weights: the seed's released `scrfd_10g.pt` (what DataComp's `face_bboxes` were computed with), run by
+    d2m's own torch architecture (`scrfd_net.ScrfdNet`) in float32. Alternative: insightface's ONNX exports
+    (`scrfd_10g_bnkps.onnx` / `det_10g.onnx`, BN head with keypoints: close to the seed's boxes, not equal) on
+    onnxruntime. Each weights entry carries the input normalisation its network was trained with.
+    """
 
     name = "faces-scrfd10g"
     raw_inputs = ["image"]
@@ -247,17 +230,27 @@ class Scrfd10G:
     to_device = True
     output_fields = {"boxes": -1}  # -1 = ragged: per sample a list of [x1, y1, x2, y2]
     weights_files = [
+        # sha256 pinned by the seed (dataset2metadata/utils.py, cloud_checkpoints["faces-scrfd10g"])
+        WeightsFile(
+            "scrfd_10g.pt",
+            "scrfd-torch",
+            "963570df5e0ebf6bb313239d0f9f3f0c096c1ff6937e8e28e45abad4d8b1d5c7",
+            f"{SEED_RELEASE}/scrfd_10g.pt",
+            SEED_NORM,
+        ),
         WeightsFile(
             "scrfd_10g_bnkps.onnx",
             "onnx",
             None,
             "insightface model zoo: scrfd_10g_bnkps.onnx (also det_10g.onnx in buffalo_l)",
+            INSIGHTFACE_NORM,
         ),
         WeightsFile(
             "det_10g.onnx",
             "onnx",
             None,
             "insightface model zoo: det_10g.onnx from the buffalo_l pack (SCRFD-10G with keypoints)",
+            INSIGHTFACE_NORM,
         ),
     ]
 
@@ -266,19 +259,42 @@ class Scrfd10G:
 
     def __init__(self, device: torch.device | int | str, *, dtype: torch.dtype = torch.float32,
                  weights: ResolvedWeights) -> None:
-        import onnxruntime as ort
-        from insightface.model_zoo.scrfd import SCRFD
-
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.dtype = dtype  # the ONNX graph runs in float32 whatever the pipeline's dtype
+        self.dtype = dtype  # SCRFD runs in float32 whatever the pipeline's dtype, as the seed ran it
         self.weights = weights
-        if weights.is_random:
-            log.warning("%s: RANDOM weights (an SCRFD-shaped random ONNX model); boxes are meaningless", self.name)
-            model = build_random_scrfd_onnx(0)
+        spec = weights.file or self.weights_files[0]
+        norm = spec.input_norm or SEED_NORM
+        # blob = ((x + 1) * 127.5 - mean) / std, x = faces-aug's [-1, 1] pixels; the seed's entry: blob = x
+        self.input_scale = PIXEL_MEAN / norm.std
+        self.input_shift = (PIXEL_MEAN - norm.mean) / norm.std
+        self._centers: dict[tuple[int, int], torch.Tensor] = {}
+        self.strides: list[int] = list(STRIDES)
+        if weights.is_random or spec.format == "scrfd-torch":
+            self.backend = "torch"
+            self._init_torch()
         else:
-            model = onnx.load(str(weights.path))
+            self.backend = "onnx"
+            self._init_onnx(norm)
+
+    def _init_torch(self) -> None:
+        if self.weights.is_random:
+            log.warning("%s: RANDOM weights (SCRFD-10G architecture, random init); boxes are meaningless", self.name)
+            net = random_scrfd_net()
+        else:
+            net = ScrfdNet()
+            trusted = self.weights.record.kind == "official"
+            load_scrfd_state_dict(net, read_scrfd_checkpoint(self.weights.path, trusted=trusted), self.weights.path)
+        self.net = net.to(self.device, torch.float32).eval()
+        self.run_device = self.device
+        self.fmc, self.anchors = len(STRIDES), ANCHORS
+
+    def _init_onnx(self, norm: PixelNorm) -> None:
+        import onnxruntime as ort
+        from insightface.model_zoo.scrfd import SCRFD
+
+        model = onnx.load(str(self.weights.path))
         changes = make_batch_dynamic(model)
         if changes:
             log.info("%s: batch made dynamic in memory: %s", self.name, "; ".join(changes))
@@ -301,19 +317,19 @@ class Scrfd10G:
             log.warning("%s: onnxruntime could not start CUDAExecutionProvider (providers %s); running on the CPU",
                         self.name, self.providers)
 
-        self.detector = SCRFD(session=self.session)  # signature, normalisation, names
+        self.detector = SCRFD(session=self.session)  # signature, names
         if not hasattr(self.detector, "fmc"):
             raise ValueError(f"{self.name}: {len(self.session.get_outputs())} outputs is not an SCRFD signature")
+        if (self.detector.input_mean, self.detector.input_std) != (norm.mean, norm.std):
+            log.warning("%s: insightface reads normalisation (%s, %s) from %s; the weights entry says (%s, %s), "
+                        "which is used", self.name, self.detector.input_mean, self.detector.input_std,
+                        self.weights.path, norm.mean, norm.std)
         self.detector.det_thresh, self.detector.nms_thresh = SCORE_THRESHOLD, NMS_IOU  # for its own detect()
         self.input_name: str = self.detector.input_name
         self.output_names: list[str] = list(self.detector.output_names)
         self.fmc: int = self.detector.fmc
-        self.strides: list[int] = list(self.detector._feat_stride_fpn)
+        self.strides = list(self.detector._feat_stride_fpn)
         self.anchors: int = self.detector._num_anchors
-        # blob = ((x + 1) * 127.5 - mean) / std, x = faces-aug's [-1, 1] pixels
-        self.input_scale = PIXEL_MEAN / self.detector.input_std
-        self.input_shift = (PIXEL_MEAN - self.detector.input_mean) / self.detector.input_std
-        self._centers: dict[tuple[int, int], torch.Tensor] = {}
         self.layout, self.out_ranks, self.out_channels = self._probe_layout()
         if self.layout == "loop":
             log.warning("%s: the model does not batch; running one image per session.run", self.name)
@@ -393,6 +409,9 @@ class Scrfd10G:
 
     def forward_raw(self, blob: torch.Tensor) -> list[torch.Tensor]:
         """The outputs for a (B, 3, H, W) float32 blob, each as (B, N, C) in insightface's row order."""
+        if self.backend == "torch":
+            with torch.inference_mode():
+                return self.net(blob.to(self.run_device, torch.float32))
         batch = blob.shape[0]
         if self.layout == "loop":
             per_image = [self.forward_raw_single(blob[i : i + 1]) for i in range(batch)]

@@ -12,8 +12,8 @@ state-dict key carries a leading "module.": `module.backbone.conv_stem.weight`, 
 `module.backbone.blocks.S.B.*`, `module.fc.weight`, `module.bn.{weight,bias,running_mean,running_var,
 num_batches_tracked}`. `create_model` strips "module." and loads strictly; so does this module.
 
-The dedup score is the max cosine similarity to DataComp's evaluation-set embeddings
-(`eval_dedup_embeddings.pt`, a (N, 256) tensor), computed from stored features by `dedup_scores`.
+The dedup score is, as in the seed, max_j z . ref_j over DataComp's evaluation-set embeddings
+(`eval_dedup_embeddings.pt`, a (N, 256) tensor, used as stored), computed from stored features by `dedup_scores`.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ INPUT_SIZE = 512
 FEATURE_DIM = 256
 GEM_P = 1.0
 GEM_EPS = 1e-6
+UNIT_NORM_TOLERANCE = 1e-3  # reference rows within this of norm 1 count as unit norm
 
 ISC_RELEASE = "https://github.com/lyakaap/ISC21-Descriptor-Track-1st/releases/download/v1.0.1"
 D2M_RELEASE = "https://github.com/mlfoundations/dataset2metadata/releases/download/v0.1.0-alpha"
@@ -204,10 +205,13 @@ def load_reference_embeddings(path: PathLike[str] | str) -> np.ndarray:
 
 
 def dedup_scores(features: np.ndarray, reference: np.ndarray, *, chunk_size: int = 8192, row_chunk: int = 4096) -> np.ndarray:
-    """Max cosine similarity of each feature row to any reference row: (N, D), (M, D) -> (N,) float32 in [-1, 1].
+    """The seed's dedup score: (N, D) features z, (M, D) reference -> (N,) float32 max_j z_i . ref_j.
 
-    Both sides are L2-normalised (zero rows stay zero, scoring 0). The reference is processed `chunk_size`
-    rows at a time and the features `row_chunk` rows at a time, so memory stays bounded for M = 100k+.
+    Exactly what the seed computes (`scores = z @ ref.T; scores.max(axis=1)`), in float32: z are the model's
+    unit-norm outputs as stored, and the reference rows are used as stored, NOT re-normalised, so with
+    rows that are not unit norm the scores are not cosines (and may leave [-1, 1]); `reference_norms` says
+    which case a reference set is. The reference is processed `chunk_size` rows at a time and the features
+    `row_chunk` rows at a time, so memory stays bounded for M = 100k+.
     """
     feats = np.asarray(features)
     ref = np.asarray(reference)
@@ -224,10 +228,17 @@ def dedup_scores(features: np.ndarray, reference: np.ndarray, *, chunk_size: int
     feat_t = torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32))
     with torch.inference_mode():
         for r0 in range(0, feat_t.shape[0], row_chunk):
-            block = F.normalize(feat_t[r0 : r0 + row_chunk], dim=1)
+            block = feat_t[r0 : r0 + row_chunk]
             best = torch.full((block.shape[0],), -torch.inf)
             for c0 in range(0, ref_t.shape[0], chunk_size):
-                refs = F.normalize(ref_t[c0 : c0 + chunk_size], dim=1)
-                torch.maximum(best, (block @ refs.T).amax(dim=1), out=best)
-            out[r0 : r0 + block.shape[0]] = best.clamp_(-1.0, 1.0).numpy()
+                torch.maximum(best, (block @ ref_t[c0 : c0 + chunk_size].T).amax(dim=1), out=best)
+            out[r0 : r0 + block.shape[0]] = best.numpy()
     return out
+
+
+def reference_norms(reference: np.ndarray) -> dict[str, float | bool]:
+    """Whether the reference rows are unit norm (within 1e-3), with their min and max L2 norm."""
+    norms = np.linalg.norm(np.asarray(reference, dtype=np.float64), axis=1)
+    low, high = (float(norms.min()), float(norms.max())) if len(norms) else (0.0, 0.0)
+    return {"unit_norm": bool(len(norms)) and abs(low - 1) <= UNIT_NORM_TOLERANCE and abs(high - 1) <= UNIT_NORM_TOLERANCE,
+            "min_norm": round(low, 6), "max_norm": round(high, 6)}

@@ -12,7 +12,7 @@ import transformers
 
 from d2m_core.models import detoxify as dtx
 from d2m_core.records import WeightsRecord
-from d2m_core.weights import RANDOM_WEIGHTS_ENV, ResolvedWeights, WeightsError, resolve_weights, sha256_of
+from d2m_core.weights import RANDOM_WEIGHTS_ENV, ResolvedWeights, WeightsError, WeightsFile, resolve_weights, sha256_of
 
 WORDS = "the quick brown fox jumps over lazy dog photo of a red car shut up you liar beautiful sunset sea".split()
 TEXTS = ["shut up, you liar", "a photo of a red car", "Beautiful sunset over the sea, the quick brown fox jumps", "dog"]
@@ -68,6 +68,13 @@ def _make_weights(root: Path, kind: str = "tokenizer.json") -> Path:
     return path
 
 
+def _pin(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pin the release's sha256 prefix to this test checkpoint's."""
+    spec = dtx.DetoxifyMultilingual.weights_files[0]
+    monkeypatch.setattr(dtx.DetoxifyMultilingual, "weights_files",
+                        [WeightsFile(spec.filename, spec.format, None, spec.source, sha256_prefix=sha256_of(path)[:8])])
+
+
 def _resolve(root: Path, monkeypatch: pytest.MonkeyPatch) -> ResolvedWeights:
     monkeypatch.delenv(RANDOM_WEIGHTS_ENV, raising=False)
     return resolve_weights(dtx.DetoxifyMultilingual.name, dtx.DetoxifyMultilingual.weights_files, root)
@@ -90,7 +97,7 @@ def _reference(root: Path, texts: list[str]) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["tokenizer.json", "sentencepiece"])
 def test_real_checkpoint_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
     path = _make_weights(tmp_path, kind)
-    monkeypatch.setattr(dtx, "EXPECTED_SHA256_PREFIX", sha256_of(path)[:8])
+    _pin(path, monkeypatch)
     weights = _resolve(tmp_path, monkeypatch)
     assert not weights.is_random and weights.path == path and weights.file.format == "detoxify-ckpt"
     model = dtx.DetoxifyMultilingual(torch.device("cpu"), weights=weights)
@@ -136,7 +143,7 @@ def test_wrong_sha256_prefix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     path = _make_weights(tmp_path)
     assert not sha256_of(path).startswith(dtx.EXPECTED_SHA256_PREFIX)
     with pytest.raises(WeightsError, match=dtx.CHECKPOINT_NAME) as err:
-        dtx.DetoxifyMultilingual("cpu", weights=_resolve(tmp_path, monkeypatch))
+        _resolve(tmp_path, monkeypatch)
     assert "0b549669" in str(err.value) and "github.com/unitaryai/detoxify" in str(err.value)
 
 
@@ -145,14 +152,14 @@ def test_checkpoint_missing_a_tensor(tmp_path: Path, monkeypatch: pytest.MonkeyP
     ckpt = torch.load(path, weights_only=True)
     del ckpt["state_dict"]["roberta.encoder.layer.1.output.dense.weight"]
     torch.save(ckpt, path)
-    monkeypatch.setattr(dtx, "EXPECTED_SHA256_PREFIX", sha256_of(path)[:8])
+    _pin(path, monkeypatch)
     with pytest.raises(WeightsError, match="layer.1.output.dense.weight"):
         dtx.DetoxifyMultilingual("cpu", weights=_resolve(tmp_path, monkeypatch))
 
 
 def test_missing_tokenizer_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = _make_weights(tmp_path)
-    monkeypatch.setattr(dtx, "EXPECTED_SHA256_PREFIX", sha256_of(path)[:8])
+    _pin(path, monkeypatch)
     weights = _resolve(tmp_path, monkeypatch)
     folder = tmp_path / dtx.TOKENIZER_DIR
     (folder / "config.json").unlink()
@@ -181,3 +188,13 @@ def test_random_weights_real_architecture() -> None:
     assert a.shape == (4,) and a.dtype == torch.float32
     assert ((a >= 0) & (a <= 1)).all()
     torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_last_batch_of_a_single_caption() -> None:
+    """The seed's wrapper raises IndexError on a one-caption batch (Detoxify.predict returns scalars); d2m scores it."""
+    weights = ResolvedWeights(WeightsRecord(model=dtx.DetoxifyMultilingual.name, kind="random"))
+    model = dtx.DetoxifyMultilingual(torch.device("cpu"), weights=weights)
+    (one,) = model(["a photo of a dog"])
+    (both,) = model(["a photo of a dog", "a much longer caption, so that the first one is padded in this batch"])
+    assert one.shape == (1,) and one.dtype == torch.float32
+    torch.testing.assert_close(one[0], both[0], atol=1e-5, rtol=0)

@@ -13,10 +13,11 @@ from d2m_core.models.isc import (
     DEDUP_REFERENCE_FILES,
     IscFtV107,
     dedup_scores,
+    reference_norms,
     load_reference_embeddings,
     stable_random_init,
 )
-from d2m_core.weights import WeightsError, resolve_weights
+from d2m_core.weights import WeightsError, WeightsFile, resolve_weights, sha256_of
 
 NAME = IscFtV107.name
 
@@ -135,37 +136,62 @@ def test_reference_embeddings_load_as_float32(real_weights: None, tmp_path: Path
         load_reference_embeddings(tmp_path / "bad.pt")
 
 
-def brute_force(features: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    f = features.astype(np.float64)
-    r = reference.astype(np.float64)
-    f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
-    r = r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-12)
-    return (f @ r.T).max(axis=1)
+def seed_scores(features: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """The seed's arithmetic (IscFtV107Wrapper.forward): scores = z @ ref.T, max over the reference rows."""
+    return (torch.from_numpy(features) @ torch.from_numpy(reference).T).max(dim=1).values.numpy()
 
 
-def test_dedup_scores_are_the_max_cosine_with_chunking() -> None:
+def test_dedup_scores_are_z_at_ref_for_mixed_norm_reference_rows() -> None:
     rng = np.random.default_rng(0)
-    reference = rng.normal(size=(53, 256)).astype(np.float32) * rng.uniform(0.1, 5, size=(53, 1)).astype(np.float32)
+    norms = rng.uniform(0.5, 1.5, size=(53, 1)).astype(np.float32)
+    reference = rng.normal(size=(53, 256)).astype(np.float32)
+    reference = reference / np.linalg.norm(reference, axis=1, keepdims=True) * norms
     features = rng.normal(size=(11, 256)).astype(np.float32)
     features[3] = reference[40] * 7  # a (scaled) duplicate of a row in a later chunk
-    expected = brute_force(features, reference)
+    features /= np.linalg.norm(features, axis=1, keepdims=True)  # the model's unit-norm outputs
+    expected = seed_scores(features, reference)
+    cosine = (features @ (reference / norms).T).max(axis=1)
     for chunk_size, row_chunk in ((8, 3), (53, 11), (1000, 4096), (1, 1)):
         got = dedup_scores(features, reference, chunk_size=chunk_size, row_chunk=row_chunk)
         assert got.dtype == np.float32 and got.shape == (11,)
-        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
-    assert dedup_scores(features, reference, chunk_size=8)[3] == pytest.approx(1.0, abs=1e-6)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    got = dedup_scores(features, reference)
+    assert got[3] == pytest.approx(float(norms[40, 0]), abs=1e-5)  # z . ref of the duplicate = |ref|, not 1
+    assert float(np.abs(got - cosine).max()) > 0.05  # re-normalising the rows would change the scores
+    assert reference_norms(reference) == {"unit_norm": False, "min_norm": pytest.approx(float(norms.min()), abs=1e-6),
+                                          "max_norm": pytest.approx(float(norms.max()), abs=1e-6)}
+    assert reference_norms(reference / norms)["unit_norm"] is True
 
 
-def test_dedup_scores_range_and_edge_cases() -> None:
-    ref = np.ones((1, 256), np.float32)
-    feats = np.stack([np.ones(256), -np.ones(256) * 3, np.zeros(256)]).astype(np.float32)
-    got = dedup_scores(feats, ref)
-    np.testing.assert_allclose(got, [1.0, -1.0, 0.0], atol=1e-6)
-    rng = np.random.default_rng(1)
-    scores = dedup_scores(rng.normal(size=(200, 256)), rng.normal(size=(300, 256)), chunk_size=64)
-    assert np.all((scores >= -1) & (scores <= 1))
+def test_dedup_scores_edge_cases() -> None:
+    ref = np.ones((1, 256), np.float32) / 16  # unit norm
+    feats = np.stack([np.ones(256) / 16, -np.ones(256) / 16, np.zeros(256)]).astype(np.float32)
+    np.testing.assert_allclose(dedup_scores(feats, ref), [1.0, -1.0, 0.0], atol=1e-6)
     assert dedup_scores(np.zeros((0, 256), np.float32), ref).shape == (0,)
     with pytest.raises(ValueError):
         dedup_scores(feats, np.zeros((0, 256), np.float32))
     with pytest.raises(ValueError):
         dedup_scores(feats, np.ones((4, 128), np.float32))
+
+
+def test_dedup_reference_records_whether_rows_are_unit_norm(real_weights: None, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from d2m_core import pipeline
+    from d2m_core.config import D2MConfig
+
+    rng = np.random.default_rng(2)
+    ref = torch.from_numpy(rng.normal(size=(20, 256)).astype(np.float32))
+    ref = torch.nn.functional.normalize(ref) * torch.linspace(0.5, 1.5, 20)[:, None]
+    path = tmp_path / "eval_dedup_embeddings.pt"
+    torch.save(ref, path)
+    spec = DEDUP_REFERENCE_FILES[0]
+    monkeypatch.setattr(pipeline, "DEDUP_REFERENCE_FILES",
+                        [WeightsFile(spec.filename, spec.format, sha256_of(path), spec.source)])
+    config = D2MConfig(models=["dedup-isc-ft-v107"], nworkers=0, batch_size=1, device="cpu", input_tars="x.tar",
+                       output_metadata_dir=str(tmp_path / "out"), weights_dir=str(tmp_path))
+    outcome = pipeline.store_reference(config)
+    assert outcome.weights[0].kind == "official"
+    assert outcome.metadata == {"unit_norm": False, "min_norm": pytest.approx(0.5, abs=1e-5),
+                                "max_norm": pytest.approx(1.5, abs=1e-5)}
+    info = pipeline.reference_info(config)
+    assert info["rows"] == 20 and info["max_norm"] == outcome.metadata["max_norm"] and info["unit_norm"] is False

@@ -45,7 +45,7 @@ def test_sidecar_sha256_pins_unpinned_formats(real_weights: None, tmp_path: Path
     spec = WeightsFile("m.bin", "open_clip", None, "somewhere")
     assert resolve_weights("m", [spec], tmp_path).record.sha256 == sha256_of(path)
     (tmp_path / "m.bin.sha256").write_text("0" * 64 + "  m.bin\n")
-    with pytest.raises(WeightsError, match="expected 0000"):
+    with pytest.raises(WeightsError, match="says 0000"):
         resolve_weights("m", [spec], tmp_path)
 
 
@@ -64,7 +64,7 @@ def test_openai_and_open_clip_formats_load_the_same_model(real_weights: None, tm
         expected = torch.nn.functional.normalize(source.encode_image(image), dim=-1)
     openai = create_model("oai-clip-vit-b32", torch.device("cpu"), torch.float32,
                           resolve_model_weights("oai-clip-vit-b32", str(tmp_path)))
-    assert openai.weights.record.kind == "real" and openai.weights.file.format == "openai-jit"
+    assert openai.weights.record.kind == "official" and openai.weights.file.format == "openai-jit"
     assert torch.allclose(openai(image, tokens)[0], expected, atol=1e-5)
     (tmp_path / "ViT-B-32.pt").unlink()
     resolved = resolve_model_weights("oai-clip-vit-b32", str(tmp_path))
@@ -80,3 +80,26 @@ def test_sha256_is_recomputed_only_when_the_file_changes(tmp_path: Path) -> None
     assert sha256_of(path) == first
     path.write_bytes(b"two!")  # another size (and mtime): hashed again
     assert sha256_of(path) != first
+
+
+def test_weight_records_say_what_is_known(real_weights: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pinned, user = tmp_path / "pinned.pt", tmp_path / "user.bin"
+    pinned.write_bytes(b"the release's bytes")
+    user.write_bytes(b"somebody's file")
+    official_spec = WeightsFile("pinned.pt", "torch", sha256_of(pinned), "https://example.org/release/pinned.pt")
+    user_spec = WeightsFile("user.bin", "open_clip", None, "https://example.org/hub/user.bin")
+    assert resolve_weights("m", [official_spec], tmp_path).record.as_dict() == {
+        "model": "m", "kind": "official", "path": str(pinned), "sha256": sha256_of(pinned),
+        "source": "https://example.org/release/pinned.pt"}
+    # unpinned: its sha256, and no source (nothing says it came from there)
+    assert resolve_weights("m", [user_spec], tmp_path).record.as_dict() == {
+        "model": "m", "kind": "user", "path": str(user), "sha256": sha256_of(user)}
+    (tmp_path / "user.bin.sha256").write_text(sha256_of(user) + "\n")
+    assert resolve_weights("m", [user_spec], tmp_path).record.kind == "user"  # a sidecar checks integrity only
+    prefix_spec = WeightsFile("user.bin", "ckpt", None, "https://example.org/x", sha256_prefix=sha256_of(user)[:8])
+    assert resolve_weights("m", [prefix_spec], tmp_path).record.kind == "official"
+    with pytest.raises(WeightsError, match="expected 00000000..."):
+        resolve_weights("m", [WeightsFile("user.bin", "ckpt", None, "https://example.org/x", sha256_prefix="0" * 8)],
+                        tmp_path)
+    monkeypatch.setenv("D2M_RANDOM_WEIGHTS", "1")
+    assert resolve_weights("m", [official_spec], tmp_path).record.as_dict() == {"model": "m", "kind": "random"}
