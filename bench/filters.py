@@ -38,7 +38,7 @@ def make_pool(root: Path, shards: int, rows: int, image_shards: int) -> None:
         raw = rng.integers(0, 256, (rows, 16), dtype=np.uint8)
         uid = [bytes(r).hex() for r in raw]
         lang = rng.random(rows) < 0.7
-        words = rng.integers(0, len(EN), (rows, 7)) + np.where(lang, 0, len(EN))[:, None]
+        words = np.where(lang[:, None], rng.integers(0, len(EN), (rows, 7)), len(EN) + rng.integers(0, len(FR), (rows, 7)))
         lengths = rng.integers(1, 8, rows)
         text = [" ".join(vocab[w[:n]]) for w, n in zip(words, lengths)]
         table = pa.table({

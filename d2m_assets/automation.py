@@ -43,3 +43,14 @@ def build_automation_sensor() -> AutomationConditionSensorDefinition:
         emit_backfills=True,
         description="Materializes new, missing and stale shard assets in backfills of tars_per_wds shards per run",
     )
+
+
+def filter_condition(cron: str) -> AutomationCondition:
+    """A filter (unpartitioned, reading every shard) re-runs at most once per `cron` tick, when shard_metadata was
+    materialized since the filter last ran, or when it never ran and some shard exists: not once per shard."""
+    stale = AutomationCondition.any_deps_updated().since(
+        AutomationCondition.newly_requested() | AutomationCondition.newly_updated())
+    never_run = (AutomationCondition.missing() & ~AutomationCondition.execution_failed()
+                 & AutomationCondition.any_deps_match(~AutomationCondition.missing()))
+    return (AutomationCondition.cron_tick_passed(cron).since_last_handled() & (stale | never_run)
+            & ~AutomationCondition.in_progress()).with_label(f"shards materialized since it last ran, on '{cron}'")
