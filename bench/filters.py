@@ -98,6 +98,7 @@ def run_case(root: Path, case: str, files: dict, image_shards: int) -> dict:
     from d2m_core.filters import run_filter
 
     shards = pool.list_pool(str(root / "metadata"))
+    imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
     if case == "clip_score_fraction_load_all":  # DataComp's get_threshold: every score in memory, one sort
         import pandas as pd
@@ -117,7 +118,8 @@ def run_case(root: Path, case: str, files: dict, image_shards: int) -> dict:
                "threshold_passes": result.threshold_passes or None}
     seconds = time.perf_counter() - start
     return {"filter": case, "shards": len(shards), **out, "seconds": round(seconds, 2),
-            "rows_per_s": round(out["rows"] / seconds), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+            "rows_per_s": round(out["rows"] / seconds), "rss_after_imports_mb": round(imported),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
 
 def main() -> None:

@@ -130,9 +130,8 @@ class _Baseline:
     def keep(self, shard: PoolShard) -> tuple[np.ndarray, int, np.ndarray | None]:
         """(kept keys, rows in the shard, histogram of the score column or None)."""
         cols = pool.read_columns(shard, self.columns())
-        rows = len(cols["uid"])
-        if cols["uid"].null_count:
-            raise uids.UidError(f"{shard.parquet}: {cols['uid'].null_count} row(s) without a uid")
+        keys = uids.column_keys(cols["uid"], where=shard.parquet)
+        rows = len(keys)
         mask = np.ones(rows, bool)
         hist = None
         if self.score is not None:
@@ -152,8 +151,7 @@ class _Baseline:
             mask[idx] = self.entities.contains([texts[i] for i in idx])
         elif name.startswith("image_based"):
             mask &= self._image_based(shard, cols, mask)
-        kept_uids = np.asarray(cols["uid"].to_pylist(), dtype=object)[mask]
-        return uids.uid_keys(kept_uids.tolist(), where=shard.parquet), rows, hist
+        return (keys if mask.all() else keys[mask]), rows, hist
 
     def _basic(self, cols: dict[str, pa.ChunkedArray]) -> np.ndarray:
         texts = _texts(cols["text"])
@@ -225,7 +223,9 @@ def run_filter(spec: FilterSpec, shards: Sequence[PoolShard], *, config: D2MConf
                 hist = h if hist is None else hist + h
             if progress and (i + 1) % 100 == 0:
                 progress(f"{i + 1}/{len(shards)} shards filtered")
-    keys = uids.sort_keys(np.concatenate(kept) if kept else np.zeros(0, uids.UID_DTYPE))
+    keys = np.concatenate(kept) if kept else np.zeros(0, uids.UID_DTYPE)
+    del kept
+    keys = uids.sort_keys(keys)  # DataComp's order (high, then low)
     column = None
     if baseline.score is not None:
         column = pool.resolve_columns(shards[0], [baseline.score])[baseline.score]

@@ -133,7 +133,7 @@ def plan_reshard(metadata_dir: str, input_tars: str | list[str], subset: np.ndar
     for shard in shards:
         if shard.stem not in tars:
             raise ReshardError(f"metadata shard {shard.stem} has no tar in input_tars {input_tars!r}")
-        keys = uids.uid_keys(pool.read_columns(shard, ["uid"])["uid"].to_pylist(), where=shard.parquet)
+        keys = uids.column_keys(pool.read_columns(shard, ["uid"])["uid"], where=shard.parquet)
         kept = int(uids.multiplicity(subset, keys).sum())
         plan.pool_size += len(keys)
         plan.inputs.append(PlanInput(shard.stem, tars[shard.stem], shard.parquet, shard.json, kept, start))
@@ -168,7 +168,7 @@ def _wanted(plan: ReshardPlan, item: PlanInput, subset: np.ndarray, lo: int, hi:
     shard = pool.PoolShard(item.stem, item.parquet, item.parquet[: -len(".parquet")] + ".npz", item.json)
     cols = pool.read_columns(shard, logical)
     row_uids = cols["uid"].to_pylist()
-    counts = uids.multiplicity(subset, uids.uid_keys(row_uids, where=item.parquet))
+    counts = uids.multiplicity(subset, uids.column_keys(cols["uid"], where=item.parquet))
     if int(counts.sum()) != item.kept:
         raise ReshardError(f"{item.parquet} changed since the reshard was planned: rerun the plan")
     wanted: dict[str, list[int]] = {}

@@ -119,7 +119,7 @@ def read_bytes(url: str, *, retry: RetryPolicy | None = None) -> bytes:
 def open_read(url: str) -> IO[bytes]:
     """A seekable binary file to read `url` in parts (parquet column chunks, npz members)."""
     fs, path = _filesystem(url)
-    return fs.open(path, "rb")
+    return open(path, "rb") if _is_local(fs) else fs.open(path, "rb")
 
 
 def exists(url: str, *, retry: RetryPolicy | None = None) -> bool:

@@ -7,10 +7,13 @@ kept sample (a uid listed n times is resharded n times).
 
 from __future__ import annotations
 
+import binascii
 import io
 from collections.abc import Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from d2m_core import storage
 
@@ -42,6 +45,32 @@ def uid_keys(uids: Sequence[str] | np.ndarray, *, where: str = "") -> np.ndarray
     return keys
 
 
+def column_keys(column: pa.Array | pa.ChunkedArray, *, where: str = "") -> np.ndarray:
+    """The `u8,u8` keys of a parquet uid column, straight from Arrow's string buffer (no Python strings)."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if not len(array):
+        return np.zeros(0, UID_DTYPE)
+    if array.null_count:
+        raise UidError(f"{where + ': ' if where else ''}{array.null_count} row(s) without a uid")
+    if not pa.types.is_string(array.type) and not pa.types.is_large_string(array.type):
+        raise UidError(f"{where + ': ' if where else ''}uid column is {array.type}, not strings")
+    lengths = pc.binary_length(array)
+    low, high = pc.min_max(lengths).values()
+    if low.as_py() != UID_HEX_DIGITS or high.as_py() != UID_HEX_DIGITS:
+        bad = array.filter(pc.not_equal(lengths, UID_HEX_DIGITS))[0].as_py()
+        raise UidError(f"{where + ': ' if where else ''}uid {bad!r} is not {UID_HEX_DIGITS} hex digits")
+    offsets = np.frombuffer(array.buffers()[1], np.int64 if pa.types.is_large_string(array.type) else np.int32)
+    start, end = int(offsets[array.offset]), int(offsets[array.offset + len(array)])
+    try:
+        raw = binascii.unhexlify(memoryview(array.buffers()[2])[start:end])
+    except binascii.Error:
+        return uid_keys(array.to_pylist(), where=where)  # names the bad uid
+    halves = np.frombuffer(raw, dtype=">u8").astype(np.uint64).reshape(-1, 2)
+    keys = np.empty(len(array), UID_DTYPE)
+    keys["f0"], keys["f1"] = halves[:, 0], halves[:, 1]
+    return keys
+
+
 def _is_hex(value: str) -> bool:
     try:
         bytes.fromhex(value)
@@ -57,9 +86,17 @@ def key_to_uid(key: np.void | tuple[int, int]) -> str:
 
 
 def sort_keys(keys: np.ndarray) -> np.ndarray:
-    """Keys sorted as DataComp sorts them (`uids.sort()` on the structured array: high, then low)."""
-    out = np.array(keys, UID_DTYPE, copy=True)
-    out.sort()
+    """Keys sorted as DataComp sorts them (`uids.sort()` on the structured array: high, then low), as a new
+    array. Sorting the structured array itself compares field by field and is ~5x slower at 10M keys: here one
+    integer sort on the high halves, then the rare runs of equal high halves are ordered by their low halves."""
+    keys = np.asarray(keys, UID_DTYPE)
+    out = keys[np.argsort(keys["f0"])]
+    high = out["f0"]
+    tied = np.flatnonzero(high[1:] == high[:-1])
+    if len(tied):
+        rows = np.unique(np.concatenate([tied, tied + 1]))  # whole runs, each in place after the sort by high
+        group = out[rows]
+        out[rows] = group[np.lexsort((group["f1"], group["f0"]))]
     return out
 
 

@@ -45,3 +45,29 @@ def test_bad_uids_and_files_are_named(tmp_path: Path) -> None:
     np.save(wrong, np.arange(4, dtype=np.int64))
     with pytest.raises(uids.UidError, match="dtype"):
         uids.load_uid_file(str(wrong))
+
+
+def test_arrow_column_keys_equal_the_string_rule() -> None:
+    import pyarrow as pa
+
+    values = _random_uids(300, seed=2)
+    column = pa.chunked_array([pa.array(values[:100]), pa.array(values[100:])])
+    assert (uids.column_keys(column) == uids.uid_keys(values)).all()
+    assert (uids.column_keys(pa.array(values).slice(7, 50)) == uids.uid_keys(values[7:57])).all()
+    assert (uids.column_keys(pa.array(values, pa.large_string())) == uids.uid_keys(values)).all()
+    with pytest.raises(uids.UidError, match="'abc'"):
+        uids.column_keys(pa.array(values[:3] + ["abc"]))
+    with pytest.raises(uids.UidError, match="zz"):
+        uids.column_keys(pa.array(["zz" + "0" * 30]))
+    with pytest.raises(uids.UidError, match="without a uid"):
+        uids.column_keys(pa.array([values[0], None]))
+
+
+def test_sort_matches_numpys_structured_sort_with_ties() -> None:
+    rng = np.random.default_rng(5)
+    keys = np.empty(5000, uids.UID_DTYPE)
+    keys["f0"] = rng.integers(0, 50, len(keys), dtype=np.uint64)  # many equal high halves
+    keys["f1"] = rng.integers(0, 2**64, len(keys), dtype=np.uint64)
+    expected = keys.copy()
+    expected.sort()
+    assert (uids.sort_keys(keys) == expected).all()
