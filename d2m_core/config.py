@@ -225,4 +225,13 @@ def relative_path_fields(path: str | Path) -> list[str]:
         values = value if isinstance(value, list) else [value]
         if any(isinstance(v, str) and _is_local_relative(v) for v in values):
             fields.append(key)
+    reshard = raw.get("reshard")
+    if isinstance(reshard, dict) and isinstance(reshard.get("output_dir"), str) and _is_local_relative(reshard["output_dir"]):
+        fields.append("reshard")
+    for entry in raw.get("filters") or []:
+        paths = [entry.get("save_path"), *(entry.get("data_files") or {}).values()] if isinstance(entry, dict) else []
+        flat = [p for v in paths for p in (v if isinstance(v, list) else [v])]
+        if any(isinstance(p, str) and _is_local_relative(p) for p in flat):
+            fields.append("filters")
+            break
     return fields
