@@ -124,7 +124,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Scrfd
 
 @pytest.fixture(scope="module")
 def random_model() -> Scrfd10G:
-    """D2M_RANDOM_WEIGHTS: the seed's architecture (torch) with random weights."""
+    """D2M_RANDOM_WEIGHTS: the seed's architecture with random weights (exported, on onnxruntime)."""
     weights = resolve_weights(Scrfd10G.name, Scrfd10G.weights_files, Path("/nonexistent"))
     assert weights.is_random
     return Scrfd10G(torch.device("cpu"), weights=weights)
@@ -294,7 +294,7 @@ def test_random_weights_contract(random_model: Scrfd10G) -> None:
     assert random_model.weights.is_random and random_model.weights.record.as_dict()["kind"] == "random"
     assert (Scrfd10G.name, Scrfd10G.raw_inputs, Scrfd10G.preprocessors, Scrfd10G.output_fields) == (
         "faces-scrfd10g", ["image"], ["faces-aug"], {"boxes": -1})
-    assert random_model.backend == "torch" and (random_model.input_scale, random_model.input_shift) == (1.0, 0.0)
+    assert random_model.backend == "onnxruntime" and (random_model.input_scale, random_model.input_shift) == (1.0, 0.0)
     transform = FacesImageTransform()
     prepared = [transform.prepare(Image.new("RGB", size, color)) for size, color in
                 (((300, 180), (200, 120, 90)), ((120, 260), (30, 60, 90)))]
