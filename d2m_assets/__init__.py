@@ -23,9 +23,9 @@ def __getattr__(name: str) -> Any:
 
         return build_definitions
     if name == "defs":
-        from d2m_assets.definitions import build_definitions, config_path
+        from d2m_assets.definitions import build_definitions, config_paths
 
-        value = globals()["defs"] = build_definitions(config_path())
+        value = globals()["defs"] = build_definitions(config_paths())
         return value
     raise AttributeError(f"module 'd2m_assets' has no attribute {name!r}")
 

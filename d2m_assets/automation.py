@@ -9,7 +9,10 @@ partition whose last run failed, or one already requested or running, so nothing
 
 import os
 
-from dagster import AssetSelection, AutomationCondition, AutomationConditionSensorDefinition, DefaultSensorStatus
+from collections.abc import Sequence
+
+from dagster import (AssetKey, AssetSelection, AutomationCondition, AutomationConditionSensorDefinition,
+                     DefaultSensorStatus)
 
 AUTOMATION_ENV = "D2M_AUTOMATION"  # "off" leaves the sensors stopped until turned on in the UI
 INTERVAL_ENV = "D2M_SENSOR_INTERVAL_S"  # seconds between evaluations of both sensors (default 30)
@@ -34,10 +37,11 @@ def sensor_interval() -> int:
     return int(os.environ.get(INTERVAL_ENV, "30"))
 
 
-def build_automation_sensor() -> AutomationConditionSensorDefinition:
+def build_automation_sensor(name: str, targets: Sequence[AssetKey]) -> AutomationConditionSensorDefinition:
+    """The automation sensor of one dataset, over its assets (`targets`; never the external raw_shards)."""
     return AutomationConditionSensorDefinition(
-        "shard_automation",
-        target=AssetSelection.all() - AssetSelection.assets("raw_shards"),
+        name,
+        target=AssetSelection.assets(*targets),
         default_status=default_status(),
         minimum_interval_seconds=sensor_interval(),
         emit_backfills=True,

@@ -256,6 +256,7 @@ USER_ERRORS = (
     ("d2m_core.plugins", "PluginError"),
     ("d2m_core.storage", "StorageError"),
     ("d2m_core.download", "DownloadError"),
+    ("d2m_core.preflight", "PreflightError"),
     ("d2m_assets.resources", "PartitionNotInInputError"),
     ("d2m_assets.registration", "InstanceError"),
 )

@@ -1,21 +1,32 @@
-"""The single Definitions object: assets built from d2m_core's catalog, configured by the yml at $D2M_CONFIG."""
+"""The single Definitions object: one asset set per dataset, each built from a yml named by $D2M_CONFIG.
+
+Why asset factories with a key prefix per dataset: it is Dagster's idiom for one pipeline over several
+datasets; each dataset keeps its own partitions (`<dataset>__shards`) and materialization state, so
+datasets whose tars share names (img2dataset names every dataset's shards 00000.tar, 00001.tar, ...)
+never share state, and each asset stays within Dagster's recommended partition count.
+"""
 
 from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from dagster import BackfillPolicy, Definitions
+from dagster import (AssetsDefinition, AssetSpec, BackfillPolicy, Definitions, JobDefinition, ScheduleDefinition,
+                     SensorDefinition)
 from dagster_aws.s3 import S3Resource
 
-from d2m_assets.assets.reference import dedup_reference
-from d2m_assets.assets.shards import RAW_SHARDS, build_shard_assets
+from d2m_assets.assets.reference import build_reference_asset
+from d2m_assets.assets.shards import build_shard_assets, raw_shards_spec
 from d2m_assets.automation import build_automation_sensor
-from d2m_assets.resources import D2MConfigResource
-from d2m_assets.schedules import discover_shards_job, discover_shards_schedule
-from d2m_assets.sensors import new_shards_sensor
+from d2m_assets.datasets import Dataset
+from d2m_assets.schedules import build_discovery
+from d2m_assets.sensors import build_new_shards_sensor
 from d2m_assets.yml_paths import load_recorded_config
+from d2m_core import D2MConfig, catalog
+from d2m_core.config import ConfigError
 from d2m_core.pipeline import selected_assets
 
 CONFIG_ENV = "D2M_CONFIG"
@@ -23,22 +34,77 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yml"
 DEFAULT_TARS_PER_RUN = 8  # shards per Dagster run when the yml has no tars_per_wds (models load once per run)
 
 
+def config_paths() -> list[Path]:
+    """The ymls of $D2M_CONFIG (one, or several separated by ':'); default configs/demo.yml."""
+    raw = os.environ.get(CONFIG_ENV) or str(DEFAULT_CONFIG)
+    return [Path(p).resolve() for p in raw.split(os.pathsep) if p.strip()]
+
+
 def config_path() -> Path:
-    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG).resolve()
+    """The first yml of $D2M_CONFIG."""
+    return config_paths()[0]
 
 
-def build_definitions(path: str | Path) -> Definitions:
-    """Definitions for one yml: its `tars_per_wds` sets how many shards a backfill run takes."""
-    config = load_recorded_config(path)
-    selected_assets(config)  # validates names; installs custom_pypath models so they appear as assets
+@dataclass
+class DatasetDefinitions:
+    """Everything one dataset adds to the definitions."""
+
+    dataset: Dataset
+    assets: list[AssetsDefinition | AssetSpec] = field(default_factory=list)
+    sensors: list[SensorDefinition] = field(default_factory=list)
+    schedules: list[ScheduleDefinition] = field(default_factory=list)
+    jobs: list[JobDefinition] = field(default_factory=list)
+
+
+def dataset_definitions(dataset: Dataset, config: D2MConfig) -> DatasetDefinitions:
+    """The asset factory: a dataset's assets (only those its config needs), checks, sensors and schedule.
+
+    Its `tars_per_wds` sets how many shards a backfill run takes.
+    """
+    names = selected_assets(config)  # validates names; installs custom_pypath models so they appear as assets
     policy = BackfillPolicy.multi_run(max_partitions_per_run=config.tars_per_wds or DEFAULT_TARS_PER_RUN)
     with warnings.catch_warnings():  # backfill_policy on @asset is marked beta in 1.13; we rely on it knowingly
         warnings.filterwarnings("ignore", message=".*backfill_policy.*is currently in beta")
-        assets = [RAW_SHARDS, dedup_reference, build_shard_assets(policy)]
-    return Definitions(
+        shard_assets = build_shard_assets(dataset, names, policy)
+    assets: list[AssetsDefinition | AssetSpec] = [raw_shards_spec(dataset), shard_assets]
+    if catalog.REFERENCE_ASSET in names:
+        assets.append(build_reference_asset(dataset))
+    targets = [k for a in assets[1:] for k in a.keys]
+    job, schedule = build_discovery(dataset)
+    return DatasetDefinitions(
+        dataset=dataset,
         assets=assets,
-        sensors=[new_shards_sensor, build_automation_sensor()],
-        schedules=[discover_shards_schedule],
-        jobs=[discover_shards_job],
-        resources={"d2m": D2MConfigResource(config_path=str(path)), "s3": S3Resource()},
+        sensors=[build_new_shards_sensor(dataset), build_automation_sensor(dataset.named("shard_automation"), targets)],
+        schedules=[schedule],
+        jobs=[job],
+    )
+
+
+def load_datasets(paths: Sequence[str | Path]) -> list[tuple[Dataset, D2MConfig]]:
+    """Each yml's dataset and config; two ymls naming one dataset, or sharing one output folder, are an error."""
+    found: list[tuple[Dataset, D2MConfig]] = []
+    for path in paths:
+        config = load_recorded_config(path)
+        dataset = Dataset(name=config.dataset_name, config_path=str(Path(path).resolve()))
+        for other, other_config in found:
+            if other.name == dataset.name:
+                raise ConfigError(f"{path} and {other.config_path} both name dataset {dataset.name!r}: "
+                                  "give one of them another `dataset`")
+            if other_config.output_metadata_dir.rstrip("/") == config.output_metadata_dir.rstrip("/"):
+                raise ConfigError(f"{path} and {other.config_path} both write to {config.output_metadata_dir}: "
+                                  "each dataset needs its own output_metadata_dir")
+        found.append((dataset, config))
+    return found
+
+
+def build_definitions(paths: str | Path | Sequence[str | Path]) -> Definitions:
+    """Definitions for one yml or several (one asset set per dataset, in one code location)."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    parts = [dataset_definitions(dataset, config) for dataset, config in load_datasets(paths)]
+    return Definitions(
+        assets=[a for p in parts for a in p.assets],
+        sensors=[s for p in parts for s in p.sensors],
+        schedules=[s for p in parts for s in p.schedules],
+        jobs=[j for p in parts for j in p.jobs],
+        resources={"s3": S3Resource()},
     )

@@ -1,9 +1,10 @@
-"""The `shards` partitions (one per input tar, keyed by its stem) and the GPU pool the tar pass runs in."""
+"""The external asset each dataset's partitions stand for, and the GPU pool the tar pass runs in.
 
-from dagster import DynamicPartitionsDefinition
+A dataset's partitions definition (`<dataset>__shards`, one partition per input tar) comes from
+`d2m_assets.datasets.Dataset.partitions`.
+"""
 
-SHARDS = "shards"
-shard_partitions = DynamicPartitionsDefinition(name=SHARDS)
+RAW_SHARDS = "raw_shards"  # the input tars, as an external asset of each dataset
 
 # Steps that run models on a GPU claim a slot of this pool; its limit (the number of GPUs) is set on the
 # instance (`d2m run` sets it when unset; `dagster instance concurrency set gpu N` changes it).

@@ -7,11 +7,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from d2m_assets.partitions import SHARDS
+from d2m_assets.datasets import Dataset
 from d2m_assets.runner import ensure_instance
 from d2m_assets.yml_paths import record_base_dir
 from d2m_core.config import load_config
-from d2m_core.shards import expand_shards
+from d2m_core.preflight import check_inputs
 
 
 class InstanceError(RuntimeError):
@@ -33,12 +33,14 @@ def register_config_shards(yml: str | Path) -> Registered:
         raise InstanceError("DAGSTER_HOME is not set: set it to the instance folder that `dagster asset materialize`, "
                             "the daemon and the UI use (e.g. export DAGSTER_HOME=$PWD/.dagster_home)")
     config = load_config(yml)
-    stems = [ref.stem for ref in expand_shards(config.input_tars)]
+    refs, _ = check_inputs(config)  # only tars that exist become partitions
+    stems = [ref.stem for ref in refs]
+    dataset = Dataset(name=config.dataset_name, config_path=str(Path(yml).resolve()))
     instance = ensure_instance()
     record_base_dir(yml)
-    before = set(instance.get_dynamic_partitions(SHARDS))
-    instance.add_dynamic_partitions(SHARDS, stems)
-    return Registered(os.environ["DAGSTER_HOME"], SHARDS, stems, len(set(stems) - before))
+    before = set(instance.get_dynamic_partitions(dataset.partitions_name))
+    instance.add_dynamic_partitions(dataset.partitions_name, stems)
+    return Registered(os.environ["DAGSTER_HOME"], dataset.partitions_name, stems, len(set(stems) - before))
 
 
 def dagster_error_message(err: BaseException) -> str | None:

@@ -1,11 +1,16 @@
 """Per-shard materialization events and check results, shared by the asset bodies."""
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
-from dagster import AssetCheckEvaluation, AssetCheckResult, AssetKey, AssetMaterialization, MetadataValue
+from dagster import (AssetCheckEvaluation, AssetKey, AssetMaterialization, AssetRecordsFilter,
+                     DagsterEventType, DagsterInstance, MetadataValue)
 
+from dagster._core.definitions.asset_checks.asset_check_evaluation import AssetCheckEvaluationTargetMaterializationData
+
+from d2m_assets.datasets import Dataset
 from d2m_core import ShardOutcome
-from d2m_core.validation import CHECKS, CheckOutcome
+from d2m_core.identity import PARTS, Identity
+from d2m_core.validation import CheckOutcome
 
 
 def outcome_metadata(outcome: ShardOutcome, asset: str) -> dict[str, object]:
@@ -28,26 +33,59 @@ def outcome_metadata(outcome: ShardOutcome, asset: str) -> dict[str, object]:
     return meta
 
 
-def materializations(outcome: ShardOutcome, assets: list[str]) -> Iterator[AssetMaterialization]:
-    """One materialization per selected asset for this shard (shard_metadata also gets the score quantiles)."""
+DATA_VERSION_TAG = "dagster/data_version"  # Dagster's data version of a materialization (indexed per partition)
+IDENTITY_TAG_PREFIX = "d2m/"  # d2m/tar, d2m/output, d2m/weights: digests of what produced a materialization
+
+
+def identity_tags(identity: Identity) -> dict[str, str]:
+    """The identity as tags: the whole as Dagster's data version, each part under d2m/<part>."""
+    return {DATA_VERSION_TAG: identity.version} | {IDENTITY_TAG_PREFIX + p: d for p, d in identity.parts.items()}
+
+
+def recorded_parts(tags: dict[str, str]) -> dict[str, str]:
+    """The identity parts recorded in a materialization's tags."""
+    return {k[len(IDENTITY_TAG_PREFIX):]: v for k, v in tags.items() if k.startswith(IDENTITY_TAG_PREFIX)}
+
+
+def materializations(dataset: Dataset, outcome: ShardOutcome, assets: list[str],
+                     identities: dict[str, Identity]) -> Iterator[AssetMaterialization]:
+    """One materialization per selected asset for this shard (shard_metadata also gets the score quantiles),
+    each with the identity of what produced it (tar, output location, weights)."""
     for asset in assets:
         meta = outcome_metadata(outcome, asset)
         if asset == "shard_metadata":
             meta |= outcome.quantiles
-        yield AssetMaterialization(asset_key=asset, partition=outcome.stem, metadata=meta)
+        identity = identities[asset]
+        meta["d2m/identity"] = MetadataValue.json(identity.detail)
+        yield AssetMaterialization(asset_key=dataset.key(asset), partition=outcome.stem, metadata=meta,
+                                   tags=identity_tags(identity))
 
 
-def check_events(key: AssetKey, stems: list[str], results: dict[str, list[CheckOutcome]]):
-    """One result per check: per partition directly in a single-shard run; in a range run, an evaluation per
-    partition, then the check's overall result (which fails the run if any shard failed it)."""
-    for name in CHECKS:
-        outcomes = {stem: next(o for o in results[stem] if o.name == name) for stem in stems}
-        if len(stems) > 1:
-            for stem, o in outcomes.items():
-                yield AssetCheckEvaluation(asset_key=key, check_name=name, passed=o.passed, metadata=o.metadata,
-                                           partition=stem, description=o.description)
-        failed = [stem for stem, o in outcomes.items() if not o.passed]
-        only = outcomes[stems[0]]
-        metadata = only.metadata if len(stems) == 1 else {"failed_shards": ", ".join(failed) or "none"}
-        yield AssetCheckResult(asset_key=key, check_name=name, passed=not failed, metadata=metadata,
-                               description=only.description)
+def check_evaluations(instance: DagsterInstance, key: AssetKey, stem: str,
+                      outcomes: list[CheckOutcome]) -> Iterator[AssetCheckEvaluation]:
+    """The blocking checks' results for one shard, each targeting that partition's latest materialization
+    of `key` (just recorded), so the UI shows them per partition as soon as the shard is done."""
+    records = instance.fetch_materializations(AssetRecordsFilter(asset_key=key, asset_partitions=[stem]), limit=1).records
+    target = (AssetCheckEvaluationTargetMaterializationData(run_id=records[0].event_log_entry.run_id,
+                                                            storage_id=records[0].storage_id,
+                                                            timestamp=records[0].timestamp) if records else None)
+    for o in outcomes:
+        yield AssetCheckEvaluation(asset_key=key, check_name=o.name, passed=o.passed, metadata=o.metadata,
+                                   partition=stem, description=o.description, blocking=True,
+                                   target_materialization_data=target)
+
+
+def latest_versions(instance: DagsterInstance, key: AssetKey, stems: Sequence[str]) -> dict[str, str | None]:
+    """The data version of each partition's latest materialization (None: one without; absent: never
+    materialized)."""
+    storage = instance.event_log_storage
+    latest = storage.get_latest_storage_id_by_partition(key, DagsterEventType.ASSET_MATERIALIZATION)
+    tags = storage.get_latest_tags_by_partition(key, DagsterEventType.ASSET_MATERIALIZATION, [DATA_VERSION_TAG],
+                                                asset_partitions=list(stems))
+    return {s: tags.get(s, {}).get(DATA_VERSION_TAG) for s in stems if s in latest}
+
+
+def recorded_identity(instance: DagsterInstance, key: AssetKey, stem: str) -> dict[str, str]:
+    """The identity parts of a partition's latest materialization (empty when it has none)."""
+    records = instance.fetch_materializations(AssetRecordsFilter(asset_key=key, asset_partitions=[stem]), limit=1).records
+    return recorded_parts(records[0].asset_materialization.tags or {}) if records else {}

@@ -9,22 +9,27 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dagster import AssetKey, DagsterInstance, materialize
+from dagster import DagsterInstance, materialize
 
+from d2m_assets.datasets import Dataset
 from d2m_assets.definitions import DEFAULT_TARS_PER_RUN, build_definitions
-from d2m_assets.partitions import GPU_POOL, SHARDS
+from d2m_assets.partitions import GPU_POOL
 from d2m_assets.progress import RunPlan, publish, run_failure_line
 from d2m_assets.recovery import mark_abandoned_runs, owner_tags
 from d2m_assets.yml_paths import record_base_dir
 from d2m_core.gpus import gpu_count
-from d2m_core import catalog, expand_shards, load_config
-from d2m_core.pipeline import selected_assets, shard_stats, verify_weights
+from d2m_assets.reporting import latest_versions, recorded_identity
+from d2m_core import D2MConfig, catalog, load_config
+from d2m_core.identity import REASONS, asset_identity, weights_by_model
+from d2m_core.pipeline import selected_assets, shard_stats
+from d2m_core.preflight import preflight
 
 REPO_DAGSTER_YAML = Path(__file__).resolve().parent.parent / "deploy" / "dagster.yaml"
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 # The run log (event storage) keeps everything; the terminal shows d2m's display, and Dagster's console
 # logger only what is critical (D2M_CONSOLE_LOG_LEVEL=INFO shows Dagster's events too; `--debug` sets it).
 LOG_CONFIG = {"loggers": {"console": {"config": {"log_level": os.environ.get("D2M_CONSOLE_LOG_LEVEL", "CRITICAL")}}}}
+EXPLAINED = 50  # per asset, mismatching shards whose recorded identity is read to say what changed
 
 
 @dataclass
@@ -58,13 +63,32 @@ def ensure_instance(echo: Callable[[str], None] = print) -> DagsterInstance:
     return instance
 
 
-def pending_shards(instance: DagsterInstance, stems: Sequence[str], assets: Sequence[str]) -> list[str]:
-    """Shards for which any of `assets` has no materialization in the instance (state, not file names)."""
-    done: set[str] | None = None
-    for name in assets:
-        materialized = instance.get_materialized_partitions(AssetKey(name))
-        done = materialized if done is None else done & materialized
-    return [s for s in stems if s not in (done or set())]
+def reasons_to_run(instance: DagsterInstance, dataset: Dataset, config: D2MConfig, stems: Sequence[str],
+                   assets: Sequence[str], tars: dict[str, dict], weights: dict[str, str]) -> dict[str, list[str]]:
+    """Why each shard must run (state, not file names): an asset not materialized, or materialized from
+    another tar, output location or weights than this run would use (its data version differs). An empty
+    list: skip it. What changed is looked up for the first EXPLAINED mismatches of each asset."""
+    reasons: dict[str, list[str]] = {s: [] for s in stems}
+    for asset in assets:
+        key = dataset.key(asset)
+        recorded = latest_versions(instance, key, stems)
+        explained = 0
+        for stem in stems:
+            if stem not in recorded:
+                why = ["not materialized"]
+            else:
+                identity = asset_identity(config, asset, tars[stem], weights)
+                if recorded[stem] == identity.version:
+                    continue
+                explained += 1
+                parts = recorded_identity(instance, key, stem) if explained <= EXPLAINED else None
+                why = ([REASONS[p] for p in identity.differences(parts)] if parts else []) or ["another data version"]
+            reasons[stem] += [w for w in why if w not in reasons[stem]]
+    return reasons
+
+
+def _shown(stems: Sequence[str], limit: int = 10) -> str:
+    return ", ".join(stems[:limit]) + (f", ... ({len(stems) - limit} more)" if len(stems) > limit else "")
 
 
 def contiguous_chunks(order: Sequence[str], todo: Sequence[str], size: int) -> list[list[str]]:
@@ -92,34 +116,48 @@ def run_config_file(yml: str | Path, *, echo: Callable[[str], None] = print) -> 
     asset_names = selected_assets(config)
     needs_reference = catalog.REFERENCE_ASSET in asset_names
     asset_names = [a for a in asset_names if a != catalog.REFERENCE_ASSET]  # the only unpartitioned one
-    verify_weights(config)  # every weights file, before any shard is touched
-    stems = [ref.stem for ref in expand_shards(config.input_tars)]
+    checked = preflight(config)  # tars exist, weights present, output writable: before any state or compute
+    stems = [ref.stem for ref in checked.shards]
+    dataset = Dataset(name=config.dataset_name, config_path=str(yml))
+    echo(f"dataset {dataset.name}: {len(stems)} shard(s) of {config.input_tars} -> {config.output_metadata_dir}")
     instance = ensure_instance(echo)
     record_base_dir(yml)  # the definitions below (and the daemon's) resolve relative paths as this process did
     for run_id in mark_abandoned_runs(instance):  # a killed run still holds its gpu slot: free it first
         echo(f"run {run_id} was left unfinished by a process that is gone: marked failed; its shards run again")
-    instance.add_dynamic_partitions(SHARDS, stems)
+    instance.add_dynamic_partitions(dataset.partitions_name, stems)
     summary = RunSummary(shards=stems)
-    todo = stems if config.reprocess else pending_shards(instance, stems, asset_names)
-    summary.skipped = [s for s in stems if s not in todo]
+    if config.reprocess:
+        todo = stems
+        echo(f"recomputing {len(todo)} shard(s) (reprocess: true)")
+    else:
+        reasons = reasons_to_run(instance, dataset, config, stems, asset_names, checked.tars,
+                                 weights_by_model(checked.weights))
+        todo = [s for s in stems if reasons[s]]
+        summary.skipped = [s for s in stems if not reasons[s]]
+        if summary.skipped:
+            echo(f"{len(summary.skipped)} shard(s) already materialized, skipped (same tar, output location and "
+                 f"weights): {_shown(summary.skipped)}")
+        by_reason: dict[str, list[str]] = {}
+        for stem in todo:
+            by_reason.setdefault(" and ".join(reasons[stem]), []).append(stem)
+        for why, which in by_reason.items():
+            echo(f"{len(which)} shard(s) to compute ({why}): {_shown(which)}")
     publish(RunPlan(len(todo), len(summary.skipped)))
-    if summary.skipped:
-        echo(f"{len(summary.skipped)} shard(s) already materialized, skipped (reprocess: false)")
     if not todo:
         echo("all shards already processed.")
         return summary
     defs = build_definitions(yml)
     assets = list(defs.assets or [])
     if needs_reference:  # its own run, before the shards that use it
-        if config.reprocess or not instance.get_latest_materialization_event(AssetKey(catalog.REFERENCE_ASSET)):
-            result = materialize(assets, instance=instance, selection=[AssetKey(catalog.REFERENCE_ASSET)], tags=owner_tags(),
+        if config.reprocess or not instance.get_latest_materialization_event(dataset.key(catalog.REFERENCE_ASSET)):
+            result = materialize(assets, instance=instance, selection=[dataset.key(catalog.REFERENCE_ASSET)], tags=owner_tags(),
                                  resources=defs.resources, run_config=LOG_CONFIG, raise_on_error=False)
             if not result.success:
                 summary.failed_runs.append(result.run_id)
                 echo(f"{catalog.REFERENCE_ASSET} failed: {run_failure_line(result)}")
                 return summary
-    selection = [AssetKey(a) for a in asset_names]
-    chunks = contiguous_chunks(instance.get_dynamic_partitions(SHARDS), todo, config.tars_per_wds or DEFAULT_TARS_PER_RUN)
+    selection = [dataset.key(a) for a in asset_names]
+    chunks = contiguous_chunks(instance.get_dynamic_partitions(dataset.partitions_name), todo, config.tars_per_wds or DEFAULT_TARS_PER_RUN)
     started = time.perf_counter()
     for i, chunk in enumerate(chunks, 1):
         tags = owner_tags() | ({} if len(chunk) == 1 else {RANGE_START: chunk[0], RANGE_END: chunk[-1]})
@@ -127,7 +165,7 @@ def run_config_file(yml: str | Path, *, echo: Callable[[str], None] = print) -> 
                              partition_key=chunk[0] if len(chunk) == 1 else None, tags=tags,
                              run_config=LOG_CONFIG, raise_on_error=False)
         summary.run_ids.append(result.run_id)
-        last = AssetKey(asset_names[-1])  # each shard is materialized on its own, as soon as it is written
+        last = dataset.key(asset_names[-1])  # each shard is materialized on its own, as soon as it is written
         done = {e.materialization.partition for e in result.get_asset_materialization_events()
                 if e.materialization.asset_key == last}
         summary.processed.extend(s for s in chunk if s in done)

@@ -1,13 +1,15 @@
-"""new_shards_sensor: registers each complete img2dataset tar at the config's input as a `shards` partition."""
+"""Each dataset's new_shards_sensor: registers each complete img2dataset tar at the config's input as a
+partition of the dataset (`<dataset>__shards`) and reports its raw_shards materialization."""
 
 from collections.abc import Iterator
 
-from dagster import AssetMaterialization, SensorEvaluationContext, SensorResult, SkipReason, sensor
+from dagster import (AssetMaterialization, SensorDefinition, SensorEvaluationContext, SensorResult, SkipReason,
+                     sensor)
 from dagster_aws.s3 import S3Resource
 
 from d2m_assets.automation import default_status, sensor_interval
-from d2m_assets.partitions import SHARDS, shard_partitions
-from d2m_assets.resources import D2MConfigResource
+from d2m_assets.datasets import Dataset
+from d2m_assets.partitions import RAW_SHARDS
 from d2m_core import ShardRef
 from d2m_core.config import D2MConfig
 from d2m_core.discovery import DiscoveryCursor, discover
@@ -35,26 +37,32 @@ def find_new_shards(config: D2MConfig, cursor: DiscoveryCursor, known: set[str],
     return discover(config.input_tars, cursor, known=known, list_after=lister)
 
 
-def raw_shard_event(ref: ShardRef) -> AssetMaterialization:
+def raw_shard_event(dataset: Dataset, ref: ShardRef) -> AssetMaterialization:
     """raw_shards of this partition is materialized: its tar is complete, at this URL."""
-    return AssetMaterialization("raw_shards", partition=ref.stem, metadata={"url": ref.url})
+    return AssetMaterialization(dataset.key(RAW_SHARDS), partition=ref.stem, metadata={"url": ref.url})
 
 
-def registration(refs: list[ShardRef]) -> dict:
+def registration(dataset: Dataset, refs: list[ShardRef]) -> dict:
     """The partition adds and raw_shards materializations for newly found shards."""
     return {
-        "dynamic_partitions_requests": [shard_partitions.build_add_request([r.stem for r in refs])],
-        "asset_events": [raw_shard_event(r) for r in refs],
+        "dynamic_partitions_requests": [dataset.partitions.build_add_request([r.stem for r in refs])],
+        "asset_events": [raw_shard_event(dataset, r) for r in refs],
     }
 
 
-@sensor(name="new_shards_sensor", minimum_interval_seconds=sensor_interval(), default_status=default_status(),
-        description="Registers complete tars (their NNNNN_stats.json present) at input_tars as shard partitions")
-def new_shards_sensor(context: SensorEvaluationContext, d2m: D2MConfigResource, s3: S3Resource):
-    config = d2m.load()
-    known = set(context.instance.get_dynamic_partitions(SHARDS))
-    refs, cursor = find_new_shards(config, DiscoveryCursor.loads(context.cursor), known, s3)
-    if not refs:
-        return SensorResult(skip_reason=SkipReason(f"no new complete tar at {config.input_tars}"), cursor=cursor.dumps())
-    context.log.info(f"{len(refs)} new shard(s): {refs[0].stem} .. {refs[-1].stem}")
-    return SensorResult(cursor=cursor.dumps(), **registration(refs))
+def build_new_shards_sensor(dataset: Dataset) -> SensorDefinition:
+    @sensor(name=dataset.named("new_shards_sensor"), minimum_interval_seconds=sensor_interval(),
+            default_status=default_status(),
+            description=f"Registers complete tars (their NNNNN_stats.json present) at {dataset.name}'s input_tars "
+                        "as its shard partitions")
+    def new_shards_sensor(context: SensorEvaluationContext, s3: S3Resource):
+        config = dataset.load()
+        known = set(context.instance.get_dynamic_partitions(dataset.partitions_name))
+        refs, cursor = find_new_shards(config, DiscoveryCursor.loads(context.cursor), known, s3)
+        if not refs:
+            return SensorResult(skip_reason=SkipReason(f"no new complete tar at {config.input_tars}"),
+                                cursor=cursor.dumps())
+        context.log.info(f"{len(refs)} new shard(s): {refs[0].stem} .. {refs[-1].stem}")
+        return SensorResult(cursor=cursor.dumps(), **registration(dataset, refs))
+
+    return new_shards_sensor

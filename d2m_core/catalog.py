@@ -56,6 +56,7 @@ FEATURE_ASSETS: dict[str, FeatureAsset] = {
 }
 
 REFERENCE_ASSET = "dedup_reference"  # the evaluation-set embeddings dedup_scores compares against (unpartitioned)
+REFERENCE_WEIGHTS = "dedup-reference"  # the weights name of that set (eval_dedup_embeddings.pt)
 
 SCORE_ASSETS: dict[str, ScoreAsset] = {
     a.name: a

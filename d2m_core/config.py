@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,8 +23,9 @@ SEED_OPTIONAL_FIELDS = (
     "logging",
     "warn_and_continue",
 )
-D2M_FIELDS = ("weights_dir", "precision", "artifacts_dir", "max_failure_rate", "gpu_decode", "filters", "filter_cron",
-              "reshard")
+D2M_FIELDS = ("dataset", "weights_dir", "precision", "artifacts_dir", "max_failure_rate", "gpu_decode", "filters",
+              "filter_cron", "reshard")
+DATASET_NAME = re.compile(r"^[A-Za-z0-9_]+$")  # Dagster's rule for names (asset key parts, partitions, sensors)
 
 
 class ConfigError(ValueError):
@@ -104,6 +107,7 @@ class D2MConfig(BaseModel):
     logging: bool = False
     warn_and_continue: bool = False
     # d2m's own fields
+    dataset: str | None = None  # the Dagster identity of this dataset; default: dataset_name's rule
     weights_dir: str | None = None
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     artifacts_dir: str | None = None
@@ -141,10 +145,33 @@ class D2MConfig(BaseModel):
             raise ValueError(f"reshard.subset {self.reshard.subset!r} is none of the filters' assets ({', '.join(names) or 'none'})")
         return self
 
+    @field_validator("dataset")
+    @classmethod
+    def _dagster_name(cls, value: str | None) -> str | None:
+        if value is not None and (not DATASET_NAME.match(value) or "__" in value):
+            raise ValueError(f"{value!r} is not a dataset name: use letters, digits and single underscores")
+        return value
+
+    @property
+    def dataset_name(self) -> str:
+        """The dataset's name: `dataset`, else `default_dataset_name(output_metadata_dir)`."""
+        return self.dataset or default_dataset_name(self.output_metadata_dir)
+
     @property
     def artifacts_root(self) -> str:
         """Where per-asset intermediate files (features, scores) live; DataComp files go to output_metadata_dir."""
         return self.artifacts_dir or self.output_metadata_dir.rstrip("/") + "/.d2m"
+
+
+def default_dataset_name(output_metadata_dir: str) -> str:
+    """The dataset name of a yml without `dataset`: the output folder's last part (characters other than
+    letters, digits and `_` become `_`), `_`, then the first 6 hex digits of the sha256 of the whole output
+    location, e.g. `/data/pool/metadata` -> `metadata_` + 6 hex. Two outputs never share a name, and a
+    dataset keeps its name as long as it writes to the same place."""
+    location = output_metadata_dir.rstrip("/")
+    tail = re.sub(r"[^A-Za-z0-9_]+", "_", location.rsplit("/", 1)[-1]).strip("_")
+    tail = re.sub(r"_+", "_", tail) or "dataset"
+    return f"{tail}_{hashlib.sha256(location.encode()).hexdigest()[:6]}"
 
 
 def parse_config(raw: dict[str, Any], *, base_dir: Path | None = None) -> D2MConfig:

@@ -72,7 +72,8 @@ def discover(input_tars: str | list[str], cursor: DiscoveryCursor, *, known: Con
     catches tars that arrived out of key order.
     """
     if not is_prefix(input_tars):  # a fixed set: check each tar's stats file every time
-        refs = [r for r in expand_shards(input_tars) if r.stem not in known and _exists(stats_url(r.url))]
+        refs = [r for r in expand_shards(input_tars)
+                if r.stem not in known and _exists(stats_url(r.url)) and (r.url.startswith("pipe:") or _exists(r.url))]
         return refs[:limit], DiscoveryCursor(scans=cursor.scans + 1)
     lister = list_after or (list_local_after if "://" not in str(input_tars) else list_fsspec_after)
     full = cursor.scans % FULL_RESCAN_EVERY == FULL_RESCAN_EVERY - 1

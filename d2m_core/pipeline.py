@@ -7,7 +7,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections import deque
+import queue
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from d2m_core.writers import write_datacomp_files
 
 log = logging.getLogger(__name__)
 
-REFERENCE_MODEL = "dedup-reference"
+REFERENCE_MODEL = catalog.REFERENCE_WEIGHTS
 RANDOM_REFERENCE_ROWS = 10_000
 
 
@@ -134,8 +135,10 @@ def process_shards(
     """Everything `assets` asks for, shard by shard, in shard order: one pass over each tar for the feature
     assets (models loaded once), then scores from the stored features, then DataComp's files and their checks.
 
-    Each shard's files are written in a background thread while the next shard is computed. A shard that
-    fails (unreadable tar, full disk, ...) is reported with its error; the other shards go on.
+    The models run in a background thread and each shard's files are written in another while the next
+    shard is computed; each shard is yielded as soon as its files are complete (not when the next one is),
+    and `progress` is called from the caller's thread. A shard that fails (unreadable tar, full disk, ...)
+    is reported with its error; the other shards go on.
     """
     features = [a for a in catalog.FEATURE_ASSETS if a in assets]
     scorers = {a: build_scorer(config, a) for a in catalog.SCORE_ASSETS if a in assets}
@@ -161,13 +164,56 @@ def process_shards(
             yield from writer.map(lambda ref: finish(ShardOutcome(stem=ref.stem, stats=_stored_stats(config, ref.stem))), shards)
             return
         engine, weights = build_engine(config, features, device)
-        pending: deque[Future[ShardOutcome]] = deque()
-        for result in engine.run(shards, progress, progress_every_s):
-            pending.append(writer.submit(lambda r: finish(_write_pass(config, r, features, weights)), result))
-            while pending and pending[0].done():
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+        write = lambda r: finish(_write_pass(config, r, features, weights))  # noqa: E731
+        yield from _computed_and_written(engine, shards, writer, write, progress, progress_every_s)
+
+
+_END = object()
+
+
+def _computed_and_written(engine: Engine, shards: Sequence[ShardRef], writer: ThreadPoolExecutor,
+                          write: Callable[[ShardResult], ShardOutcome],
+                          progress: Callable[[Progress], None] | None, progress_every_s: float) -> Iterator[ShardOutcome]:
+    """Run the engine in a thread, hand each result to `writer`, and yield each outcome once written.
+
+    Everything reaches the caller through one queue (progress reports, written shards, the end, an error),
+    so the caller's thread does all the reporting while the models run and the files are written.
+    """
+    events: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def compute() -> None:
+        submitted = 0
+        try:
+            if engine.device.type == "cuda":  # the current device is per thread
+                torch.cuda.set_device(engine.device)
+            for result in engine.run(shards, events.put, progress_every_s):
+                writer.submit(write, result).add_done_callback(events.put)
+                submitted += 1
+                if stop.is_set():
+                    break
+        except BaseException as err:  # noqa: BLE001 - handed to the caller, raised there
+            events.put(err)
+        events.put((_END, submitted))
+
+    thread = threading.Thread(target=compute, name="d2m-compute", daemon=True)
+    thread.start()
+    yielded, total = 0, None
+    try:
+        while total is None or yielded < total:
+            item = events.get()
+            if isinstance(item, Future):
+                yielded += 1
+                yield item.result()
+            elif isinstance(item, Progress):
+                if progress is not None:
+                    progress(item)
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                total = item[1]
+    finally:
+        stop.set()  # the caller stopped early: no further shard is started
 
 
 def _stored_stats(config: D2MConfig, stem: str) -> ShardStats | None:

@@ -1,7 +1,8 @@
 """File I/O through fsspec (local paths and s3:// alike): a file is either complete or absent.
 
-Local: each file is written as `<name>.<8 hex>.tmp` in its own folder, locked while written, fsynced and
-renamed into place. A writer killed mid-write leaves only such a temporary file, which the next writer of
+Local: each file is written as `.<name with its dots as _>.<8 hex>.tmp` in its own folder (hidden, and
+never containing `.parquet` or `.npz`, which DataComp's readers take for outputs), locked while written,
+fsynced and renamed into place. A writer killed mid-write leaves only such a temporary file, which the next writer of
 that folder (in any later process) removes; a file still locked by a live writer is never touched.
 
 Object stores (s3://): each file is one PUT (never a multipart upload below 5 GiB), visible only once
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 TMP_SUFFIX = ".tmp"
-_TMP_NAME = re.compile(r"\.[0-9a-f]{8}\.tmp$")  # what write_bytes_atomic names its temporary files
+_TMP_NAME = re.compile(r"\.[0-9a-f]{8}\.tmp$")  # write_bytes_atomic's temporary files (and older d2m's)
 FRESH_EMPTY_TMP_S = 5.0  # an empty temporary file this young may belong to a writer that has not locked it yet
 SINGLE_PUT_LIMIT = 5 * 2**30  # S3's limit for one PUT; below it a write is never a multipart upload
 REMOTE_CONNECT_TIMEOUT_S, REMOTE_READ_TIMEOUT_S = 5.0, 60.0  # per request; retries are ours, not botocore's
@@ -129,6 +130,15 @@ def exists(url: str, *, retry: RetryPolicy | None = None) -> bool:
     return _with_retries("check", url, lambda: fs.exists(path), retry)
 
 
+def remove(url: str, *, retry: RetryPolicy | None = None) -> None:
+    """Delete a file or object (it must exist)."""
+    fs, path = _filesystem(url)
+    if _is_local(fs):
+        os.remove(path)
+        return
+    _with_retries("delete", url, lambda: fs.rm_file(path), retry)
+
+
 # --- local files -------------------------------------------------------------------------------------------
 
 _swept: set[str] = set()
@@ -137,7 +147,7 @@ _swept_lock = threading.Lock()
 
 def _write_local(url: str, path: str, data: bytes) -> None:
     folder = os.path.dirname(path) or "."
-    tmp = f"{path}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
+    tmp = os.path.join(folder, temporary_name(os.path.basename(path)))
     try:
         os.makedirs(folder, exist_ok=True)
         _sweep_once(folder)
@@ -153,6 +163,11 @@ def _write_local(url: str, path: str, data: bytes) -> None:
             raise StorageError(err.errno, f"cannot write {url}: {err.strerror or err}") from err
         raise
     _fsync_folder(folder)
+
+
+def temporary_name(name: str) -> str:
+    """The name a file is written under before its rename: `00000.parquet` -> `.00000_parquet.<8 hex>.tmp`."""
+    return f".{name.replace('.', '_')}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
 
 
 def sweep_partial_files(folder: str) -> list[str]:

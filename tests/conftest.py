@@ -88,6 +88,13 @@ def write_config(tmp_path: Path):
     return write
 
 
+def dataset_of(config: Path):
+    """The dataset (asset keys, partitions) of a yml, as the definitions and `d2m run` name it."""
+    from d2m_assets.datasets import Dataset
+
+    return Dataset.from_yml(config)
+
+
 def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
     """Run a console script of the venv (d2m, dagster) with a clean, explicit environment."""
     full_env = os.environ | {"PYTHONWARNINGS": "ignore"} | env

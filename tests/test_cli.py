@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from conftest import run_cli, tar_samples
+from conftest import dataset_of, run_cli, tar_samples
 
 
 def test_d2m_run_outputs_and_reprocess(shard_dir: Path, write_config, tmp_path: Path) -> None:
@@ -55,7 +55,7 @@ def test_d2m_run_bad_config_names_the_field(tmp_path: Path) -> None:
 
 
 def test_dagster_cli_materializes_a_partition(shard_dir: Path, write_config, tmp_path: Path) -> None:
-    config = write_config(shard_dir)
+    config = write_config(shard_dir, dataset="pool")
     home = tmp_path / "home"
     home.mkdir()
     env = {"DAGSTER_HOME": str(home), "D2M_CONFIG": str(config)}
@@ -65,7 +65,7 @@ def test_dagster_cli_materializes_a_partition(shard_dir: Path, write_config, tmp
     registered = run_cli(["d2m", "register", "--yml", str(config)], env, tmp_path)  # the README's CI recipe
     assert registered.returncode == 0 and "2 shard(s)" in registered.stdout and "(2 new)" in registered.stdout
     result = run_cli(["dagster", "asset", "materialize", "-m", "d2m_assets", "--select",
-                      "clip_b32_features,clip_b32_scores", "--partition", "00001"], env, tmp_path)
+                      "pool/clip_b32_features,pool/clip_b32_scores", "--partition", "00001"], env, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     scores = np.load(tmp_path / "metadata" / ".d2m" / "clip_b32_scores" / "00001.npz")["score"]
     features = np.load(tmp_path / "metadata" / ".d2m" / "clip_b32_features" / "00001.npz")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
 
-from conftest import BASIC, REPO, run_cli
+from conftest import BASIC, REPO, dataset_of, run_cli
 from d2m_core.synth import make_shards
 from services import dagster_process, free_port, graphql, postgres_server
 
@@ -64,14 +64,14 @@ def _max_overlap(windows: list[tuple[float, float]]) -> int:
 def test_ui_backfill_of_6_shards_with_a_gpu_pool_of_2(instance_env: dict, tmp_path: Path, monkeypatch) -> None:
     make_shards(tmp_path / "shards", shards=6, samples=4, max_side=128)
     config = tmp_path / "config.yml"
-    config.write_text(yaml.safe_dump(BASIC | {"input_tars": str(tmp_path / "shards" / "*.tar"),
+    config.write_text(yaml.safe_dump(BASIC | {"input_tars": str(tmp_path / "shards" / "*.tar"), "dataset": "pool",
                                               "output_metadata_dir": str(tmp_path / "metadata"), "tars_per_wds": 1}))
     env = instance_env | {"D2M_CONFIG": str(config), "D2M_AUTOMATION": "off", "D2M_RANDOM_WEIGHTS": "1"}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     stems = [f"{i:05d}" for i in range(6)]
     instance = DagsterInstance.get()
-    instance.add_dynamic_partitions("shards", stems)
+    instance.add_dynamic_partitions("pool__shards", stems)
     pool = run_cli(["dagster", "instance", "concurrency", "set", "gpu", "2"], env, tmp_path)
     assert pool.returncode == 0, pool.stderr[-2000:]
 
@@ -83,15 +83,15 @@ def test_ui_backfill_of_6_shards_with_a_gpu_pool_of_2(instance_env: dict, tmp_pa
         (location,) = ui["workspaceOrError"]["locationEntries"]
         assert location["loadStatus"] == "LOADED", location
         repo = location["locationOrLoadError"]["repositories"][0]
-        assert {"new_shards_sensor", "shard_automation"} <= {s["name"] for s in repo["sensors"]}
-        assert [s["name"] for s in repo["schedules"]] == ["discover_shards_schedule"]
+        assert {s["name"] for s in repo["sensors"]} == {"pool__new_shards_sensor", "pool__shard_automation"}
+        assert [s["name"] for s in repo["schedules"]] == ["pool__discover_shards_schedule"]
         nodes = {"/".join(n["assetKey"]["path"]): n for n in ui["assetNodes"]}
-        assert {"raw_shards", "clip_b32_features", "clip_l14_features", "dedup_scores", "shard_metadata"} <= set(nodes)
-        assert nodes["clip_b32_features"]["isPartitioned"] and nodes["clip_b32_features"]["partitionKeys"] == stems
-        assert {c["name"] for c in nodes["shard_metadata"]["assetChecksOrError"]["checks"]} == {
+        assert set(nodes) == {f"pool/{a}" for a in ["raw_shards", *ASSETS]}  # only what the config needs
+        assert nodes["pool/clip_b32_features"]["isPartitioned"] and nodes["pool/clip_b32_features"]["partitionKeys"] == stems
+        assert {c["name"] for c in nodes["pool/shard_metadata"]["assetChecksOrError"]["checks"]} == {
             "row_count", "uids", "features", "scores_in_range", "failure_rate"}
 
-        params = {"partitionNames": stems, "assetSelection": [{"path": [a]} for a in ASSETS], "fromFailure": False}
+        params = {"partitionNames": stems, "assetSelection": [{"path": ["pool", a]} for a in ASSETS], "fromFailure": False}
         launched = graphql(port, LAUNCH, {"params": params})["launchPartitionBackfill"]
         assert launched["__typename"] == "LaunchBackfillSuccess", launched
         deadline = time.time() + 480
@@ -126,7 +126,7 @@ def test_daemon_processes_new_shards_by_itself(tmp_path: Path, monkeypatch) -> N
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     instance = DagsterInstance.get()
-    metadata = AssetKey("shard_metadata")
+    metadata = dataset_of(config).key("shard_metadata")
     with dagster_process(["dagster-daemon", "run", "-w", "workspace.yaml"], env, tmp_path / "daemon.log"):
         deadline = time.time() + 420
         while instance.get_materialized_partitions(metadata) != {"00000"}:
@@ -140,4 +140,4 @@ def test_daemon_processes_new_shards_by_itself(tmp_path: Path, monkeypatch) -> N
     events = instance.fetch_materializations(metadata, limit=50).records
     assert sorted(e.asset_materialization.partition for e in events) == ["00000", "00001"]
     assert {r.status for r in instance.get_runs()} == {DagsterRunStatus.SUCCESS}
-    assert instance.get_dynamic_partitions("shards") == ["00000", "00001"]
+    assert instance.get_dynamic_partitions(dataset_of(config).partitions_name) == ["00000", "00001"]

@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatus
+from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus
 
-from conftest import BASIC, VENV_BIN, run_cli
+from conftest import BASIC, VENV_BIN, dataset_of, run_cli
 from services import tmpfs
 from d2m_assets.partitions import GPU_POOL
 from d2m_assets.recovery import HOST_TAG, PID_TAG, mark_abandoned_runs, owner_tags
@@ -30,7 +30,6 @@ from d2m_core.engine import RAGGED, DeviceOutOfMemoryError, Engine
 from d2m_core.shards import ShardRef
 from d2m_core.synth import make_shards
 
-FEATURES = AssetKey("clip_b32_features")
 TIMING_KEYS = {"sample time (s)", "loader time (s)", "timings"}
 
 
@@ -172,14 +171,15 @@ def test_kill_9_mid_shard_leaves_no_partial_file_fails_the_run_and_the_rerun_mat
     assert "is gone" in failure.message and str(proc.pid) in failure.message
     planned = {e.dagster_event.partition for e in instance.all_logs(killed_run, of_type=DagsterEventType.ASSET_MATERIALIZATION_PLANNED)}
     assert "00001" in planned  # planned in a failed run and never materialized: the UI shows it failed
-    assert instance.get_materialized_partitions(FEATURES) == {"00000"}
+    features = dataset_of(config).key("clip_b32_features")
+    assert instance.get_materialized_partitions(features) == {"00000"}
     assert mark_abandoned_runs(instance) == []
 
     # The rerun (reprocess: false) skips 00000, finishes the rest, sweeps leftovers; outputs match the reference.
     rerun = _d2m_run(config, home, tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "1 shard(s) already materialized, skipped" in rerun.stdout
-    assert instance.get_materialized_partitions(FEATURES) == {"00000", "00001", "00002"}
+    assert instance.get_materialized_partitions(features) == {"00000", "00001", "00002"}
     assert reference.wait(240) == 0, reference_log.read_text()[-3000:]
     files, expected = _files(out), _files(reference_out)
     assert sorted(files) == sorted(expected), leftovers
@@ -238,7 +238,7 @@ def test_disk_full_fails_the_shard_naming_the_file_and_keeps_earlier_outputs(
     assert not full.ok
     assert f"cannot write {out}/.d2m/clip_b32_features/00001.npz: No space left on device" in _event_log(instance, full.failed_runs[0])
     assert {name: (p.read_bytes(), p.stat().st_mtime_ns) for name, p in _files(out).items()} == before
-    assert instance.get_materialized_partitions(FEATURES) == {"00000"}
+    assert instance.get_materialized_partitions(dataset_of(both).key("clip_b32_features")) == {"00000"}
 
     filler.unlink()  # space again: the rerun finishes the shard
     assert run_config_file(both, echo=lambda _: None).ok

@@ -5,8 +5,9 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pandas as pd
-from dagster import AssetKey, DagsterInstance, build_sensor_context, materialize
+from dagster import DagsterInstance, build_sensor_context, materialize
 
+from conftest import dataset_of
 from d2m_assets import build_definitions
 
 
@@ -15,15 +16,15 @@ def test_sensor_finds_tars_on_s3_and_outputs_land_in_the_bucket(s3_server, shard
         s3_server.upload_file(str(shard_dir / name), "pool", f"tars/{name}")
     s3_server.upload_file(str(shard_dir / "00001.tar"), "pool", "tars/00002.tar")  # no stats yet: incomplete
     config = write_config(shard_dir, input_tars="s3://pool/tars", output_metadata_dir="s3://pool/metadata")
-    defs = build_definitions(config)
+    defs, ds = build_definitions(config), dataset_of(config)
     instance = DagsterInstance.ephemeral()
-    sensor = defs.get_sensor_def("new_shards_sensor")
+    sensor = defs.get_sensor_def(f"{ds.name}__new_shards_sensor")
     result = sensor(build_sensor_context(instance=instance, resources=defs.resources, definitions=defs))
     assert result.dynamic_partitions_requests[0].partition_keys == ["00000", "00001"]
     assert [e.metadata["url"].value for e in result.asset_events] == ["s3://pool/tars/00000.tar", "s3://pool/tars/00001.tar"]
 
-    instance.add_dynamic_partitions("shards", ["00000", "00001"])
-    selection = [AssetKey(a) for a in ("clip_b32_features", "clip_b32_scores", "shard_metadata")]
+    instance.add_dynamic_partitions(ds.partitions_name, ["00000", "00001"])
+    selection = [ds.key(a) for a in ("clip_b32_features", "clip_b32_scores", "shard_metadata")]
     ranged = materialize(list(defs.assets), instance=instance, resources=defs.resources, selection=selection,
                          tags={"dagster/asset_partition_range_start": "00000", "dagster/asset_partition_range_end": "00001"})
     assert ranged.success

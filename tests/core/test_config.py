@@ -82,3 +82,14 @@ def test_on_off_fields_accept_yaml_booleans(written: str, value: str) -> None:
 
     assert parse_config(_minimal(gpu_decode=yaml.safe_load(f"v: {written}")["v"])).gpu_decode == value
     assert parse_config(_minimal(reprocess=yaml.safe_load("v: on")["v"])).reprocess is True
+
+
+def test_dataset_name_explicit_or_from_the_output_location() -> None:
+    assert parse_config(_minimal(dataset="laion_a")).dataset_name == "laion_a"
+    a, b = (parse_config(_minimal(output_metadata_dir=d)).dataset_name for d in ("/data/a/meta-data", "/data/b/meta-data"))
+    assert a.startswith("meta_data_") and b.startswith("meta_data_") and a != b and len(a) == len("meta_data_") + 6
+    assert parse_config(_minimal(output_metadata_dir="/data/a/meta-data/")).dataset_name == a
+    assert parse_config(_minimal(output_metadata_dir="s3://bucket")).dataset_name.startswith("bucket_")
+    for bad in ("has space", "a/b", "x__y", ""):
+        with pytest.raises(ConfigError, match="dataset"):
+            parse_config(_minimal(dataset=bad))

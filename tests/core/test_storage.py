@@ -65,7 +65,8 @@ def test_a_writer_killed_before_the_rename_leaves_no_file_and_its_leftover_is_sw
     status, _ = _in_child(killed_before_rename)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     (leftover,) = target.parent.iterdir()
-    assert leftover.name.startswith("00001.npz.") and leftover.name.endswith(".tmp") and not target.exists()
+    assert leftover.name.startswith(".00001_npz.") and leftover.name.endswith(".tmp") and not target.exists()
+    assert ".npz" not in leftover.name and ".parquet" not in leftover.name  # no reader takes it for an output
     with caplog.at_level(logging.WARNING, logger="d2m_core.storage"):
         write_bytes_atomic(str(target.parent / "00002.npz"), b"next")  # the next write into the folder sweeps it
     assert sorted(p.name for p in target.parent.iterdir()) == ["00002.npz"]
@@ -94,17 +95,17 @@ def test_a_live_writers_temporary_file_is_never_swept(tmp_path: Path) -> None:
         assert waiter.is_alive() and time.monotonic() < deadline, result
         time.sleep(0.01)
     assert sweep_partial_files(str(tmp_path)) == []  # locked by its live writer: kept
-    assert len(list(tmp_path.glob("x.parquet.*.tmp"))) == 1
+    assert len(list(tmp_path.glob(".x_parquet.*.tmp"))) == 1
     go.touch()
     waiter.join(30)
     assert result and os.WIFEXITED(result[0][0]) and os.WEXITSTATUS(result[0][0]) == 0, result
-    assert target.read_bytes() == b"complete" and not list(tmp_path.glob("*.tmp"))
+    assert target.read_bytes() == b"complete" and not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_sweep_only_takes_our_abandoned_temporary_files(tmp_path: Path) -> None:
-    fresh_empty = tmp_path / "a.json.0123abcd.tmp"
+    fresh_empty = tmp_path / ".a_json.0123abcd.tmp"
     old_empty = tmp_path / "b.json.89abcdef.tmp"
-    full = tmp_path / "c.npz.deadbeef.tmp"
+    full = tmp_path / "c.npz.deadbeef.tmp"  # an older d2m's name: swept too
     others = [tmp_path / "notes.tmp", tmp_path / "d.json.XYZ.tmp", tmp_path / "e.parquet"]
     for path in (fresh_empty, old_empty, *others):
         path.touch()
