@@ -287,19 +287,20 @@ def test_s3_credentials_never_appear_in_logs_errors_metadata_or_outputs(
         monkeypatch.setenv("D2M_IO_BACKOFF_S", "0.1")
         s3fs.S3FileSystem.clear_instance_cache()
         from d2m_assets.runner import run_config_file
+        from d2m_core.preflight import PreflightError
 
-        failed = run_config_file(_config(tmp_path / "again.yml", shard_dir / "00001.tar", "s3://meta/out",
-                                         reprocess=True), echo=print)
+        with pytest.raises(PreflightError) as failed:  # the output probe: before any state or compute
+            run_config_file(_config(tmp_path / "again.yml", shard_dir / "00001.tar", "s3://meta/out", reprocess=True),
+                            echo=print)
     finally:
         server.stop()
         s3fs.S3FileSystem.clear_instance_cache()
-    assert not failed.ok
     captured = capfd.readouterr()
     instance = DagsterInstance.get()
-    assert "cannot write s3://meta/out/.d2m/clip_b32_features/00001.npz" in _event_log(instance, failed.failed_runs[0])
+    assert "output folder s3://meta/out is not writable (cannot write s3://meta/out/.d2m-write-probe-" in str(failed.value)
 
     traces = {"stdout": done.stdout, "stderr": done.stderr, "failed run output": captured.out + captured.err,
-              "S3 objects": objects.decode("latin-1")}
+              "S3 objects": objects.decode("latin-1"), "preflight error": str(failed.value)}
     for run_id in instance.get_run_ids():
         traces[f"events of run {run_id}"] = _event_log(instance, run_id)
     assert [where for where, text in traces.items() if SECRET in text] == []
