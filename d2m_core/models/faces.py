@@ -243,9 +243,9 @@ class Scrfd10G:
 
     Default weights: the seed's released `scrfd_10g.pt` (what DataComp's `face_bboxes` were computed with), loaded
     into d2m's own torch architecture (`scrfd_net.ScrfdNet`), exported in memory and run on onnxruntime in float32.
-    Alternative: insightface's ONNX exports
-    (`scrfd_10g_bnkps.onnx` / `det_10g.onnx`, BN head with keypoints: close to the seed's boxes, not equal) on
-    onnxruntime. Each weights entry carries the input normalisation its network was trained with.
+    Alternative: insightface's ONNX exports (`scrfd_10g_bnkps.onnx` / `det_10g.onnx`, BN head with keypoints:
+    close to the seed's boxes, not equal) on onnxruntime. Each weights entry carries the input normalisation its
+    network was trained with.
     """
 
     name = "faces-scrfd10g"
