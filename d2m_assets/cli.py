@@ -1,4 +1,4 @@
-"""The `d2m` command: run (the seed's workflow), register, make-shards, demo, weights, bench.
+"""The `d2m` command: run (the seed's workflow), register, filter, reshard, make-shards, demo, weights, bench.
 
 Heavy libraries (torch, open_clip, dagster) are imported inside the command that uses them, so `--help`
 and config errors answer at once.
@@ -61,6 +61,70 @@ def _cmd_register(args: argparse.Namespace) -> int:
     registered = register_config_shards(args.yml)
     print(f"{len(registered.stems)} shard(s) of {args.yml} registered as partitions of '{registered.partitions}' "
           f"in the instance at {registered.home} ({registered.added} new)")
+    return 0
+
+
+FILTER_DESCRIPTION = """\
+Apply one of DataComp's filtering baselines (its baselines.py flags) to the yml's metadata folder
+(output_metadata_dir), as the dataset's filter asset in the Dagster instance at $DAGSTER_HOME (the UI shows
+the run, the counts and the score histogram), and write DataComp's uid file (.npy, u8,u8, sorted) to
+--save_path. Data files (fastText lid.176.bin, ImageNet-21k ids, WordNet, centroids, ImageNet-1k L/14
+embeddings) come from the weights folder: `d2m weights` lists them."""
+
+RESHARD_DESCRIPTION = """\
+Write the samples of a uid subset (DataComp's .npy) from the yml's input tars into new webdataset shards
+({i:08d}.tar, then {i:08d}_stats.json) in --output-dir, as DataComp's resharder.py does: each kept sample
+once per time the subset lists it, samples the metadata recorded as failures never; --apply-blur blurs
+the faces of the metadata's face_bboxes. Run it again to resume: shards already written are kept."""
+
+
+def _filter_spec(args: argparse.Namespace):
+    from pydantic import ValidationError
+
+    from d2m_core.config import ConfigError, FilterSpec
+
+    try:
+        return FilterSpec(name=args.name, threshold=args.threshold, fraction=args.fraction, arch=args.arch,
+                          image_based_scale=args.image_based_scale, batch_size=args.batch_size, asset=args.asset,
+                          save_path=os.path.abspath(args.save_path))
+    except ValidationError as err:
+        raise ConfigError("; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())) from None
+
+
+def _cmd_filter(args: argparse.Namespace) -> int:
+    from d2m_core.config import load_config
+
+    load_config(args.yml)
+    spec = _filter_spec(args)
+    from d2m_assets.subset_runner import filter_config_file
+
+    run = filter_config_file(args.yml, spec)
+    if not run.ok:
+        print(f"d2m: filter run {run.run_id} failed: see its log in the Dagster UI", file=sys.stderr)
+        return 1
+    meta = run.metadata
+    threshold = f", threshold {meta['threshold']}" if "threshold" in meta else ""
+    print(f"{run.asset}: kept {meta['kept']} of {meta['pool_size']} samples ({meta['fraction_kept']:.2%}){threshold}")
+    print(f"saving {spec.save_path} with {meta['kept']} entries")
+    return 0
+
+
+def _cmd_reshard(args: argparse.Namespace) -> int:
+    from d2m_core.config import load_config
+
+    config = load_config(args.yml)
+    from d2m_core.reshard import reshard
+
+    plan, written = reshard(config.output_metadata_dir, config.input_tars, args.subset_file, args.output_dir,
+                            shard_size=args.shard_size, apply_blur=args.apply_blur,
+                            inject_blur_metadata=args.inject_blur_metadata,
+                            progress=lambda shard: print(f"wrote {shard.tar}: {shard.samples} samples"
+                                                         f"{f' ({shard.blurred} blurred)' if shard.blurred else ''}",
+                                                         flush=True))
+    resumed = plan.num_shards - len(written)
+    print(f"selected {plan.total} samples of the subset's {plan.subset_size} ({plan.not_found} not in the metadata) "
+          f"from {len(plan.inputs)} input shard(s) into {plan.num_shards} shard(s) in {args.output_dir}"
+          + (f"; {resumed} were already written" if resumed else ""))
     return 0
 
 
@@ -193,6 +257,39 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--yml", required=True, help="the config, in dataset2metadata's yml format")
     register.set_defaults(func=_cmd_register)
 
+    filt = sub.add_parser("filter", parents=[common], help="apply a DataComp filtering baseline: a uid subset (.npy)",
+                          description=FILTER_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    filt.add_argument("--yml", required=True, help="the config: its output_metadata_dir is the metadata folder")
+    filt.add_argument("--name", required=True, choices=["no_filter", "basic_filter", "text_based", "image_based",
+                                                         "image_based_intersect_clip_score", "clip_score", "laion2b"],
+                      help="the baseline (DataComp's baselines.py --name)")
+    filt.add_argument("--save_path", "--save-path", required=True, help="where to write the uid file (.npy)")
+    filt.add_argument("--threshold", type=float, default=None, help="clip_score: keep samples with a score >= this")
+    filt.add_argument("--fraction", type=float, default=None, help="clip_score: keep this top fraction of the pool")
+    filt.add_argument("--arch", choices=["b32", "l14"], default=None, help="clip_score: which CLIP score")
+    filt.add_argument("--image_based_scale", "--image-based-scale", choices=["small", "medium", "large", "xlarge"],
+                      default=None, help="image_based: whose pool centroids")
+    filt.add_argument("--batch_size", "--batch-size", type=int, default=1024,
+                      help="image_based: samples per nearest-centroid batch")
+    filt.add_argument("--num_workers", "--num-workers", type=int, default=None, help="accepted for DataComp's "
+                      "command lines; d2m reads the shards with its own threads")
+    filt.add_argument("--num_gpus", "--num-gpus", type=int, default=None, help="accepted; image_based uses the yml's device")
+    filt.add_argument("--asset", default=None, help="the filter asset's name (default: --name; one of the yml's "
+                                                     "filters shows in its asset graph)")
+    filt.set_defaults(func=_cmd_filter)
+
+    resh = sub.add_parser("reshard", parents=[common], help="write a uid subset's samples as new shards (resumable)",
+                          description=RESHARD_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    resh.add_argument("--yml", required=True, help="the config: its input_tars are the input, its metadata the samples")
+    resh.add_argument("-s", "--subset-file", required=True, help="the uid file (.npy of u8,u8, or raw u8,u8 keys)")
+    resh.add_argument("-o", "--output-dir", required=True, help="the output folder (local or s3://)")
+    resh.add_argument("--shard-size", type=int, default=10_000, help="samples per output shard (default 10000)")
+    resh.add_argument("--apply-blur", action="store_true", help="blur the face boxes of the metadata (face_bboxes) "
+                                                                 "and re-encode those images as WebP")
+    resh.add_argument("--inject-blur-metadata", action="store_true",
+                      help="add each sample's face boxes to its json as face_bboxes")
+    resh.set_defaults(func=_cmd_reshard)
+
     make = sub.add_parser("make-shards", parents=[common], formatter_class=defaults,
                           help="write img2dataset-format test shards from bundled photos",
                           description="Write img2dataset-format webdataset tars (jpg, txt, json with uid, "
@@ -259,6 +356,9 @@ USER_ERRORS = (
     ("d2m_core.preflight", "PreflightError"),
     ("d2m_assets.resources", "PartitionNotInInputError"),
     ("d2m_assets.registration", "InstanceError"),
+    ("d2m_core.pool", "PoolError"),
+    ("d2m_core.uids", "UidError"),
+    ("d2m_core.reshard", "ReshardError"),
 )
 
 

@@ -22,7 +22,7 @@ import io
 import json
 import tarfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -255,7 +255,8 @@ def write_output_shard(plan: ReshardPlan, subset: np.ndarray, output_dir: str, i
 
 def reshard(metadata_dir: str, input_tars: str | list[str], subset_url: str, output_dir: str, *,
             shard_size: int = 10_000, apply_blur: bool = False, inject_blur_metadata: bool = False,
-            shards: Sequence[int] | None = None) -> tuple[ReshardPlan, list[OutputShard]]:
+            shards: Sequence[int] | None = None,
+            progress: Callable[[OutputShard], None] | None = None) -> tuple[ReshardPlan, list[OutputShard]]:
     """Plan (or resume) a reshard and write every output shard not yet written; returns what was written now."""
     subset = uids.load_uid_file(subset_url)
     plan = plan_reshard(metadata_dir, input_tars, subset, shard_size=shard_size, apply_blur=apply_blur,
@@ -263,7 +264,12 @@ def reshard(metadata_dir: str, input_tars: str | list[str], subset_url: str, out
     write_plan(output_dir, plan, subset)
     storage.sweep_partial_files(output_dir)  # what a killed reshard left (local folders; a no-op on S3)
     todo = [i for i in (shards if shards is not None else range(plan.num_shards)) if not shard_done(output_dir, i)]
-    return plan, [write_output_shard(plan, subset, output_dir, i) for i in todo]
+    written = []
+    for index in todo:
+        written.append(write_output_shard(plan, subset, output_dir, index))
+        if progress:
+            progress(written[-1])
+    return plan, written
 
 
 def _output_files(output_dir: str) -> list[str]:

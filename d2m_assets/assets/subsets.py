@@ -1,0 +1,128 @@
+"""DataComp's next step as assets of a dataset: filters (uid subsets), the reshard plan, resharded shards.
+
+    shard_metadata (all shards) ─► <filter> (one per `filters` entry: DataComp's uid file)
+                                      └─► reshard_plan ─► resharded_shards (one partition per output shard)
+
+Filters are unpartitioned (they read every shard's metadata) and re-run on the `filter_cron` cadence once new
+shards have been materialized, not once per shard. Resharding runs when asked (UI, or `d2m reshard`): it
+copies the whole subset, so a UI backfill of its missing partitions resumes a stopped one.
+"""
+
+from __future__ import annotations
+
+from dagster import (AssetExecutionContext, AssetMaterialization, AssetsDefinition, AssetSpec, BackfillPolicy,
+                     DynamicPartitionsDefinition, Failure, MaterializeResult, MetadataValue, TableColumn, TableRecord,
+                     TableSchema, asset, multi_asset)
+
+from d2m_assets.automation import filter_condition
+from d2m_assets.datasets import Dataset
+from d2m_core import catalog
+from d2m_core.config import D2MConfig, FilterSpec
+
+RESHARD_PLAN = "reshard_plan"
+RESHARDED = "resharded_shards"
+RESHARD_PER_RUN = 4  # output shards per run of a resharding backfill
+
+
+def reshard_partitions(dataset: Dataset) -> DynamicPartitionsDefinition:
+    return DynamicPartitionsDefinition(name=dataset.named("reshard"))
+
+
+def filter_metadata(result, paths: list[str]) -> dict:
+    meta = {"pool_size": result.pool_size, "kept": result.kept, "fraction_kept": result.fraction,
+            "shards": result.shards, "uid_file": MetadataValue.path(paths[0]), "baseline": result.spec.name,
+            "parameters": MetadataValue.json(result.spec.model_dump(exclude={"data_files", "save_path", "asset"})),
+            "seconds": round(result.seconds, 3), "dagster/row_count": result.kept}
+    if len(paths) > 1:
+        meta["save_path"] = MetadataValue.path(paths[1])
+    if result.threshold is not None:
+        meta["threshold"] = float(result.threshold)
+        meta["score_column"] = result.score_column
+    rows = result.histogram_rows()
+    if rows:
+        meta["score_histogram"] = MetadataValue.table(
+            [TableRecord({"from": lo, "to": hi, "samples": n}) for lo, hi, n in rows],
+            schema=TableSchema([TableColumn("from", "float"), TableColumn("to", "float"), TableColumn("samples", "int")]))
+        meta["score_histogram_chart"] = MetadataValue.md(_histogram_md(rows, result.threshold))
+    if result.files:
+        meta["data_files"] = MetadataValue.json([f.as_dict() for f in result.files])
+    return meta
+
+
+def _histogram_md(rows: list[tuple[float, float, int]], threshold: float | None) -> str:
+    top = max(n for _, _, n in rows) or 1
+    lines = ["| score | samples | |", "| --- | ---: | --- |"]
+    for lo, hi, n in rows:
+        mark = " ◀ threshold" if threshold is not None and lo <= threshold < hi else ""
+        lines.append(f"| {lo:.2f}–{hi:.2f} | {n} | {'█' * max(1 if n else 0, round(30 * n / top))}{mark} |")
+    return "\n".join(lines)
+
+
+def build_filter_asset(dataset: Dataset, spec: FilterSpec, cron: str) -> AssetsDefinition:
+    @asset(key=dataset.key(spec.asset_name), deps=[dataset.key(catalog.METADATA_ASSET)], group_name=dataset.group,
+           kinds={"numpy"}, automation_condition=filter_condition(cron),
+           description=f"DataComp's `{spec.name}` baseline over every shard's metadata: its uid file (.npy, u8,u8, sorted)")
+    def _filter(context: AssetExecutionContext) -> MaterializeResult:
+        from d2m_core.filters import filter_pool
+
+        result, paths = filter_pool(dataset.load(), spec, progress=context.log.info)
+        context.log.info(f"{spec.asset_name}: kept {result.kept} of {result.pool_size} samples -> {paths[0]}")
+        return MaterializeResult(metadata=filter_metadata(result, paths))
+
+    return _filter
+
+
+def build_reshard_assets(dataset: Dataset, config: D2MConfig) -> list[AssetsDefinition]:
+    assert config.reshard is not None
+    partitions = reshard_partitions(dataset)
+    plan_key, shards_key = dataset.key(RESHARD_PLAN), dataset.key(RESHARDED)
+
+    @asset(key=plan_key, deps=[dataset.key(config.reshard.subset)], group_name=dataset.group, kinds={"webdataset"},
+           description="Which kept samples go to which output shard (reshard_plan.json), and the output partitions")
+    def reshard_plan(context: AssetExecutionContext) -> MaterializeResult:
+        from d2m_core.reshard import plan_for_config
+
+        plan, removed = plan_for_config(dataset.load())
+        names = plan.shard_names()
+        context.instance.add_dynamic_partitions(partitions.name, names)
+        for stale in set(context.instance.get_dynamic_partitions(partitions.name)) - set(names):
+            context.instance.delete_dynamic_partition(partitions.name, stale)
+        return MaterializeResult(metadata={"output_shards": plan.num_shards, "samples": plan.total,
+                                           "subset_size": plan.subset_size, "not_found": plan.not_found,
+                                           "pool_size": plan.pool_size, "input_shards": len(plan.inputs),
+                                           "removed_stale_files": len(removed)})
+
+    @multi_asset(name=dataset.named(RESHARDED), partitions_def=partitions, group_name=dataset.group,
+                 specs=[AssetSpec(shards_key, deps=[plan_key], partitions_def=partitions, skippable=True,
+                                  group_name=dataset.group, kinds={"webdataset"},
+                                  description="The subset's samples as new webdataset shards ({i:08d}.tar + _stats.json), "
+                                              "faces blurred")],
+                 backfill_policy=BackfillPolicy.multi_run(RESHARD_PER_RUN))
+    def resharded_shards(context: AssetExecutionContext):
+        from d2m_core.reshard import write_config_shards
+
+        failed = {}
+        for outcome in write_config_shards(dataset.load(), context.partition_keys):
+            if outcome.error is not None:
+                context.log.error(f"output shard {outcome.name} failed: {outcome.error}")
+                failed[outcome.name] = outcome.error
+                continue
+            context.log_event(AssetMaterialization(shards_key, partition=outcome.name, metadata={
+                "dagster/partition_row_count": outcome.samples, "blurred": outcome.blurred,
+                "sources": MetadataValue.json(outcome.sources), "tar": MetadataValue.path(outcome.tar),
+                "seconds": round(outcome.seconds, 3)}))
+        if failed:
+            raise Failure(description=f"{len(failed)} output shard(s) failed: {', '.join(failed)}",
+                          metadata={"failed": MetadataValue.json(failed)})
+        return
+        yield  # a generator: materializations are logged per partition above
+
+    return [reshard_plan, resharded_shards]
+
+
+def build_subset_assets(dataset: Dataset, config: D2MConfig) -> list[AssetsDefinition]:
+    """The dataset's filter assets (one per `filters` entry) and, with a `reshard` section, its reshard assets."""
+    assets = [build_filter_asset(dataset, spec, config.filter_cron) for spec in config.filters]
+    if config.reshard is not None:
+        assets += build_reshard_assets(dataset, config)
+    return assets
