@@ -222,6 +222,13 @@ def _cmd_weights(args: argparse.Namespace) -> int:
     checks = {m: (lambda m=m: resolve_model_weights(m, directory)) for m in models}
     if "dedup-isc-ft-v107" in models:
         checks[REFERENCE_MODEL] = lambda: resolve_weights(REFERENCE_MODEL, DEDUP_REFERENCE_FILES, weights_dir(directory))
+    if config is not None:  # the data files of the yml's filters (fastText, WordNet, centroids, ...)
+        from d2m_core.filter_files import files_for, resolve_data_file
+
+        for spec in config.filters:
+            for name in files_for(spec.name, spec.image_based_scale):
+                checks[f"filter {spec.asset_name}: {name}"] = (
+                    lambda n=name, s=spec: resolve_data_file(n, directory, s.data_files.get(n)).as_record())
     failed = 0
     for model, check in checks.items():
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from d2m_core.records import WeightsRecord
 from d2m_core.weights import WeightsError, WeightsFile, sha256_of, weights_dir
 
 ASSETS = "https://github.com/sagadre/datacomp_baseline_assets/releases/download/v0.1.0-alpha"
@@ -32,7 +33,7 @@ DATA_FILES: dict[str, tuple[WeightsFile, ...]] = {
     "imagenet21k_wordnet_ids": (WeightsFile("imagenet21k_wordnet_ids.txt", "text",
                                             "66362bdedf36d933382edca5493fc562dcc17128ce36403c9e730a75f48cb2f2",
                                             f"{ASSETS}/imagenet21k_wordnet_ids.txt"),),
-    "wordnet": (WeightsFile("wordnet", "nltk-corpus", None,
+    "wordnet": (WeightsFile("wordnet.zip", "nltk-corpus", None,
                             "NLTK's wordnet corpus: `python -m nltk.downloader -d DIR wordnet`, then DIR/corpora/wordnet.zip "
                             "(or its unzipped `wordnet/` folder)"),),
     "in1k_clip_vit_l14": tuple(WeightsFile(f"in1k_clip_vit_l14_{i}.pt", "torch", sha, f"{ASSETS}/in1k_clip_vit_l14_{i}.pt")
@@ -66,6 +67,11 @@ class DataFile:
     def path(self) -> Path:
         return self.paths[0]
 
+    def as_record(self) -> WeightsRecord:
+        """As `d2m weights verify` prints a weights file: path, sha256, kind (official: DataComp's pin)."""
+        return WeightsRecord(model=self.name, kind="official" if self.pinned else "user", path=str(self.path),
+                             sha256=self.sha256[0])
+
     def as_dict(self) -> dict[str, object]:
         return {"name": self.name, "paths": [str(p) for p in self.paths], "sha256": list(self.sha256),
                 "pinned": self.pinned}
@@ -91,10 +97,10 @@ def resolve_data_file(name: str, configured_dir: str | None = None, override: st
     paths, digests = [], []
     for spec in specs:
         path = directory / spec.filename
-        if name == "wordnet" and not path.exists() and (directory / "wordnet.zip").is_file():
-            path = directory / "wordnet.zip"
+        if name == "wordnet" and not path.exists() and (directory / "wordnet").is_dir():
+            path = directory / "wordnet"  # NLTK's corpus unzipped
         if not path.exists():
-            raise WeightsError(f"filter data file {name}: {path} not found: put {spec.filename} in the weights folder "
+            raise WeightsError(f"filter data file {name}: {path} not found: put {spec.filename}{' (or its folder)' if name == 'wordnet' else ''} in the weights folder "
                                f"{directory} (weights_dir / $D2M_WEIGHTS_DIR); get it from {spec.source}")
         digest = sha256_of(path) if path.is_file() else None
         if spec.sha256 is not None and digest != spec.sha256:

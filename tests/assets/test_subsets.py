@@ -1,0 +1,112 @@
+"""Filters and resharding as assets of a dataset, on shards made by `d2m make-shards` and processed by d2m:
+`d2m filter` materializes the filter asset and writes DataComp's uid file; the reshard assets write exactly
+the subset, one partition per output shard."""
+
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from dagster import DagsterInstance, materialize
+
+from conftest import dataset_of, replace_member, tar_samples
+from d2m_assets import build_definitions
+from d2m_assets.cli import main
+from d2m_assets.runner import run_config_file
+from d2m_core.synth import make_shards
+
+CAPTIONS = ["a dog runs on the green grass", "le chien court", "two people walk along the beach at sunset"]
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Two shards of 5 samples with chosen captions, processed by `d2m run` (B/32, random weights)."""
+    import yaml
+
+    root = tmp_path_factory.mktemp("subsets")
+    tars = make_shards(root / "shards", shards=2, samples=5, max_side=128)
+    for tar in tars:
+        for i, sample in enumerate(tar_samples(tar)):
+            meta = sample["json"] | {"caption": CAPTIONS[i % 3]}
+            replace_member(tar, f"{sample['key']}.json", json.dumps(meta).encode())
+            replace_member(tar, f"{sample['key']}.txt", CAPTIONS[i % 3].encode())
+    config = {
+        "models": ["oai-clip-vit-b32"], "postprocess_columns": ["oai-clip-vit-b32-score"],
+        "additional_fields": ["uid", "caption", "original_width", "original_height"], "use_datacomp_keys": True,
+        "nworkers": 1, "batch_size": 8, "device": "cpu", "dataset": "subsets",
+        "input_tars": str(root / "shards" / "*.tar"), "output_metadata_dir": str(root / "metadata"),
+        "filters": [{"name": "no_filter"}, {"name": "clip_score", "arch": "b32", "fraction": 0.5, "asset": "clip_half"}],
+        "reshard": {"subset": "clip_half", "output_dir": str(root / "resharded"), "shard_size": 3,
+                    "apply_blur": False, "inject_blur_metadata": False},
+    }
+    path = root / "config.yml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DAGSTER_HOME", str(root / "home"))
+        assert run_config_file(path, echo=lambda _: None).ok
+        frame = pd.concat([pd.read_parquet(p) for p in sorted((root / "metadata").glob("*.parquet"))], ignore_index=True)
+        assert frame["text"].tolist() == [CAPTIONS[i % 3] for i in range(5)] * 2
+        yield {"root": root, "config": path, "frame": frame}
+
+
+def keys_of(uids) -> np.ndarray:
+    keys = np.array([(int(u[:16], 16), int(u[16:32], 16)) for u in uids], np.dtype("u8,u8"))
+    keys.sort()
+    return keys
+
+
+def test_filter_and_reshard_assets_are_in_the_dataset_graph(processed: dict) -> None:
+    defs = build_definitions(processed["config"])
+    ds = dataset_of(processed["config"])
+    graph = defs.resolve_asset_graph()
+    for name in ("no_filter", "clip_half"):
+        assert {k.path[-1] for k in graph.get(ds.key(name)).parent_keys} == {"shard_metadata"}
+        assert graph.get(ds.key(name)).automation_condition is not None
+    assert {k.path[-1] for k in graph.get(ds.key("reshard_plan")).parent_keys} == {"clip_half"}
+    assert graph.get(ds.key("resharded_shards")).partitions_def.name == "subsets__reshard"
+
+
+def test_d2m_filter_materializes_the_asset_and_writes_datacomps_uid_file(processed: dict, capsys) -> None:
+    save = processed["root"] / "out" / "clip.npy"
+    assert main(["filter", "--yml", str(processed["config"]), "--name", "clip_score", "--arch", "b32",
+                 "--fraction", "0.3", "--save_path", str(save), "--num_workers", "4"]) == 0
+    frame = processed["frame"]
+    scores = frame["clip_b32_similarity_score"].values
+    threshold = -np.sort(-scores)[int(len(frame) * 0.3)]  # DataComp's get_threshold
+    expected = keys_of(frame["uid"][frame["clip_b32_similarity_score"] >= threshold])
+    saved = np.load(save)
+    assert saved.dtype == np.dtype("u8,u8") and (saved == expected).all()
+    assert f"saving {save} with {len(expected)} entries" in capsys.readouterr().out
+    instance = DagsterInstance.get()
+    event = instance.get_latest_materialization_event(dataset_of(processed["config"]).key("clip_score"))
+    meta = event.asset_materialization.metadata
+    assert meta["kept"].value == len(expected) and meta["pool_size"].value == 10
+    assert meta["threshold"].value == pytest.approx(float(threshold))
+    assert "score_histogram" in meta
+    with pytest.raises(SystemExit):
+        main(["filter", "--yml", str(processed["config"]), "--name", "clip_score", "--save_path", str(save), "--arch", "b99"])
+    assert main(["filter", "--yml", str(processed["config"]), "--name", "clip_score", "--save_path", str(save)]) == 2
+    assert "fraction or threshold" in capsys.readouterr().err
+
+
+def test_reshard_assets_write_exactly_the_subset_per_output_shard(processed: dict) -> None:
+    defs = build_definitions(processed["config"])
+    ds = dataset_of(processed["config"])
+    instance = DagsterInstance.get()
+    assets = list(defs.assets)
+    assert materialize(assets, instance=instance, selection=[ds.key("clip_half"), ds.key("reshard_plan")]).success
+    names = instance.get_dynamic_partitions("subsets__reshard")
+    subset = np.load(processed["root"] / "metadata" / ".d2m" / "filters" / "clip_half.npy")
+    assert len(subset) == 6 and names == ["00000000", "00000001"]  # int(10 * 0.5) = 5: the top 6 (>=)
+    for name in names:
+        assert materialize(assets, instance=instance, selection=[ds.key("resharded_shards")], partition_key=name).success
+    out = processed["root"] / "resharded"
+    got = []
+    for tar in sorted(out.glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            got += [json.loads(tf.extractfile(m).read())["uid"] for m in tf.getmembers() if m.name.endswith(".json")]
+    assert (keys_of(got) == subset).all()
+    assert instance.get_materialized_partitions(ds.key("resharded_shards")) == set(names)
+    assert json.loads((out / "00000001_stats.json").read_text())["successes"] == 3
