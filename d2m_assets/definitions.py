@@ -20,6 +20,7 @@ from dagster_aws.s3 import S3Resource
 
 from d2m_assets.assets.reference import build_reference_asset
 from d2m_assets.assets.shards import build_shard_assets, raw_shards_spec
+from d2m_assets.assets.subsets import RESHARD_PLAN, RESHARDED, build_subset_assets
 from d2m_assets.automation import build_automation_sensor
 from d2m_assets.datasets import Dataset
 from d2m_assets.schedules import build_discovery
@@ -70,6 +71,9 @@ def dataset_definitions(dataset: Dataset, config: D2MConfig) -> DatasetDefinitio
     if catalog.REFERENCE_ASSET in names:
         assets.append(build_reference_asset(dataset))
     targets = [k for a in assets[1:] for k in a.keys]
+    subsets = build_subset_assets(dataset, config)  # filters (automated on filter_cron) and resharding (on request)
+    assets += subsets
+    targets += [k for a in subsets for k in a.keys if k.path[-1] not in (RESHARD_PLAN, RESHARDED)]
     job, schedule = build_discovery(dataset)
     return DatasetDefinitions(
         dataset=dataset,

@@ -451,7 +451,7 @@ def open_atomic(url: str, *, retry: RetryPolicy | None = None) -> Iterator[IO[by
     if local:
         os.makedirs(folder, exist_ok=True)
         _sweep_once(folder)
-    tmp = f"{path}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}" if local else os.path.join(folder, f"d2m-{uuid.uuid4().hex}{TMP_SUFFIX}")
+    tmp = os.path.join(folder, temporary_name(os.path.basename(path)) if local else f"d2m-{uuid.uuid4().hex}{TMP_SUFFIX}")
     try:
         with open(tmp, "xb") as fh:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)

@@ -8,8 +8,6 @@ shards have been materialized, not once per shard. Resharding runs when asked (U
 copies the whole subset, so a UI backfill of its missing partitions resumes a stopped one.
 """
 
-from __future__ import annotations
-
 from dagster import (AssetExecutionContext, AssetMaterialization, AssetsDefinition, AssetSpec, BackfillPolicy,
                      DynamicPartitionsDefinition, Failure, MaterializeResult, MetadataValue, TableColumn, TableRecord,
                      TableSchema, asset, multi_asset)
