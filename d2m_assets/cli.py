@@ -198,7 +198,7 @@ def _cmd_weights(args: argparse.Namespace) -> int:
     if args.action == "download":
         from d2m_core.download import download_missing
 
-        return 1 if download_missing(config.models if config else None, directory, base_url=args.base_url) else 0
+        return 1 if download_missing(config, directory, base_url=args.base_url) else 0
     from d2m_core.models import list_models, resolve_model_weights, weights_inventory
     from d2m_core.models.isc import DEDUP_REFERENCE_FILES
     from d2m_core.pipeline import REFERENCE_MODEL

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from d2m_core.config import D2MConfig
 from d2m_core.weights import weights_dir
 
 BASE_URL_ENV = "D2M_WEIGHTS_BASE_URL"
@@ -61,14 +62,23 @@ def _url(source: str) -> str | None:
     return source if source.startswith(("http://", "https://")) else None
 
 
-def planned_downloads(models: Sequence[str] | None, directory: Path, base_url: str | None = None) -> list[Download]:
-    """The files missing from `directory` for these models (all built-ins when None), from their weights entries:
-    for a model with alternative files, the first with a downloadable source, unless one is already there."""
+def planned_downloads(models: Sequence[str] | None, directory: Path, base_url: str | None = None,
+                      data_files: Sequence[str] | None = None) -> list[Download]:
+    """The files missing from `directory` for these models (all built-ins when None) and filter data files (all
+    when None), from their entries: for a model with alternative files, the first with a downloadable source,
+    unless one of them is already there."""
+    from d2m_core.filter_files import DATA_FILES
     from d2m_core.models import BUILTIN_MODELS, model_class
 
     classes = [model_class(m) for m in models] if models is not None else list(BUILTIN_MODELS)
     mirror = base_url.rstrip("/") if base_url else None
     plan: list[Download] = []
+    for name in DATA_FILES if data_files is None else data_files:
+        for spec in DATA_FILES[name]:
+            there = (directory / spec.filename).exists() or (name == "wordnet" and (directory / "wordnet.zip").is_file())
+            if not there:
+                url = f"{mirror}/{spec.filename}" if mirror else _url(spec.source)
+                plan.append(Download(f"filter data {name}", spec.filename, url, spec.sha256, spec.source))
     for cls in classes:
         groups = [list(getattr(cls, "weights_files", []))] + [[f] for f in getattr(cls, "reference_files", [])]
         for accepted in groups:
@@ -165,12 +175,20 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download_missing(models: Sequence[str] | None, configured_dir: str | None, *, base_url: str | None = None,
+def download_missing(config: D2MConfig | None, configured_dir: str | None, *, base_url: str | None = None,
                      out: IO[str] = sys.stdout) -> list[str]:
-    """Fetch every missing file; one line per file to `out`. Returns the failure lines (empty: all there)."""
+    """Fetch every missing file the config needs (everything `d2m weights` lists without one); one line per
+    file to `out`. Returns the failure lines (empty: all there)."""
+    from d2m_core.filter_files import files_for
+
     directory = weights_dir(configured_dir)
     base_url = base_url or os.environ.get(BASE_URL_ENV) or None
-    plan = planned_downloads(models, directory, base_url)
+    models = data_files = None
+    if config is not None:
+        models = list(config.models)
+        data_files = sorted({n for f in config.filters for n in files_for(f.name, f.image_based_scale)
+                             if n not in f.data_files})
+    plan = planned_downloads(models, directory, base_url, data_files)
     if not plan:
         print(f"all weights files are in {directory}", file=out)
         return []

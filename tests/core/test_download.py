@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from d2m_core.config import parse_config
 from d2m_core.download import Download, DownloadError, download_missing, fetch, planned_downloads
 
 
@@ -117,14 +118,20 @@ def test_registry_files_from_a_mirror(server: FileServer, tmp_path: Path) -> Non
     """The weights entries' own pins: a mirror serving the wrong bytes for ViT-B-32.pt is refused, a missing
     file is one line, and files already present are not fetched again."""
     server.files["ViT-B-32.pt"] = b"not the OpenAI checkpoint"
-    plan = planned_downloads(["oai-clip-vit-b32", "nsfw-image-oai-clip-vit-l-14"], tmp_path, server.url)
-    assert [(d.filename, d.url) for d in plan] == [("ViT-B-32.pt", f"{server.url}/ViT-B-32.pt"),
+    models = ["oai-clip-vit-b32", "nsfw-image-oai-clip-vit-l-14"]
+    plan = planned_downloads(models, tmp_path, server.url, data_files=["fasttext"])
+    assert [(d.filename, d.url) for d in plan] == [("lid.176.bin", f"{server.url}/lid.176.bin"),
+                                                   ("ViT-B-32.pt", f"{server.url}/ViT-B-32.pt"),
                                                    ("nsfw_torch.pt", f"{server.url}/nsfw_torch.pt")]
+    config = parse_config({"models": models, "nworkers": 1, "batch_size": 1, "device": "cpu", "input_tars": "/x.tar",
+                           "output_metadata_dir": "/out"})
     out = io.StringIO()
-    failures = download_missing(["oai-clip-vit-b32", "nsfw-image-oai-clip-vit-l-14"], str(tmp_path),
-                                base_url=server.url, out=out)
+    failures = download_missing(config, str(tmp_path), base_url=server.url, out=out)
     assert len(failures) == 2 and len(out.getvalue().splitlines()) == 3
     assert "ViT-B-32.pt gave a file with sha256" in failures[0] and "40d36571" in failures[0]
     assert "HTTP 404" in failures[1] and "nsfw_torch.pt" in failures[1]
     (tmp_path / "ViT-B-32.pt").write_bytes(b"present")
-    assert [d.filename for d in planned_downloads(["oai-clip-vit-b32"], tmp_path, server.url)] == []
+    assert [d.filename for d in planned_downloads(["oai-clip-vit-b32"], tmp_path, server.url, [])] == []
+    scrfd = planned_downloads(["faces-scrfd10g"], tmp_path, None, [])[0]
+    with pytest.raises(DownloadError, match="scrfd_10g_bnkps.onnx has no download source: get it from insightface"):
+        fetch(scrfd, tmp_path, progress=False)
