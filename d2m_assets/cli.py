@@ -398,6 +398,11 @@ class _Once(logging.Filter):
         self.seen: set[tuple[str, int, str]] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
+        # Inside a Dagster run, Dagster's handler (on d2m_core) has already rewritten the record's message as
+        # "job - run id - step - message"; the terminal shows and compares the message itself.
+        original = (getattr(record, "dagster_meta", None) or {}).get("orig_message")
+        if original is not None:
+            record.msg, record.args = original, ()
         key = (record.name, record.levelno, record.getMessage())
         if key in self.seen:
             return False

@@ -4,6 +4,7 @@ progress line every N seconds when stdout is not a terminal, failures as they ha
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from contextlib import ExitStack
@@ -142,15 +143,20 @@ class RunDisplay:
     def _open_bar(self) -> None:
         from tqdm import tqdm
 
-        self._bar = tqdm(total=self.todo, unit="shard", file=self.stream, dynamic_ncols=True, leave=True,
-                         bar_format="{desc}{percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]",
-                         desc="shards", postfix=f"0/{self.todo}")
+        try:
+            size = os.get_terminal_size(self.stream.fileno())
+        except (OSError, ValueError, AttributeError):
+            size = os.terminal_size((0, 0))
+        known = size.columns > 0 and size.lines > 0  # a pty without a size (e.g. under `script`): fixed 100 x 24
+        self._bar = tqdm(total=self.todo, file=self.stream, leave=True, dynamic_ncols=known,
+                         ncols=None if known else 100, nrows=None if known else 24, desc=f"0/{self.todo} shards",
+                         bar_format="{percentage:3.0f}%|{bar}| {desc} [{elapsed}<{remaining}]")
 
     def _refresh_bar(self) -> None:
         self._bar.n = round(self.fraction_done(), 3)
         failed = f" ({len(self.failed)} failed)" if self.failed else ""
-        self._bar.set_postfix_str(f"{len(self.done)}/{self.todo}{failed}, {self.total_samples()} samples, "
-                                  f"{self.rate():.1f} samples/s", refresh=False)
+        self._bar.set_description_str(f"{len(self.done)}/{self.todo} shards{failed}, {self.total_samples()} samples, "
+                                      f"{self.rate():.1f} samples/s", refresh=False)
         self._bar.refresh()
 
     def _ticker(self) -> None:
