@@ -2,7 +2,7 @@
 
 Each file is written to `<name>.part` (resumed with an HTTP Range request after a dropped connection or an
 interrupted command), hashed while it streams, and moved into place only once its sha256 matches the pin
-(or the 8-hex-digit prefix in a torch.hub-style name such as `-0b549669.ckpt`). A mirror serving every file
+(or the release's sha256 prefix, or the 8-hex-digit prefix in a torch.hub-style name such as `-0b549669.ckpt`). A mirror serving every file
 as BASE_URL/<file name> can replace the sources (`--base-url`, $D2M_WEIGHTS_BASE_URL).
 """
 
@@ -49,11 +49,14 @@ class Download:
     url: str | None  # None: no downloadable source; `source` says where to get it by hand
     sha256: str | None
     source: str
+    sha256_prefix: str | None = None  # the only pin some releases give
 
     def expected_sha256(self) -> tuple[str | None, bool]:
         """(expected digest or prefix, whether it is only a prefix)."""
         if self.sha256:
             return self.sha256.lower(), False
+        if self.sha256_prefix:
+            return self.sha256_prefix.lower(), True
         match = _HASH_IN_NAME.search(self.filename)
         return (match.group(1), True) if match else (None, False)
 
@@ -86,7 +89,8 @@ def planned_downloads(models: Sequence[str] | None, directory: Path, base_url: s
                 continue
             pick = next((f for f in accepted if mirror or _url(f.source)), accepted[0])
             url = f"{mirror}/{pick.filename}" if mirror else _url(pick.source)
-            plan.append(Download(cls.name, pick.filename, url, pick.sha256, pick.source))
+            plan.append(Download(cls.name, pick.filename, url, pick.sha256, pick.source,
+                                 pick.sha256_prefix))
         for filename, url in FOLDER_FILES.get(cls.name, []):
             if not (directory / filename).is_file():
                 plan.append(Download(cls.name, filename, f"{mirror}/{filename}" if mirror else url, None, url))

@@ -132,6 +132,7 @@ def test_registry_files_from_a_mirror(server: FileServer, tmp_path: Path) -> Non
     assert "HTTP 404" in failures[1] and "nsfw_torch.pt" in failures[1]
     (tmp_path / "ViT-B-32.pt").write_bytes(b"present")
     assert [d.filename for d in planned_downloads(["oai-clip-vit-b32"], tmp_path, server.url, [])] == []
-    scrfd = planned_downloads(["faces-scrfd10g"], tmp_path, None, [])[0]
-    with pytest.raises(DownloadError, match="scrfd_10g_bnkps.onnx has no download source: get it from insightface"):
-        fetch(scrfd, tmp_path, progress=False)
+    assert planned_downloads(["faces-scrfd10g"], tmp_path, None, [])[0].url.endswith("/scrfd_10g.pt")
+    wordnet = planned_downloads([], tmp_path, None, ["wordnet"])[0]
+    with pytest.raises(DownloadError, match="wordnet has no download source: get it from NLTK's wordnet corpus"):
+        fetch(wordnet, tmp_path, progress=False)
