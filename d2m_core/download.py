@@ -1,9 +1,9 @@
 """`d2m weights download`: fetch missing weights files from the sources their weights entries document.
 
 Each file is written to `<name>.part` (resumed with an HTTP Range request after a dropped connection or an
-interrupted command), hashed while it streams, and moved into place only once its sha256 matches the pin
-(or the release's sha256 prefix, or the 8-hex-digit prefix in a torch.hub-style name such as `-0b549669.ckpt`). A mirror serving every file
-as BASE_URL/<file name> can replace the sources (`--base-url`, $D2M_WEIGHTS_BASE_URL).
+interrupted command), then hashed and moved into place only once its sha256 matches the pin (or the release's
+sha256 prefix, or the 8-hex-digit prefix in a torch.hub-style name such as `-0b549669.ckpt`). A mirror serving
+every file as BASE_URL/<file name> can replace the sources (`--base-url`, $D2M_WEIGHTS_BASE_URL).
 """
 
 from __future__ import annotations
