@@ -42,7 +42,10 @@ environment:
 def _cmd_run(args: argparse.Namespace) -> int:
     from d2m_core.config import load_config
 
-    load_config(args.yml)  # a config error answers before torch and dagster are imported
+    config = load_config(args.yml)  # a config error answers before torch and dagster are imported
+    from d2m_core.pipeline import verify_weights
+
+    verify_weights(config)  # and a missing weights file before dagster is (runner checks again: hashes are cached)
     from d2m_assets.display import RunDisplay
     from d2m_assets.runner import run_config_file
 
