@@ -43,9 +43,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from d2m_core.config import load_config
 
     config = load_config(args.yml)  # a config error answers before torch and dagster are imported
-    from d2m_core.pipeline import verify_weights
+    from d2m_core.pipeline import selected_assets, verify_weights
 
-    verify_weights(config)  # and a missing weights file before dagster is (runner checks again: hashes are cached)
+    selected_assets(config)  # unknown names, custom_pypath plugins: before dagster is imported
+    verify_weights(config)  # and every weights file (the runner checks again: hashes are cached)
     from d2m_assets.display import RunDisplay
     from d2m_assets.runner import run_config_file
 
