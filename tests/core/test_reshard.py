@@ -111,3 +111,18 @@ def test_resumes_at_the_shards_not_written(pool_dir: dict) -> None:
     assert sorted(j["uid"] for _, j, _ in read_output(out)) == sorted(info["00000"]["rows"] + info["00001"]["rows"])
     with pytest.raises(reshard.ReshardError, match="another reshard"):
         reshard.reshard(pool_dir["meta"], pool_dir["tars"], str(subset_file), str(out), shard_size=5)
+
+
+def test_reshard_to_s3(pool_dir: dict, s3_server) -> None:
+    info = pool_dir["info"]
+    subset_file = pool_dir["root"] / "subset.npy"
+    uids.save_uid_file(str(subset_file), uids.uid_keys(info["00001"]["rows"]))
+    plan, written = reshard.reshard(pool_dir["meta"], pool_dir["tars"], str(subset_file), "s3://pool/resharded", shard_size=4)
+    listed = sorted(o["Key"] for o in s3_server.list_objects_v2(Bucket="pool", Prefix="resharded/")["Contents"])
+    assert listed == ["resharded/00000000.tar", "resharded/00000000_stats.json", "resharded/00000001.tar",
+                      "resharded/00000001_stats.json", "resharded/reshard_plan.json", "resharded/sample_ids.npy"]
+    body = s3_server.get_object(Bucket="pool", Key="resharded/00000001.tar")["Body"].read()
+    with tarfile.open(fileobj=io.BytesIO(body)) as tf:
+        assert len([m for m in tf.getmembers() if m.name.endswith(".json")]) == 2
+    _, again = reshard.reshard(pool_dir["meta"], pool_dir["tars"], str(subset_file), "s3://pool/resharded", shard_size=4)
+    assert again == []  # resumed: both shards already written
