@@ -24,10 +24,12 @@ ui:
 test: test-services
 	.venv/bin/pytest -q
 
-# The platform tests start a real PostgreSQL server: Debian's package, installed here if missing.
+# The platform tests start a real PostgreSQL server and a real Slurm (slurmctld, slurmd, munge): Debian's
+# packages, installed here if missing.
 test-services:
-	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null)
+	@(ls /usr/lib/postgresql/*/bin/initdb && which slurmctld slurmd munged sbatch) >/dev/null 2>&1 || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql \
+			slurmctld slurmd slurm-client munge >/dev/null)
 
 bench:
 	D2M_RANDOM_WEIGHTS=$${D2M_RANDOM_WEIGHTS-1} .venv/bin/d2m bench --yml configs/basic.yml --shards .bench/shards

@@ -31,6 +31,9 @@ def claim_device(spec: int | str, *, lock_dir: str | None = None, poll_s: float 
     The lock is an fcntl lock, so a killed process frees its GPU."""
     device = resolve_device(spec)
     count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if count and (device.index or 0) >= count:  # e.g. `device: 3` in a Slurm job that was given one GPU
+        log.warning("device %s asked for, but only %d GPU(s) are visible: using cuda:0", device, count)
+        device = torch.device("cuda", 0)
     if count <= 1:
         yield device
         return

@@ -99,3 +99,99 @@ def tmpfs(mount: Path, size: str) -> Iterator[Path]:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+SLURM_CONF = """ClusterName=d2mtest
+SlurmctldHost=localhost
+SlurmctldPort={ctld_port}
+SlurmdPort={d_port}
+AuthInfo=socket={d}/munge/munge.sock
+SlurmUser=root
+StateSaveLocation={d}/state
+SlurmdSpoolDir={d}/spool
+SlurmctldLogFile={d}/log/slurmctld.log
+SlurmdLogFile={d}/log/slurmd.log
+SlurmctldPidFile={d}/run/slurmctld.pid
+SlurmdPidFile={d}/run/slurmd.pid
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+GresTypes=gpu
+SlurmdParameters=config_overrides
+MailProg=/bin/true
+JobCompType=jobcomp/filetxt
+JobCompLoc={d}/log/jobcomp.txt
+KillWait=5
+SchedulerParameters=sched_interval=1,bf_interval=1
+NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=1000 Gres=gpu:{gpus} State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def slurm_installed() -> bool:
+    return all(shutil.which(b) for b in ("slurmctld", "slurmd", "munged", "sbatch"))
+
+
+def _wait(predicate, timeout: float, what) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise TimeoutError(what())
+        time.sleep(0.3)
+
+
+@contextmanager
+def slurm_cluster(gpus: int = 2, cpus: int = 4) -> Iterator[dict[str, str]]:
+    """A one-node Slurm cluster on loopback (Debian's slurmctld, slurmd, munge) with `gpus` fake GPUs through
+    GRES; yields the environment (SLURM_CONF) its clients need. Every job is cancelled and every daemon
+    stopped at the end."""
+    d = Path(tempfile.mkdtemp(prefix="d2m-slurm-", dir="/tmp"))  # munge's socket path must stay short
+    for sub in ("etc", "state", "spool", "log", "run", "munge", "fakegpu"):
+        (d / sub).mkdir()
+    os.chmod(d, 0o755)
+    os.chmod(d / "munge", 0o755)
+    for i in range(gpus):  # GRES GPUs must be character devices: /dev/null stands in
+        (d / "fakegpu" / f"nvidia{i}").symlink_to("/dev/null")
+    (d / "etc" / "slurm.conf").write_text(SLURM_CONF.format(d=d, ctld_port=free_port(), d_port=free_port(),
+                                                            cpus=cpus, gpus=gpus))
+    (d / "etc" / "gres.conf").write_text(f"AutoDetect=off\nName=gpu File={d}/fakegpu/nvidia[0-{gpus - 1}]\n")
+    env = {"SLURM_CONF": str(d / "etc" / "slurm.conf")}
+    full_env = os.environ | env
+    sock = str(d / "munge" / "munge.sock")
+    subprocess.run(["mungekey", "-c", "-k", str(d / "munge" / "munge.key")], check=True, capture_output=True)
+    subprocess.run(["munged", f"--key-file={d}/munge/munge.key", f"--socket={sock}", f"--pid-file={d}/munge/munged.pid",
+                    f"--seed-file={d}/munge/munged.seed", f"--log-file={d}/munge/munged.log"],
+                   check=True, capture_output=True)
+    daemons = []
+    try:
+        for argv, log in ((["slurmctld", "-D"], "slurmctld.stderr"), (["slurmd", "-D", "-N", "localhost"], "slurmd.stderr")):
+            with (d / "log" / log).open("w") as out:
+                daemons.append(subprocess.Popen(argv, env=full_env, stdout=out, stderr=subprocess.STDOUT))
+
+        def idle() -> bool:
+            done = subprocess.run(["sinfo", "-h", "-n", "localhost", "-o", "%T"], env=full_env, capture_output=True, text=True)
+            return done.stdout.strip() == "idle"
+
+        _wait(idle, 60, lambda: "Slurm node not idle: " + "\n".join(
+            f.read_text()[-1500:] for f in sorted((d / "log").iterdir())))
+        yield env
+    finally:
+        subprocess.run(["scancel", "--full", "-u", "root"], env=full_env, capture_output=True)
+
+        def no_jobs() -> bool:
+            done = subprocess.run(["squeue", "-h", "-t", "PD,R,CG,S"], env=full_env, capture_output=True, text=True)
+            return done.returncode != 0 or not done.stdout.strip()
+
+        try:
+            _wait(no_jobs, 30, lambda: "Slurm jobs left")
+        finally:
+            subprocess.run(["scontrol", "shutdown"], env=full_env, capture_output=True)
+            for proc in daemons:
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            subprocess.run(["munged", "-s", f"--socket={sock}"], capture_output=True)
+            shutil.rmtree(d, ignore_errors=True)
