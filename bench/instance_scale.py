@@ -107,7 +107,7 @@ def shard_outcome(stem: str, assets: list[str]) -> ShardOutcome:
     paths = {a: f"s3://pool/metadata/.d2m/{a}/{stem}.npz" for a in assets}
     paths |= {k: f"s3://pool/metadata/{stem}.{k}" for k in ("parquet", "npz", "json")}
     checks = [CheckOutcome(name, True, f"{name} passed", {"samples": 10_000}) for name in CHECKS]
-    return ShardOutcome(stem=stem, stats=ShardStats(samples_read=10_000, samples_written=9_990, samples_failed=10),
+    return ShardOutcome(stem=stem, stats=ShardStats(shard=stem, samples_read=10_000, samples_written=10_000),
                         paths=paths, samples_per_s=2500.0, checks=checks,
                         quantiles={f"{c}_p{q}": 0.1 * q / 50 for c in ("clip_b32", "clip_l14") for q in (5, 50, 95)})
 

@@ -24,7 +24,7 @@ from dagster._core.launcher import CheckRunHealthResult, LaunchRunContext, RunLa
 from dagster._core.storage.dagster_run import DagsterRun
 from dagster._grpc.types import ExecuteRunArgs
 from dagster._serdes import ConfigurableClass, ConfigurableClassData, serialize_value
-from dagster._utils import get_python_environment_entry_point
+from dagster._core.origin import get_python_environment_entry_point
 from pydantic import Field
 
 from d2m_core import slurm

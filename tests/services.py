@@ -122,7 +122,8 @@ SlurmdParameters=config_overrides
 MailProg=/bin/true
 JobCompType=jobcomp/filetxt
 JobCompLoc={d}/log/jobcomp.txt
-KillWait=5
+KillWait=30
+MinJobAge=3600
 SchedulerParameters=sched_interval=1,bf_interval=1
 NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=1000 Gres=gpu:{gpus} State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
