@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the PostgreSQL server the platform te
 
 from services import postgres_server  # noqa: E402
 
-from dagster import AssetCheckEvaluation, AssetKey, DagsterEvent, DagsterEventType, DagsterInstance, RunsFilter  # noqa: E402
+from dagster import DagsterEvent, DagsterEventType, DagsterInstance, RunsFilter  # noqa: E402
 from dagster._core.events import StepMaterializationData  # noqa: E402
 from dagster._core.test_utils import create_run_for_test  # noqa: E402
 from dagster._core.workspace.context import WorkspaceProcessContext  # noqa: E402
@@ -45,14 +45,16 @@ from dagster._core.workspace.load_target import WorkspaceFileTarget  # noqa: E40
 from dagster_graphql.test.utils import execute_dagster_graphql  # noqa: E402
 
 from d2m_assets import reporting  # noqa: E402
+from d2m_assets.datasets import Dataset  # noqa: E402
 from d2m_assets.sensors import registration  # noqa: E402
 from d2m_core import ShardRef, catalog, load_config  # noqa: E402
+from d2m_core.identity import asset_identity  # noqa: E402
 from d2m_core.pipeline import ShardOutcome, selected_assets  # noqa: E402
 from d2m_core.records import ShardStats  # noqa: E402
 from d2m_core.validation import CHECKS, CheckOutcome  # noqa: E402
 
 PER_EVALUATION = 25_000  # the sensor's cap on partition adds per evaluation
-PARTITIONS = "shards"
+DATASET = Dataset("xlarge", "")  # the bench yml names it
 JOB = "__ASSET_JOB"
 
 LAUNCH = """mutation($params: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $params) {
@@ -66,7 +68,7 @@ CHECKS_PANEL = """query($key: AssetKeyInput!) { assetNodeOrError(assetKey: $key)
 
 
 def asset_key_path(asset: str) -> list[str]:
-    return [asset]
+    return list(DATASET.key(asset).path)
 
 
 def timed(fn, *args, **kwargs):
@@ -112,30 +114,29 @@ def shard_outcome(stem: str, assets: list[str]) -> ShardOutcome:
                         quantiles={f"{c}_p{q}": 0.1 * q / 50 for c in ("clip_b32", "clip_l14") for q in (5, 50, 95)})
 
 
-def record(instance: DagsterInstance, stems: list[str], assets: list[str], per_run: int) -> dict:
-    """Store the events of runs over these shards the way a run's step stores them."""
-    metadata_key = AssetKey(asset_key_path(catalog.METADATA_ASSET))
+def record(instance: DagsterInstance, stems: list[str], assets: list[str], per_run: int, config) -> dict:
+    """Store the events of runs over these shards the way the run's step stores them: per shard, its
+    materializations then its check evaluations (d2m's `reporting`), in runs of `per_run` shards."""
+    metadata_key = DATASET.key(catalog.METADATA_ASSET)
+    job = DATASET.named("shard_pipeline")
     start = time.perf_counter()
     events = 0
     for first in range(0, len(stems), per_run):
         chunk = stems[first:first + per_run]
         run = create_run_for_test(instance, job_name=JOB, tags={"dagster/asset_partition_range_start": chunk[0],
                                                                 "dagster/asset_partition_range_end": chunk[-1]})
-        outcomes = {s: shard_outcome(s, assets) for s in chunk}
         for stem in chunk:
-            for mat in reporting.materializations(outcomes[stem], assets):
-                instance.report_dagster_event(DagsterEvent(DagsterEventType.ASSET_MATERIALIZATION.value, JOB,
-                                                           step_key="shard_pipeline",
+            outcome = shard_outcome(stem, assets)
+            tar = {"url": f"s3://pool/shards/{stem}.tar", "size": 400_000_000, "etag": "0" * 32}
+            identities = {a: asset_identity(config, a, tar, {}) for a in assets}
+            for mat in reporting.materializations(DATASET, outcome, assets, identities):
+                instance.report_dagster_event(DagsterEvent(DagsterEventType.ASSET_MATERIALIZATION.value, JOB, step_key=job,
                                                            event_specific_data=StepMaterializationData(mat)), run.run_id)
                 events += 1
-        for check in reporting.check_events(metadata_key, chunk, {s: outcomes[s].checks for s in chunk}):
-            if not isinstance(check, AssetCheckEvaluation):  # the run's overall result, as the step records it
-                check = AssetCheckEvaluation(asset_key=metadata_key, check_name=check.check_name, passed=check.passed,
-                                             metadata=check.metadata, description=check.description)
-            instance.report_dagster_event(DagsterEvent(DagsterEventType.ASSET_CHECK_EVALUATION.value, JOB,
-                                                       step_key="shard_pipeline", event_specific_data=check),
-                                          run.run_id)
-            events += 1
+            for check in reporting.check_evaluations(instance, metadata_key, stem, outcome.checks):
+                instance.report_dagster_event(DagsterEvent(DagsterEventType.ASSET_CHECK_EVALUATION.value, JOB,
+                                                           step_key=job, event_specific_data=check), run.run_id)
+                events += 1
     elapsed = time.perf_counter() - start
     return {"shards": len(stems), "events": events, "events_per_shard": round(events / len(stems), 2),
             "s": round(elapsed, 1), "ms_per_shard": round(1000 * elapsed / len(stems), 2)}
@@ -177,18 +178,19 @@ def measure(n: int, yml: Path, args: argparse.Namespace, pg: dict) -> dict:
     settings["run_retries"] = {"enabled": False}
     (home / "dagster.yaml").write_text(yaml.safe_dump(settings))
     config = yaml.safe_load(yml.read_text()) | {"input_tars": str(tmp / "tars"), "output_metadata_dir": str(tmp / "out"),
-                                                "custom_pypath": None}
+                                                "custom_pypath": None, "dataset": DATASET.name}
     (tmp / "tars").mkdir()
     (tmp / "d2m.yml").write_text(yaml.safe_dump(config))
     env = pg | {"DAGSTER_HOME": str(home), "D2M_CONFIG": str(tmp / "d2m.yml"), "D2M_AUTOMATION": "off"}
     os.environ.update(env)
-    assets = selected_assets(load_config(tmp / "d2m.yml"))
+    d2m_config = load_config(tmp / "d2m.yml")
+    assets = selected_assets(d2m_config)
     per_run = config.get("tars_per_wds") or 8
     stems = [f"{i:08d}" for i in range(n)]
     out: dict = {"shards": n, "yml": yml.name, "assets_per_shard": len(assets), "checks_per_shard": len(CHECKS)}
     with DagsterInstance.get() as instance:
         out["register"] = register(instance, stems, args.register_events)
-        keys, out["get_dynamic_partitions_s"] = timed(instance.get_dynamic_partitions, PARTITIONS)
+        keys, out["get_dynamic_partitions_s"] = timed(instance.get_dynamic_partitions, DATASET.partitions_name)
         assert len(keys) == n
         with WorkspaceProcessContext(instance, WorkspaceFileTarget(paths=[str(REPO / "workspace.yaml")])) as context:
             params = {"partitionNames": stems, "assetSelection": [{"path": asset_key_path(a)} for a in assets],
@@ -197,7 +199,7 @@ def measure(n: int, yml: Path, args: argparse.Namespace, pg: dict) -> dict:
             assert launched["launchPartitionBackfill"]["__typename"] == "LaunchBackfillSuccess", launched
             out["backfill_request_mb"] = round(len(json.dumps(params)) / 1e6, 1)
             out["tick"] = tick(env, args.tick_seconds, instance, tmp / "daemon.log")
-            out["record"] = record(instance, stems[: args.record_shards], assets, per_run)
+            out["record"] = record(instance, stems[: args.record_shards], assets, per_run, d2m_config)
             out["record"]["s_for_all_extrapolated"] = round(out["record"]["ms_per_shard"] * n / 1000)
             key = {"path": asset_key_path(catalog.METADATA_ASSET)}
             tab, out["ui_partitions_tab_s"] = timed(graphql, context, PARTITIONS_TAB, {"key": key})

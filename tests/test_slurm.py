@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
 
 from conftest import BASIC, REPO, run_cli
+from d2m_assets.datasets import Dataset
 from d2m_assets.slurm_launcher import JOB_ID_TAG
 from d2m_core import slurm
 from d2m_core.synth import make_shards
@@ -23,10 +24,11 @@ from services import dagster_process, free_port, graphql, postgres_server, slurm
 pytestmark = [pytest.mark.slurm,
               pytest.mark.skipif(not slurm_installed(), reason="Slurm is not installed: `make test` installs it")]
 
+DATASET = Dataset("slurmtest", "")  # the yml below names it
 SMALL = [f"{i:05d}" for i in range(6)]  # the backfill's shards
 SLOW = ["00006", "00007"]  # larger shards: a run that is still computing when it is cancelled
 ASSETS = ["clip_b32_features", "clip_b32_scores", "shard_metadata"]
-METADATA = AssetKey("shard_metadata")
+METADATA = DATASET.key("shard_metadata")
 LAUNCH = """
 mutation($params: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $params) {
   __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message stack } } }
@@ -52,7 +54,7 @@ class Platform:
                                                   self.tmp / f"daemon-{time.time():.0f}.log"))
 
     def backfill(self, stems: list[str]) -> str:
-        params = {"partitionNames": stems, "assetSelection": [{"path": [a]} for a in ASSETS], "fromFailure": False}
+        params = {"partitionNames": stems, "assetSelection": [{"path": DATASET.key(a).path} for a in ASSETS], "fromFailure": False}
         launched = graphql(self.port, LAUNCH, {"params": params})["launchPartitionBackfill"]
         assert launched["__typename"] == "LaunchBackfillSuccess", launched
         return launched["backfillId"]
@@ -80,7 +82,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
     make_shards(tmp / "shards", shards=6, samples=4, max_side=128)
     make_shards(tmp / "shards", shards=2, samples=48, max_side=256, start=6)
     config = tmp / "config.yml"
-    config.write_text(yaml.safe_dump(BASIC | {"input_tars": str(tmp / "shards" / "*.tar"), "device": 0,
+    config.write_text(yaml.safe_dump(BASIC | {"dataset": DATASET.name, "input_tars": str(tmp / "shards" / "*.tar"), "device": 0,
                                               "output_metadata_dir": str(tmp / "metadata"), "tars_per_wds": 1}))
     home = tmp / "home"
     home.mkdir()
@@ -104,7 +106,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
             for key, value in env.items():
                 mp.setenv(key, value)
             instance = DagsterInstance.get()
-            instance.add_dynamic_partitions("shards", SMALL + SLOW)
+            instance.add_dynamic_partitions(DATASET.partitions_name, SMALL + SLOW)
             yield platform
 
 
@@ -118,7 +120,7 @@ def _runs(tag_value: str, key: str = "dagster/backfill") -> list:
 
 def _step_window(run_id: str) -> tuple[float, float]:
     events = {e.dagster_event.event_type: e.timestamp for e in _instance().all_logs(run_id)
-              if e.dagster_event and e.dagster_event.step_key == "shard_pipeline"}
+              if e.dagster_event and e.dagster_event.step_key == DATASET.named("shard_pipeline")}
     return events[DagsterEventType.STEP_START], events[DagsterEventType.STEP_SUCCESS]
 
 
