@@ -88,7 +88,7 @@ def register(instance: DagsterInstance, stems: list[str], events_max: int) -> di
     events = 0
     for start in range(0, len(stems), PER_EVALUATION):
         refs = [ShardRef(s, f"s3://pool/shards/{s}.tar") for s in stems[start:start + PER_EVALUATION]]
-        request = registration(refs)
+        request = registration(DATASET, refs)
         for add in request["dynamic_partitions_requests"]:
             add_s += timed(instance.add_dynamic_partitions, add.partitions_def_name, list(add.partition_keys))[1]
         if events < events_max:

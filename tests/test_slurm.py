@@ -124,9 +124,10 @@ def _step_window(run_id: str) -> tuple[float, float]:
     return events[DagsterEventType.STEP_START], events[DagsterEventType.STEP_SUCCESS]
 
 
-def _visible_devices(run_id: str) -> str:
-    (line,) = [e.user_message for e in _instance().all_logs(run_id) if "CUDA_VISIBLE_DEVICES=" in e.user_message]
-    return line.rsplit("CUDA_VISIBLE_DEVICES=", 1)[1].strip(")")
+def _visible_devices(run) -> str:
+    """The GPU Slurm gave the run's job, as the job (whose process becomes the run worker) printed it first."""
+    out = Path(_instance().root_directory) / "slurm" / f"dagster-run-{run.run_id}-{run.tags[JOB_ID_TAG]}.out"
+    return out.read_text().splitlines()[0].rsplit("CUDA_VISIBLE_DEVICES=", 1)[1]
 
 
 def _step_started(run_id: str) -> bool:
@@ -150,7 +151,7 @@ def test_backfill_of_6_shards_runs_as_slurm_jobs_on_2_gpus(platform: Platform) -
     assert len(set(jobs.values())) == 6  # one Slurm job per run
     _wait(lambda: {_job_state(r) for r in runs} == {"COMPLETED"}, 120, "jobs not completed")  # workers exiting
     windows = {r.run_id: _step_window(r.run_id) for r in runs}
-    devices = {r.run_id: _visible_devices(r.run_id) for r in runs}
+    devices = {r.run_id: _visible_devices(r) for r in runs}
     assert set(devices.values()) <= {"0", "1"}  # each run saw exactly the one GPU Slurm gave its job
     overlapping = [(a, b) for a in windows for b in windows
                    if a < b and windows[a][0] < windows[b][1] and windows[b][0] < windows[a][1]]

@@ -5,7 +5,6 @@ Each shard is materialized as soon as its files are written, so a run that dies 
 shards, and a shard that fails does not fail the others of its run (the run fails after them, naming it).
 """
 
-import os
 import warnings
 from collections.abc import Sequence
 
@@ -80,7 +79,6 @@ def build_shard_assets(dataset: Dataset, assets: Sequence[str], backfill_policy:
         progress = RunLogReporter(context.log.info)  # the run log, and `d2m run`'s display
         failed: dict[str, str] = {}
         with claim_device(config.device) as device:  # with several GPUs, each concurrent run its own
-            context.log.info(f"device {device} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
             for outcome in process_shards(config, shards, selected, progress, device, progress_every_s=1.0):
                 if outcome.error is not None:
                     context.log.error(f"shard {outcome.stem} failed: {outcome.error}")
