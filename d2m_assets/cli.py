@@ -177,6 +177,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from d2m_core.config import load_config
 
+    if args.stage == "loader":
+        from d2m_core.bench import loader_stage
+        from d2m_core.shards import expand_shards
+
+        batch_size = load_config(args.yml).batch_size if args.yml else 512
+        print(json.dumps(loader_stage(expand_shards(args.shards), processes=args.processes, batch_size=batch_size)))
+        return 0
+    if args.yml is None:
+        print(f"d2m: error: --stage {args.stage} needs --yml", file=sys.stderr)
+        return 2
     config = load_config(args.yml)
     from d2m_core.bench import run_benchmark
     from d2m_core.shards import expand_shards
@@ -341,8 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     weights.set_defaults(func=_cmd_weights)
 
     bench = sub.add_parser("bench", parents=[common], formatter_class=defaults, help="print throughput as JSON lines")
-    bench.add_argument("--yml", required=True, help="the config to measure")
+    bench.add_argument("--stage", choices=["end-to-end", "loader"], default="end-to-end",
+                       help="end-to-end (default): the whole pipeline; loader: reading only, images kept encoded")
+    bench.add_argument("--yml", default=None, help="the config (needed except for --stage loader: its batch_size)")
     bench.add_argument("--shards", required=True, help="folder of tars (made with make-shards if empty)")
+    bench.add_argument("--processes", type=int, default=2, help="--stage loader: reader processes")
     bench.add_argument("--device", default=None, help="override the yml's device ('cpu', 0, 'cuda:1')")
     bench.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default=None, help="override the yml's precision")
     bench.add_argument("--gpu-decode", choices=["auto", "on", "off"], default=None, help="override the yml's gpu_decode")

@@ -13,10 +13,38 @@ import torch
 
 from d2m_core import catalog
 from d2m_core.config import D2MConfig
-from d2m_core.loader import Batch
+from d2m_core.loader import Batch, Loader
 from d2m_core.pipeline import build_engine, process_shards, selected_assets, store_reference
 from d2m_core.shards import ShardRef
 from d2m_core.weights import random_weights_enabled
+
+
+def machine_load() -> dict[str, Any]:
+    """The 1-minute load average and core count: figures from a shared machine need both."""
+    import os
+
+    return {"load_1m": round(os.getloadavg()[0], 2), "cores": os.cpu_count()}
+
+
+def loader_stage(shards: Sequence[ShardRef], *, processes: int, batch_size: int = 512) -> dict[str, Any]:
+    """The loader as the GPU path uses it (images handed over encoded, to be decoded on the device), with a
+    consumer that only counts: samples/s, and the CPU time the consuming process spends per sample."""
+    loader = Loader(shards, batch_size=batch_size, transforms=[], needs_text=True, nworkers=2, readers=processes)
+    cpu, start = time.process_time(), time.perf_counter()
+    samples = first_samples = 0
+    first = None
+    for item in loader:
+        if isinstance(item, Batch):
+            samples += item.samples_read
+            if first is None:
+                first, first_samples = time.perf_counter() - start, samples
+    seconds = time.perf_counter() - start
+    cpu = time.process_time() - cpu
+    steady = (samples - first_samples) / max(seconds - (first or 0.0), 1e-9)
+    return {"stage": "loader", "processes": processes, "shards": len(shards), "batch_size": batch_size,
+            "samples": samples, "seconds": round(seconds, 3), "samples_per_s": round(samples / seconds, 1),
+            "main_cpu_us_per_sample": round(cpu / max(samples, 1) * 1e6, 2),
+            "first_batch_s": round(first or 0.0, 3), "samples_per_s_after_first_batch": round(steady, 1)} | machine_load()
 
 
 def _device_name(device: torch.device) -> str:

@@ -24,7 +24,7 @@ SEED_OPTIONAL_FIELDS = (
     "warn_and_continue",
 )
 D2M_FIELDS = ("dataset", "weights_dir", "precision", "artifacts_dir", "max_failure_rate", "gpu_decode", "filters",
-              "filter_cron", "reshard")
+              "filter_cron", "reshard", "reader_processes")
 DATASET_NAME = re.compile(r"^[A-Za-z0-9_]+$")  # Dagster's rule for names (asset key parts, partitions, sensors)
 
 
@@ -116,6 +116,7 @@ class D2MConfig(BaseModel):
     filters: list[FilterSpec] = Field(default_factory=list)  # DataComp baselines as assets
     filter_cron: str = "0 * * * *"  # how often filters made stale by new shards re-run
     reshard: ReshardSpec | None = None
+    reader_processes: int = Field(default=2, gt=0)  # processes reading tars, each a shard at a time
 
     @field_validator("gpu_decode", mode="before")
     @classmethod

@@ -76,6 +76,6 @@ def decode_image(data: bytes, *, draft_above: int | None = DRAFT_ABOVE_PIXELS) -
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise DecodeError(f"decompression bomb: {err}") from err
     except Image.UnidentifiedImageError as err:
-        raise DecodeError(f"cannot decode image: not a recognised image format (starts with {data[:16]!r})") from err
+        raise DecodeError(f"cannot decode image: not a recognised image format (starts with {bytes(data[:16])!r})") from err
     except Exception as err:  # noqa: BLE001 - any failure of a decoder on untrusted bytes is a decode failure
         raise DecodeError(f"cannot decode image: {type(err).__name__}: {str(err)[:200]}") from err

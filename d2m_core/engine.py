@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from d2m_core.loader import Batch, Loader, ShardEnd, ShardStart
+from d2m_core.loader import DEFAULT_READERS, Batch, Loader, ShardEnd, ShardStart
 from d2m_core.models import topo_order
 from d2m_core.transforms import IMAGE_TRANSFORMS, TEXT_PREPROCESSORS
 from d2m_core.records import ShardStats
@@ -53,16 +53,28 @@ class Progress:
     finished: bool = True
 
 
+@dataclass
+class _Open:
+    """A shard being computed: its result so far, output chunks, and when it started / last reported."""
+
+    result: ShardResult
+    parts: dict[str, dict[str, list[Field]]]
+    t_start: float
+    t_report: float
+
+
 class Engine:
     """Runs already-built models over shards; device and dtype are explicit, models are loaded once."""
 
-    def __init__(self, models: dict[str, Any], *, device: torch.device, dtype: torch.dtype, batch_size: int, nworkers: int) -> None:
+    def __init__(self, models: dict[str, Any], *, device: torch.device, dtype: torch.dtype, batch_size: int, nworkers: int,
+                 readers: int = DEFAULT_READERS) -> None:
         self.order = topo_order(list(models), lambda n: models[n].dependencies)
         self.models = models
         self.device = device
         self.dtype = dtype
         self.batch_size = batch_size
         self.nworkers = nworkers
+        self.readers = readers
         pairs = [(inp, pre) for m in self.order for inp, pre in zip(models[m].raw_inputs, models[m].preprocessors)]
         self.image_transforms = [IMAGE_TRANSFORMS[pre] for inp, pre in dict.fromkeys(pairs) if inp == "image"]
         self.text_preprocessors = {pre: TEXT_PREPROCESSORS[pre]() for inp, pre in dict.fromkeys(pairs) if inp == "text"}
@@ -77,6 +89,7 @@ class Engine:
             nworkers=self.nworkers,
             pin_memory=self.device.type == "cuda",
             decode_device=self.device if self.decode_on_device else None,
+            readers=self.readers,
         )
 
     def forward(self, batch: Batch) -> dict[str, dict[str, Field]]:
@@ -129,41 +142,45 @@ class Engine:
 
     def run(self, shards: Sequence[ShardRef], progress: Callable[[Progress], None] | None = None,
             progress_every_s: float = 30.0) -> Iterator[ShardResult]:
-        """Yield one ShardResult per shard, in order; an unreadable shard yields a result with `error` set."""
-        current: ShardResult | None = None
-        parts: dict[str, dict[str, list[Field]]] = {}
+        """Yield one ShardResult per shard, in shard order; an unreadable shard yields a result with `error` set.
+        Shards read at once (one per reader process) are computed batch by batch as their batches arrive."""
+        open_: dict[str, _Open] = {}
+        finished: dict[str, ShardResult] = {}
+        order = [s.stem for s in shards]
         done = 0
-        t_shard = t_wait = t_report = time.perf_counter()
+        t_wait = time.perf_counter()
         for item in self.loader(shards):
             now = time.perf_counter()
             if isinstance(item, ShardStart):
-                current = ShardResult(shard=item.shard, stats=ShardStats(shard=item.shard.stem))
+                result = ShardResult(shard=item.shard, stats=ShardStats(shard=item.shard.stem))
+                result.stats.timings = {"loader_wait_s": 0.0, "decode_s": 0.0, "model_s": 0.0}
                 parts = {m: {f: [] for f in self.models[m].output_fields} for m in self.order}
-                t_shard = t_report = now
-                current.stats.timings = {"loader_wait_s": 0.0, "decode_s": 0.0, "model_s": 0.0}
+                open_[item.shard.stem] = _Open(result, parts, now, now)
             elif isinstance(item, Batch):
-                assert current is not None
-                timings = current.stats.timings
+                state = open_[item.shard]
+                timings = state.result.stats.timings
                 timings["loader_wait_s"] += now - t_wait
                 timings["decode_s"] += item.decode_s
-                self._consume(current, parts, item)
+                self._consume(state.result, state.parts, item)
                 timings["model_s"] += time.perf_counter() - now
-                if progress is not None and time.perf_counter() - t_report >= progress_every_s:
-                    t_report = time.perf_counter()
-                    written = len(current.keys)
-                    progress(Progress(current.shard.stem, done, len(shards), written,
-                                      written / max(t_report - t_shard, 1e-9), None, finished=False))
+                if progress is not None and time.perf_counter() - state.t_report >= progress_every_s:
+                    state.t_report = time.perf_counter()
+                    written = len(state.result.keys)
+                    progress(Progress(item.shard, done, len(shards), written,
+                                      written / max(state.t_report - state.t_start, 1e-9), None, finished=False))
             elif isinstance(item, ShardEnd):
-                assert current is not None
-                current.error = item.error
-                self._finish(current, parts)
-                current.stats.timings["total_s"] = now - t_shard
+                state = open_.pop(item.shard.stem)
+                state.result.error = item.error
+                self._finish(state.result, state.parts)
+                state.result.stats.timings["total_s"] = now - state.t_start
                 done += 1
                 if progress is not None:
-                    progress(Progress(item.shard.stem, done, len(shards), current.stats.samples_written,
-                                      current.stats.samples_written / max(now - t_shard, 1e-9), item.error))
-                yield current
-                current = None
+                    written = state.result.stats.samples_written
+                    progress(Progress(item.shard.stem, done, len(shards), written,
+                                      written / max(now - state.t_start, 1e-9), item.error))
+                finished[item.shard.stem] = state.result
+                while order and order[0] in finished:
+                    yield finished.pop(order.pop(0))
             t_wait = time.perf_counter()
 
     def _consume(self, result: ShardResult, parts: dict[str, dict[str, list[Field]]], batch: Batch) -> None:

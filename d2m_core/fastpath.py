@@ -110,6 +110,7 @@ class JpegHeader:
 
 def parse_jpeg_header(data: bytes) -> JpegHeader | None:
     """The header of a JPEG up to its first scan; None when `data` is not a well-formed JPEG start."""
+    data = data if isinstance(data, bytes) else bytes(data)  # a view into a reader's ring
     n = len(data)
     if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
         return None

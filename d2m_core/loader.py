@@ -1,7 +1,8 @@
-"""The loader: reads tars in a background thread and prepares uint8 image batches in a thread pool.
+"""The loader: reads tars in reader processes (`d2m_core.readers`) and prepares image batches in a thread pool.
 
-It hands the device stage `Batch`es in tar order, bracketed by `ShardStart`/`ShardEnd`, and reads the
-next shard while the current one is computed, so the device never waits at a shard boundary.
+It hands the device stage each shard's `Batch`es in tar order, bracketed by `ShardStart`/`ShardEnd`; with N
+reader processes N shards are read at once and their items interleave. Reading ahead never stops at a shard
+boundary, so the device does not wait there.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any, Union
 import torch
 
 from d2m_core.decoding import DecodeError, decode_image
-from d2m_core.reading import RawSample, ShardReadError, iter_samples
+from d2m_core.readers import RawBatch, ReaderPool, ShardBegins, ShardDone
+from d2m_core.reading import RawSample
 from d2m_core.records import SampleFailure
 from d2m_core.shards import ShardRef
 from d2m_core.transforms import ImageTransform
@@ -56,6 +58,7 @@ class ShardEnd:
 
 Item = Union[ShardStart, Batch, ShardEnd]
 _DONE = object()
+DEFAULT_READERS = 2  # reader processes
 
 
 def prepare_batch(
@@ -139,10 +142,12 @@ def prepare_batch_on_device(
 
 
 class Loader:
-    """Iterate `ShardStart, Batch..., ShardEnd` for each shard, in order, with bounded read-ahead.
+    """Iterate `ShardStart, Batch..., ShardEnd` for each shard (shards interleaved when `readers` > 1), with
+    bounded read-ahead.
 
     With `decode_device` set, workers decode and resize on that device (the GPU fast path); otherwise
-    with PIL on the CPU, handing uint8 batches (pinned for a CUDA device) to the device stage.
+    with PIL on the CPU, handing uint8 batches (pinned for a CUDA device) to the device stage. With no
+    transforms the images are not decoded at all (batches carry the samples' keys, texts and json).
     """
 
     def __init__(
@@ -156,6 +161,7 @@ class Loader:
         pin_memory: bool = False,
         prefetch_batches: int | None = None,
         decode_device: torch.device | None = None,
+        readers: int = DEFAULT_READERS,
     ) -> None:
         self.shards = list(shards)
         self.batch_size = batch_size
@@ -165,13 +171,18 @@ class Loader:
         self.pin_memory = pin_memory
         self.prefetch = prefetch_batches or 2 * self.nworkers + 2
         self.decode_device = decode_device
+        self.readers = max(1, readers)
+        self.reader_pids: list[int] = []  # of the current iteration (tests check that none outlives it)
 
     def __iter__(self) -> Iterator[Item]:
         out: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         pool = ThreadPoolExecutor(max_workers=self.nworkers, thread_name_prefix="d2m-decode")
-        reader = threading.Thread(target=self._read, args=(out, pool, stop), name="d2m-reader", daemon=True)
-        reader.start()
+        readers = ReaderPool(self.shards, batch_size=self.batch_size, processes=self.readers)
+        self.reader_pids = readers.pids
+        dispatcher = threading.Thread(target=self._dispatch, args=(readers, out, pool, stop), name="d2m-dispatch",
+                                      daemon=True)
+        dispatcher.start()
         try:
             while True:
                 item = out.get()
@@ -179,15 +190,23 @@ class Loader:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                yield item.result() if isinstance(item, Future) else item
+                if isinstance(item, tuple):
+                    future, raw = item
+                    batch = future.result()
+                    readers.release(raw)  # prepared: its encoded images are no longer needed
+                    yield batch
+                else:
+                    yield item
         finally:
             stop.set()
-            while reader.is_alive():  # unblock a reader waiting on a full queue
+            readers.stop()
+            while dispatcher.is_alive():  # unblock a dispatcher waiting on a full queue
                 try:
                     out.get_nowait()
                 except queue.Empty:
-                    reader.join(timeout=0.05)
+                    dispatcher.join(timeout=0.05)
             pool.shutdown(wait=True, cancel_futures=True)
+            readers.close()
 
     def _put(self, out: queue.Queue[Any], item: Any, stop: threading.Event) -> bool:
         while not stop.is_set():
@@ -198,34 +217,25 @@ class Loader:
                 continue
         return False
 
-    def _read(self, out: queue.Queue[Any], pool: ThreadPoolExecutor, stop: threading.Event) -> None:
+    def _dispatch(self, readers: ReaderPool, out: queue.Queue[Any], pool: ThreadPoolExecutor, stop: threading.Event) -> None:
         try:
-            for shard in self.shards:
-                if not self._put(out, ShardStart(shard), stop):
-                    return
-                error = None
-                buffer: list[RawSample] = []
-                try:
-                    for raw in iter_samples(shard):
-                        buffer.append(raw)
-                        if len(buffer) == self.batch_size:
-                            if not self._submit(out, pool, shard, buffer, stop):
-                                return
-                            buffer = []
-                except ShardReadError as err:
-                    error = str(err)
-                if buffer and not self._submit(out, pool, shard, buffer, stop):
-                    return
-                if not self._put(out, ShardEnd(shard, error), stop):
+            for item in readers:
+                if isinstance(item, RawBatch):
+                    item = (self._submit(pool, item), item)
+                elif isinstance(item, ShardBegins):
+                    item = ShardStart(item.shard)
+                elif isinstance(item, ShardDone):
+                    item = ShardEnd(item.shard, item.error)
+                if not self._put(out, item, stop):
                     return
             self._put(out, _DONE, stop)
-        except BaseException as err:  # surfaced to the consumer, never swallowed
-            self._put(out, err, stop)
+        except BaseException as err:  # surfaced to the consumer, never swallowed (unless it stopped us)
+            if not stop.is_set():
+                self._put(out, err, stop)
 
-    def _submit(self, out: queue.Queue[Any], pool: ThreadPoolExecutor, shard: ShardRef, buffer: list[RawSample], stop: threading.Event) -> bool:
+    def _submit(self, pool: ThreadPoolExecutor, raw: RawBatch) -> Future[Batch]:
+        stem = raw.shard.stem
         if self.decode_device is not None:
-            future = pool.submit(prepare_batch_on_device, shard.stem, buffer, self.transforms, self.needs_text,
-                                 self.decode_device)
-        else:
-            future = pool.submit(prepare_batch, shard.stem, buffer, self.transforms, self.needs_text, self.pin_memory)
-        return self._put(out, future, stop)
+            return pool.submit(prepare_batch_on_device, stem, raw.samples, self.transforms, self.needs_text,
+                               self.decode_device)
+        return pool.submit(prepare_batch, stem, raw.samples, self.transforms, self.needs_text, self.pin_memory)

@@ -94,7 +94,8 @@ def build_engine(config: D2MConfig, feature_assets: Sequence[str], device: torch
     device = device or resolve_device(config.device)
     dtype = resolve_dtype(config.precision, device)
     models, weights = load_models(config, names, device, dtype)
-    engine = Engine(models, device=device, dtype=dtype, batch_size=config.batch_size, nworkers=config.nworkers)
+    engine = Engine(models, device=device, dtype=dtype, batch_size=config.batch_size, nworkers=config.nworkers,
+                    readers=config.reader_processes)
     names = [t.name for t in engine.image_transforms]
     on_device = config.gpu_decode == "on" or (config.gpu_decode == "auto" and device.type == "cuda")
     engine.decode_on_device = bool(names) and on_device and supports(names)

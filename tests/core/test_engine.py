@@ -18,7 +18,8 @@ def _refs(shard_dir: Path) -> list[ShardRef]:
 
 
 def test_loader_brackets_shards_and_keeps_a_last_batch_of_one(shard_dir: Path) -> None:
-    items = list(Loader(_refs(shard_dir), batch_size=4, transforms=[ClipImageTransform()], needs_text=True, nworkers=2))
+    items = list(Loader(_refs(shard_dir), batch_size=4, transforms=[ClipImageTransform()], needs_text=True, nworkers=2,
+                        readers=1))
     kinds = [type(i).__name__ for i in items]
     assert kinds == ["ShardStart", "Batch", "Batch", "Batch", "ShardEnd"] * 2
     batches = [i for i in items if isinstance(i, Batch)]

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from d2m_core.decoding import DecodeError, decode_image
+from d2m_core import reading
 from d2m_core.reading import TRUNCATED, ReadReport, ShardReadError, iter_samples
 from d2m_core.shards import ShardRef
 from d2m_core.synth import make_shards
@@ -72,8 +73,55 @@ def no_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     assert list(tmp_path.iterdir()) == []
 
 
+class _EndRecordingInfo(tarfile.TarInfo):
+    """tarfile ends iteration silently on a bad header past offset 0: remember which error it was."""
+
+    @classmethod
+    def fromtarfile(cls, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tf)
+        except tarfile.HeaderError as err:
+            tf.d2m_end = err  # type: ignore[attr-defined]
+            raise
+
+
+def _tarfile_members(data: bytes) -> tuple[list[tuple], tuple]:
+    """The oracle: each member (name, directory?, data) and how the walk ended, as tarfile's stream mode sees them."""
+    members: list[tuple] = []
+    try:
+        tf = tarfile.open(fileobj=io.BytesIO(data), mode="r|*", tarinfo=_EndRecordingInfo)
+        for info in tf:
+            tf.members = []
+            read = info.isreg() and info.size <= reading.MAX_MEMBER_BYTES
+            members.append((info.name, info.isdir(), info.isreg(), tf.extractfile(info).read() if read else None))
+        trailing = tf.fileobj.read(len(data))
+        end: tuple = (type(getattr(tf, "d2m_end", None)).__name__, tf.offset, trailing.count(0) == len(trailing))
+    except reading._READ_ERRORS as err:
+        end = (type(err).__name__, str(err))
+    return members, end
+
+
+def _fast_members(data: bytes) -> tuple[list[tuple], tuple]:
+    """d2m's own member walk over the same bytes, in the oracle's terms."""
+    members: list[tuple] = []
+    try:
+        state = reading._TarState(reading._Blocks(reading._decompressed(io.BytesIO(data))))
+        for m in reading._tar_members(state):
+            members.append((m.name, m.isdir, m.kind is None and not m.isdir, m.data))
+        trailing = state.fileobj.read(len(data))
+        end: tuple = (type(state.end).__name__, state.offset, trailing.count(0) == len(trailing))
+    except reading._READ_ERRORS as err:
+        end = (type(err).__name__, str(err))
+    return members, end
+
+
 def _read(data: bytes) -> tuple[list, ReadReport | None]:
-    """All samples of `data` as a tar (held in fsspec's memory file system, never on disk)."""
+    """All samples of `data` as a tar (held in fsspec's memory file system, never on disk); d2m's tar reader
+    sees exactly the members, data and end that tarfile sees."""
+    ours, oracle = _fast_members(data), _tarfile_members(data)
+    if not isinstance(reading._decompressed(io.BytesIO(data)), reading._Prefixed):  # gzip/bz2/xz: the members,
+        ours, oracle = (ours[0], len(ours[1]) == 2), (oracle[0], len(oracle[1]) == 2)  # and whether it broke
+    assert ours == oracle
     url = f"memory://fuzz/{next(_counter)}.tar"
     _memory.pipe(url, data)
     try:

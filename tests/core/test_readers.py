@@ -1,0 +1,112 @@
+"""Reading in processes: every sample handed over once, per shard in tar order; no reader process outlives
+the loader (end of run, an error in the consumer, a crashed reader, Ctrl-C)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from d2m_core.loader import Batch, Loader, ShardEnd, ShardStart
+from d2m_core.readers import ReaderError
+from d2m_core.reading import iter_samples
+from d2m_core.shards import ShardRef
+
+
+def _refs(shard_dir: Path) -> list[ShardRef]:
+    return [ShardRef(p.stem, str(p)) for p in sorted(shard_dir.glob("*.tar"))]
+
+
+def _gone(pids: list[int], within_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if not any(Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid) for pid in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return "zombie"
+
+
+def _loader(refs: list[ShardRef], readers: int, batch_size: int = 4) -> Loader:
+    return Loader(refs, batch_size=batch_size, transforms=[], needs_text=True, nworkers=1, readers=readers)
+
+
+def test_two_readers_hand_over_each_shard_in_tar_order(shard_dir: Path) -> None:
+    refs = _refs(shard_dir)
+    loader = _loader(refs, readers=2, batch_size=3)
+    seen: dict[str, list[str]] = {}
+    events: dict[str, list[str]] = {}
+    for item in loader:
+        stem = item.shard if isinstance(item, Batch) else item.shard.stem
+        events.setdefault(stem, []).append(type(item).__name__)
+        if isinstance(item, Batch):
+            seen[stem] += item.keys + [f.key for f in item.failures]
+        elif isinstance(item, ShardStart):
+            seen[stem] = []
+    assert sorted(seen) == [r.stem for r in refs]
+    for ref in refs:
+        assert seen[ref.stem] == [s.key for s in iter_samples(ref)]
+        assert events[ref.stem][0] == "ShardStart" and events[ref.stem][-1] == "ShardEnd"
+    assert _gone(loader.reader_pids)
+
+
+def test_no_reader_outlives_an_abandoned_or_failing_loop(shard_dir: Path) -> None:
+    loader = _loader(_refs(shard_dir), readers=2, batch_size=1)
+    items = iter(loader)
+    next(items)
+    pids = loader.reader_pids
+    assert len(pids) == 2 and not _gone(pids, within_s=0)
+    items.close()  # the consumer stops early (a run that fails, a bench that has enough)
+    assert _gone(pids)
+    with pytest.raises(RuntimeError, match="consumer failed"):
+        for item in loader:
+            if isinstance(item, Batch):
+                raise RuntimeError("consumer failed")
+    assert _gone(loader.reader_pids)
+
+
+def test_a_crashed_reader_fails_the_loop_instead_of_hanging(shard_dir: Path) -> None:
+    refs = _refs(shard_dir) * 1
+    loader = _loader(refs, readers=1, batch_size=1)
+    with pytest.raises(ReaderError, match="exited with status"):
+        for item in loader:
+            if isinstance(item, ShardEnd):
+                os.kill(loader.reader_pids[0], signal.SIGKILL)
+                time.sleep(0.2)
+    assert _gone(loader.reader_pids)
+
+
+CTRL_C_SCRIPT = """
+import sys, time
+from d2m_core.loader import Loader
+from d2m_core.shards import ShardRef
+refs = [ShardRef(p.split("/")[-1][:-4], p) for p in sys.argv[1:]]
+loader = Loader(refs * 50, batch_size=1, transforms=[], needs_text=True, nworkers=1, readers=2)
+for i, item in enumerate(loader):
+    if i == 0:
+        print(" ".join(map(str, loader.reader_pids)), flush=True)
+    time.sleep(0.01)
+"""
+
+
+def test_ctrl_c_stops_the_readers(shard_dir: Path) -> None:
+    tars = [str(p) for p in sorted(shard_dir.glob("*.tar"))]
+    proc = subprocess.Popen([sys.executable, "-c", CTRL_C_SCRIPT, *tars], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) == 2
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    assert _gone(pids)
