@@ -350,7 +350,18 @@ class _Member:
     isdir: bool
     kind: str | None  # None for a regular file; else "symlink", "hard link", "special file"
     size: int
-    data: bytes | None  # a regular file's bytes; None when not read (not regular, or over the limit)
+
+    @property
+    def readable(self) -> bool:
+        return self.kind is None and not self.isdir and self.size <= MAX_MEMBER_BYTES
+
+
+def _member_data(state: _TarState, member: _Member) -> bytes:
+    """The data of the member just walked to (read only when asked: tarfile reads it after the header too)."""
+    data = state.fileobj.read(member.size)
+    if len(data) != member.size:
+        raise tarfile.ReadError("unexpected end of data")
+    return data
 
 
 def _next_info(state: _TarState) -> tarfile.TarInfo | tuple[str, bytes, int] | None:
@@ -394,24 +405,17 @@ def _next_info(state: _TarState) -> tarfile.TarInfo | tuple[str, bytes, int] | N
 
 
 def _tar_members(state: _TarState) -> Iterator[_Member]:
-    """Every member of the tar in order, data read for regular files up to MAX_MEMBER_BYTES."""
-    blocks = state.fileobj
+    """Every member of the tar in order (its data: `_member_data`, before the next member)."""
     while True:
         info = _next_info(state)
         if info is None:
             return
         if isinstance(info, tuple):
             name, kind, size = info
-            isdir, isreg, special = kind == tarfile.DIRTYPE, kind == tarfile.REGTYPE, None
+            yield _Member(name, kind == tarfile.DIRTYPE, None, size)
         else:
-            name, size, isdir, isreg = info.name, info.size, info.isdir(), info.isreg()
-            special = None if isreg else "symlink" if info.issym() else "hard link" if info.islnk() else "special file"
-        data = None
-        if isreg and not isdir and size <= MAX_MEMBER_BYTES:
-            data = blocks.read(size)
-            if len(data) != size:
-                raise tarfile.ReadError("unexpected end of data")
-        yield _Member(name, isdir, special, size, data)
+            special = None if info.isreg() else "symlink" if info.issym() else "hard link" if info.islnk() else "special file"
+            yield _Member(info.name, info.isdir(), special, info.size)
 
 
 def _abnormal_end(state: _TarState) -> str | None:
@@ -482,11 +486,11 @@ def iter_samples(shard: ShardRef, report: ReadReport | None = None) -> Iterator[
                 if member.kind is not None:
                     current.add_problem(f"member {name[:100]!r} is a {member.kind}, not a regular file")
                     current.members.setdefault(ext, b"")
-                elif member.data is None:
+                elif not member.readable:
                     current.add_problem(f"member {name[:100]!r} is {member.size} bytes, over the {MAX_MEMBER_BYTES}-byte limit")
                     current.members.setdefault(ext, b"")
                 else:
-                    current.members[ext] = member.data
+                    current.members[ext] = _member_data(state, member)
             broken = _abnormal_end(state)
         except _READ_ERRORS as err:
             if current is None and report.samples == 0:

@@ -107,7 +107,8 @@ def _fast_members(data: bytes) -> tuple[list[tuple], tuple]:
     try:
         state = reading._TarState(reading._Blocks(reading._decompressed(io.BytesIO(data))))
         for m in reading._tar_members(state):
-            members.append((m.name, m.isdir, m.kind is None and not m.isdir, m.data))
+            members.append((m.name, m.isdir, m.kind is None and not m.isdir,
+                            reading._member_data(state, m) if m.readable else None))
         trailing = state.fileobj.read(len(data))
         end: tuple = (type(state.end).__name__, state.offset, trailing.count(0) == len(trailing))
     except reading._READ_ERRORS as err:
