@@ -29,7 +29,10 @@ def machine_load() -> dict[str, Any]:
 def loader_stage(shards: Sequence[ShardRef], *, processes: int, batch_size: int = 512) -> dict[str, Any]:
     """The loader as the GPU path uses it (images handed over encoded, to be decoded on the device), with a
     consumer that only counts: samples/s, and the CPU time the consuming process spends per sample."""
+    import resource
+
     loader = Loader(shards, batch_size=batch_size, transforms=[], needs_text=True, nworkers=2, readers=processes)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu, start = time.process_time(), time.perf_counter()
     samples = first_samples = 0
     first = None
@@ -41,10 +44,14 @@ def loader_stage(shards: Sequence[ShardRef], *, processes: int, batch_size: int 
     seconds = time.perf_counter() - start
     cpu = time.process_time() - cpu
     steady = (samples - first_samples) / max(seconds - (first or 0.0), 1e-9)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the readers, reaped by the loader
+    readers_cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
     return {"stage": "loader", "processes": processes, "shards": len(shards), "batch_size": batch_size,
             "samples": samples, "seconds": round(seconds, 3), "samples_per_s": round(samples / seconds, 1),
             "main_cpu_us_per_sample": round(cpu / max(samples, 1) * 1e6, 2),
-            "first_batch_s": round(first or 0.0, 3), "samples_per_s_after_first_batch": round(steady, 1)} | machine_load()
+            "first_batch_s": round(first or 0.0, 3), "samples_per_s_after_first_batch": round(steady, 1),
+            # CPU a reader spends per sample (process start included): 1e6 / this = one reader's rate on a free core
+            "reader_cpu_us_per_sample": round(readers_cpu / max(samples, 1) * 1e6, 2)} | machine_load()
 
 
 def _device_name(device: torch.device) -> str:
