@@ -188,9 +188,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(f"d2m: error: --stage {args.stage} needs --yml", file=sys.stderr)
         return 2
     config = load_config(args.yml)
-    from d2m_core.bench import run_benchmark
+    from d2m_core.bench import run_benchmark, writer_stage
     from d2m_core.shards import expand_shards
 
+    if args.stage == "writer":
+        print(json.dumps(writer_stage(config, expand_shards(args.shards), Path(args.yml).name, args.samples)))
+        return 0
     updates = {k: v for k, v in (("device", args.device), ("precision", args.precision), ("gpu_decode", args.gpu_decode))
                if v is not None}
     config = config.model_copy(update=updates)
@@ -351,8 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     weights.set_defaults(func=_cmd_weights)
 
     bench = sub.add_parser("bench", parents=[common], formatter_class=defaults, help="print throughput as JSON lines")
-    bench.add_argument("--stage", choices=["end-to-end", "loader"], default="end-to-end",
-                       help="end-to-end (default): the whole pipeline; loader: reading only, images kept encoded")
+    bench.add_argument("--stage", choices=["end-to-end", "loader", "writer"], default="end-to-end",
+                       help="end-to-end (default): the whole pipeline; loader: reading only, images kept encoded; "
+                            "writer: the output stage on synthetic model outputs (and the bytes it writes)")
+    bench.add_argument("--samples", type=int, default=10_000, help="--stage writer: samples per shard")
     bench.add_argument("--yml", default=None, help="the config (needed except for --stage loader: its batch_size)")
     bench.add_argument("--shards", required=True, help="folder of tars (made with make-shards if empty)")
     bench.add_argument("--processes", type=int, default=2, help="--stage loader: reader processes")

@@ -54,6 +54,65 @@ def loader_stage(shards: Sequence[ShardRef], *, processes: int, batch_size: int 
             "reader_cpu_us_per_sample": round(readers_cpu / max(samples, 1) * 1e6, 2)} | machine_load()
 
 
+def writer_stage(config: D2MConfig, shards: Sequence[ShardRef], config_name: str, samples: int = 10_000,
+                 repeats: int = 2) -> dict[str, Any]:
+    """The output stage alone, as the writer thread runs it per shard (features stored, scores, DataComp's
+    files, checks), on shards of `samples` rows: random unit features, the json of real samples, unique uids.
+    Also the bytes d2m writes per shard against DataComp's {shard}.parquet + {shard}.npz."""
+    import os
+    import uuid
+
+    from d2m_core.engine import RAGGED, ShardResult
+    from d2m_core.models import model_class
+    from d2m_core.pipeline import build_scorer, finish_shard, write_feature_pass
+    from d2m_core.reading import iter_samples
+    from d2m_core.records import ShardStats
+
+    names = selected_assets(config)
+    features = [a for a in names if a in catalog.FEATURE_ASSETS]
+    usable = [s.json for s in iter_samples(shards[0]) if s.problem is None]
+    uids = [uuid.UUID(int=random_bits).hex for random_bits in np.random.default_rng(0).integers(0, 2**63, samples)]
+    jsons = [dict(usable[i % len(usable)], uid=uids[i]) for i in range(samples)]
+    rng = np.random.default_rng(1)
+    outputs: dict[str, dict[str, Any]] = {}
+    for asset in features:
+        model = catalog.FEATURE_ASSETS[asset].model
+        outputs[model] = {}
+        for field, width in model_class(model).output_fields.items():
+            if width == RAGGED:
+                outputs[model][field] = [[[0.1, 0.2, 0.3, 0.4]] * int(n) for n in rng.integers(0, 3, samples)]
+            elif width == 0:
+                outputs[model][field] = rng.random(samples, dtype=np.float32)
+            else:
+                rows = rng.standard_normal((samples, width), dtype=np.float32)
+                outputs[model][field] = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    with tempfile.TemporaryDirectory(prefix="d2m-bench-writer-") as scratch:
+        config = config.model_copy(update={"output_metadata_dir": scratch, "artifacts_dir": None})
+        if catalog.REFERENCE_ASSET in names:
+            store_reference(config)
+        scorers = {a: build_scorer(config, a) for a in catalog.SCORE_ASSETS if a in names}
+        start = time.perf_counter()
+        for i in range(repeats):
+            stem = f"{i:05d}"
+            stats = ShardStats(shard=stem, samples_read=samples, samples_written=samples)
+            result = ShardResult(shard=ShardRef(stem, f"synthetic/{stem}.tar"), stats=stats, keys=[f"{stem}{k:05d}" for k in range(samples)],
+                                 uids=uids, jsons=jsons, outputs=outputs)
+            outcome = finish_shard(config, write_feature_pass(config, result, features, []), scorers,
+                                   catalog.METADATA_ASSET in names)
+            if outcome.error is not None:
+                raise RuntimeError(f"writer benchmark shard failed: {outcome.error}")
+        seconds = time.perf_counter() - start
+        sizes = {os.path.relpath(os.path.join(d, f), scratch): os.path.getsize(os.path.join(d, f))
+                 for d, _, files in os.walk(scratch) for f in files if f.startswith("00000")}
+    written = sum(sizes.values())
+    datacomp = sum(sizes.get(f"00000.{ext}", 0) for ext in ("parquet", "npz"))
+    return {"stage": "writer", "config": config_name, "samples_per_shard": samples, "shards": repeats,
+            "seconds": round(seconds, 3), "samples_per_s": round(samples * repeats / seconds, 1),
+            "bytes_per_sample_written": round(written / samples, 1),
+            "datacomp_bytes_per_sample": round(datacomp / samples, 1),
+            "written_vs_datacomp": round(written / max(datacomp, 1), 4), "files": sizes} | machine_load()
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

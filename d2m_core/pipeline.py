@@ -102,26 +102,93 @@ def build_engine(config: D2MConfig, feature_assets: Sequence[str], device: torch
     return engine, weights
 
 
-def _write_pass(config: D2MConfig, result: ShardResult, feature_assets: Sequence[str], weights: list[WeightsRecord]) -> ShardOutcome:
+def datacomp_npz_url(config: D2MConfig, stem: str) -> str:
+    return storage.join(config.output_metadata_dir, f"{stem}.npz")
+
+
+def datacomp_held(config: D2MConfig, asset: str) -> dict[str, str]:
+    """Field -> key in DataComp's `{shard}.npz`, for the asset's outputs that postprocess_features lists as they
+    are: each feature is stored once, there (and read back from there); the asset's other outputs go to
+    `<artifacts>/<asset>/{shard}.npz`."""
+    held = {}
+    for name in config.postprocess_features:
+        out = catalog.output_name(name, feature=True)
+        if out.asset == asset and out.compute is None:
+            held[out.field] = out.column(config.use_datacomp_keys)
+    return held
+
+
+def stored_outputs(config: D2MConfig, stem: str, asset: str) -> dict[str, np.ndarray]:
+    """A feature asset's stored outputs for one shard (packed fields): its artifact npz, if it has one, and
+    its fields held in DataComp's npz (only those arrays are decompressed)."""
+    url = artifact_url(config, asset, stem, "npz")
+    arrays = storage.read_npz(url) if storage.exists(url) else {}
+    held = datacomp_held(config, asset)
+    shared_url = datacomp_npz_url(config, stem)
+    if held and (not set(held) <= set(arrays) or storage.exists(shared_url)):  # older layouts: artifact only
+        shared = storage.read_npz(shared_url, set(held.values()))
+        arrays |= {field: shared[key] for field, key in held.items() if key in shared}
+    return arrays
+
+
+def _write_features(config: D2MConfig, result: ShardResult, feature_assets: Sequence[str]) -> dict[str, str]:
+    """Each feature asset's outputs, stored once: the fields DataComp's npz holds there, the others in the
+    asset's artifact npz. Returns the file of each asset."""
+    stem, paths = result.shard.stem, {}
+    shared: dict[str, np.ndarray] = {}
+    for asset in feature_assets:
+        fields = result.outputs[catalog.FEATURE_ASSETS[asset].model]
+        held = datacomp_held(config, asset)
+        shared |= {key: fields[field] for field, key in held.items()}
+        rest = {field: value for field, value in fields.items() if field not in held}
+        paths[asset] = datacomp_npz_url(config, stem)
+        if rest or not held:
+            paths[asset] = artifact_url(config, asset, stem, "npz")
+            storage.write_npz(paths[asset], rest)
+    if shared:
+        url = datacomp_npz_url(config, stem)
+        others = {k for a in catalog.FEATURE_ASSETS for k in datacomp_held(config, a).values()} - set(shared)
+        if others and storage.exists(url):  # features of assets this pass did not compute stay as they are
+            rows = len(result.keys)
+            shared = {k: v for k, v in storage.read_npz(url, others).items() if len(v) == rows} | shared
+        storage.write_npz(url, shared)
+    return paths
+
+
+def write_feature_pass(config: D2MConfig, result: ShardResult, feature_assets: Sequence[str], weights: list[WeightsRecord]) -> ShardOutcome:
     stem = result.shard.stem
     outcome = ShardOutcome(stem=stem, stats=result.stats, weights=weights, error=result.error)
     if result.error is not None:
         return outcome
-    for asset in feature_assets:
-        model = catalog.FEATURE_ASSETS[asset].model
-        url = artifact_url(config, asset, stem, "npz")
-        storage.write_npz(url, result.outputs[model])
-        outcome.paths[asset] = url
+    outcome.paths |= _write_features(config, result, feature_assets)
     table = pa.table({
         "key": pa.array(result.keys, pa.string()),
         "uid": pa.array(result.uids, pa.string()),
         "json": pa.array([json.dumps(j) if j is not None else None for j in result.jsons], pa.string()),
     })
-    storage.write_parquet(artifact_url(config, catalog.SAMPLES, stem, "parquet"), table)
+    storage.write_parquet(artifact_url(config, catalog.SAMPLES, stem, "parquet"), table, compression="zstd")
     record = result.stats.as_dict() | {"url": result.shard.url, "weights": [w.as_dict() for w in weights]}
     storage.write_json(artifact_url(config, catalog.SAMPLES, stem, "json"), record)
     total = result.stats.timings.get("total_s", 0.0)
     outcome.samples_per_s = result.stats.samples_written / total if total > 0 else 0.0
+    return outcome
+
+
+def finish_shard(config: D2MConfig, outcome: ShardOutcome, scorers: dict[str, Scorer], metadata: bool) -> ShardOutcome:
+    """After a shard's features are stored: its scores, then DataComp's files and their checks (the writer
+    thread's work). A failure is recorded on the outcome; the other shards go on."""
+    if outcome.error is not None:
+        return outcome
+    try:
+        for asset, scorer in scorers.items():
+            outcome.paths[asset] = score_shard(config, outcome.stem, asset, scorer)
+            outcome.weights += scorer.weights
+        if metadata:
+            outcome.paths |= write_shard_metadata(config, outcome.stem)
+            outcome.checks, outcome.quantiles = inspect_shard(config, outcome.stem)
+    except Exception as err:  # this shard fails with its reason; the others go on
+        log.exception("shard %s failed", outcome.stem)
+        outcome.error = f"{type(err).__name__}: {err}"
     return outcome
 
 
@@ -146,26 +213,14 @@ def process_shards(
     metadata = catalog.METADATA_ASSET in assets
 
     def finish(outcome: ShardOutcome) -> ShardOutcome:
-        if outcome.error is not None:
-            return outcome
-        try:
-            for asset, scorer in scorers.items():
-                outcome.paths[asset] = score_shard(config, outcome.stem, asset, scorer)
-                outcome.weights += scorer.weights
-            if metadata:
-                outcome.paths |= write_shard_metadata(config, outcome.stem)
-                outcome.checks, outcome.quantiles = inspect_shard(config, outcome.stem)
-        except Exception as err:  # this shard fails with its reason; the others go on
-            log.exception("shard %s failed", outcome.stem)
-            outcome.error = f"{type(err).__name__}: {err}"
-        return outcome
+        return finish_shard(config, outcome, scorers, metadata)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="d2m-writer") as writer:
         if not features:
             yield from writer.map(lambda ref: finish(ShardOutcome(stem=ref.stem, stats=_stored_stats(config, ref.stem))), shards)
             return
         engine, weights = build_engine(config, features, device)
-        write = lambda r: finish(_write_pass(config, r, features, weights))  # noqa: E731
+        write = lambda r: finish(write_feature_pass(config, r, features, weights))  # noqa: E731
         yield from _computed_and_written(engine, shards, writer, write, progress, progress_every_s)
 
 
@@ -284,7 +339,7 @@ def build_scorer(config: D2MConfig, score_asset: str) -> Scorer:
 def score_shard(config: D2MConfig, stem: str, score_asset: str, scorer: Scorer) -> str:
     """One shard's scores from its stored features (never from the tar); returns the file written."""
     parents = [p for p in catalog.SCORE_ASSETS[score_asset].parents if p in catalog.FEATURE_ASSETS]
-    features = {p: storage.read_npz(artifact_url(config, p, stem, "npz")) for p in parents}
+    features = {p: stored_outputs(config, stem, p) for p in parents}
     url = artifact_url(config, score_asset, stem, "npz")
     storage.write_npz(url, scorer(features))
     storage.write_json(artifact_url(config, score_asset, stem, "json"), {"weights": [w.as_dict() for w in scorer.weights]})
@@ -313,6 +368,8 @@ def write_shard_metadata(config: D2MConfig, stem: str) -> dict[str, str]:
 
     @functools.cache
     def arrays(asset: str) -> dict[str, np.ndarray]:  # each stored file read (and decompressed) once
+        if asset in catalog.FEATURE_ASSETS:
+            return stored_outputs(config, stem, asset)
         return storage.read_npz(artifact_url(config, asset, stem, "npz"))
 
     def load(asset: str, field_name: str) -> np.ndarray | list:

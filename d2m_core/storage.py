@@ -417,14 +417,15 @@ def write_npz(url: str, arrays: dict[str, np.ndarray | list]) -> None:
     write_bytes_atomic(url, npz_bytes(pack_fields(arrays)))
 
 
-def read_npz(url: str) -> dict[str, np.ndarray]:
+def read_npz(url: str, keys: Collection[str] | None = None) -> dict[str, np.ndarray]:
+    """The arrays of an npz (only `keys`, when given: the others are not decompressed)."""
     with np.load(io.BytesIO(read_bytes(url))) as data:
-        return {k: data[k] for k in data.files}
+        return {k: data[k] for k in data.files if keys is None or k in keys}
 
 
-def write_parquet(url: str, table: pa.Table) -> None:
+def write_parquet(url: str, table: pa.Table, compression: str = "snappy") -> None:
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
+    pq.write_table(table, sink, compression=compression)
     write_bytes_atomic(url, sink.getvalue().to_pybytes())
 
 

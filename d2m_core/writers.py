@@ -101,10 +101,12 @@ def write_datacomp_files(config: D2MConfig, stem: str, samples: pa.Table, stats:
     if table is not None:
         paths["parquet"] = storage.join(config.output_metadata_dir, f"{stem}.parquet")
         storage.write_parquet(paths["parquet"], table)
-    arrays = datacomp_arrays(config, rows, load, outputs)
-    if arrays:
+    if config.postprocess_features:
+        # The feature pass already stored the features there (each once); only plugin-computed ones are added.
         paths["npz"] = storage.join(config.output_metadata_dir, f"{stem}.npz")
-        storage.write_npz(paths["npz"], arrays)
+        computed = any(catalog.output_name(n, feature=True).compute for n in config.postprocess_features)
+        if computed or not storage.exists(paths["npz"]):
+            storage.write_npz(paths["npz"], datacomp_arrays(config, rows, load, outputs))
     paths["json"] = storage.join(config.output_metadata_dir, f"{stem}.json")
     storage.write_json(paths["json"], shard_log(config, stats, rows))
     return paths
