@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from d2m_core.loader import Batch, Loader, ShardEnd, ShardStart
+from d2m_core.loader import Batch, Loader, ShardStart
 from d2m_core.readers import ReaderError
 from d2m_core.reading import iter_samples
 from d2m_core.shards import ShardRef
@@ -77,13 +77,12 @@ def test_no_reader_outlives_an_abandoned_or_failing_loop(shard_dir: Path) -> Non
 
 
 def test_a_crashed_reader_fails_the_loop_instead_of_hanging(shard_dir: Path) -> None:
-    refs = _refs(shard_dir) * 1
+    refs = [ShardRef(f"{r.stem}-{i}", r.url) for i in range(100) for r in _refs(shard_dir)]  # more than a pipe holds
     loader = _loader(refs, readers=1, batch_size=1)
     with pytest.raises(ReaderError, match="exited with status"):
-        for item in loader:
-            if isinstance(item, ShardEnd):
+        for i, item in enumerate(loader):
+            if i == 0:
                 os.kill(loader.reader_pids[0], signal.SIGKILL)
-                time.sleep(0.2)
     assert _gone(loader.reader_pids)
 
 
