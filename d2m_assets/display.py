@@ -89,21 +89,25 @@ class RunDisplay:
                     self._open_bar()
                 return
             if isinstance(event, ShardFailed):
-                self.failed[event.shard] = event.error
-                self.done.discard(event.shard)
-                self.echo(f"shard {event.shard} failed: {event.error}")
+                self._fail(event.shard, event.error)
                 return
             if self.first_sample_at is None:
                 self.first_sample_at = time.monotonic()
             self.samples[event.shard] = event.samples
             self.current = None if event.finished else event.shard
             if event.error:
-                self.failed[event.shard] = event.error
-                self.echo(f"shard {event.shard} failed: {event.error}")
+                self._fail(event.shard, event.error)
             elif event.finished:
                 self.done.add(event.shard)
             if self._bar is not None:
                 self._refresh_bar()
+
+    def _fail(self, shard: str, error: str) -> None:
+        """Record a failure; its line once (the engine and the asset both report a tar that cannot be read)."""
+        self.done.discard(shard)
+        if self.failed.get(shard) != error:
+            self.failed[shard] = error
+            self.echo(f"shard {shard} failed: {error}")
 
     def echo(self, message: str) -> None:
         if self._bar is not None:
