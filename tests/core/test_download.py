@@ -134,5 +134,5 @@ def test_registry_files_from_a_mirror(server: FileServer, tmp_path: Path) -> Non
     assert [d.filename for d in planned_downloads(["oai-clip-vit-b32"], tmp_path, server.url, [])] == []
     assert planned_downloads(["faces-scrfd10g"], tmp_path, None, [])[0].url.endswith("/scrfd_10g.pt")
     wordnet = planned_downloads([], tmp_path, None, ["wordnet"])[0]
-    with pytest.raises(DownloadError, match="wordnet has no download source: get it from NLTK's wordnet corpus"):
+    with pytest.raises(DownloadError, match="wordnet.zip has no download source: get it from NLTK.s wordnet corpus"):
         fetch(wordnet, tmp_path, progress=False)
