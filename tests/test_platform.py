@@ -46,7 +46,7 @@ def _step_windows(instance: DagsterInstance, run_ids: list[str]) -> list[tuple[f
     windows = []
     for run_id in run_ids:
         events = {e.dagster_event.event_type: e.timestamp for e in instance.all_logs(run_id)
-                  if e.dagster_event and e.dagster_event.step_key == "shard_pipeline"
+                  if e.dagster_event and e.dagster_event.step_key == "pool__shard_pipeline"
                   and e.dagster_event.event_type in (DagsterEventType.STEP_START, DagsterEventType.STEP_SUCCESS)}
         windows.append((events[DagsterEventType.STEP_START], events[DagsterEventType.STEP_SUCCESS]))
     return windows
