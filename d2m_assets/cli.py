@@ -434,6 +434,8 @@ class _Once(logging.Filter):
 
 def _terminal_logging() -> None:
     """Warnings and errors of any library on stderr, each once; INFO stays in the run logs."""
+    if logging.getLogger().handlers:  # called inside a program that set up logging itself (a test run): leave it be
+        return
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.setLevel(logging.WARNING)  # loggers Dagster raises to INFO (python_log_level) stay quiet here
