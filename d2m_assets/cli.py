@@ -143,7 +143,7 @@ def _cmd_make_shards(args: argparse.Namespace) -> int:
     from d2m_core.synth import make_shards
 
     paths = make_shards(args.out, shards=args.shards, samples=args.samples, seed=args.seed, start=args.start,
-                        max_side=args.max_side, jpeg_quality=args.jpeg_quality)
+                        max_side=args.max_side, jpeg_quality=args.jpeg_quality, workers=args.workers)
     for path in paths:
         print(path)
     return 0
@@ -325,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--start", type=int, default=0, help="index of the first shard (its file name)")
     make.add_argument("--max-side", type=int, default=512, help="longest image side in pixels")
     make.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality, 1-100")
+    make.add_argument("--workers", type=int, default=1,
+                      help="processes rendering samples (the bytes written are the same for any number)")
     make.add_argument("--faults", action="store_true",
                       help="write the corpus of faulty shards (bad images, broken tars, ...) and faults.json instead")
     make.set_defaults(func=_cmd_make_shards)

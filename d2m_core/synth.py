@@ -10,6 +10,8 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from multiprocessing import get_context
+from multiprocessing.pool import Pool
 from pathlib import Path
 from typing import Any
 
@@ -400,12 +402,35 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
     path.write_text(json.dumps(obj, indent=4), encoding="utf-8")
 
 
+_WORKER_BASES: _Bases | None = None
+
+
+def _init_worker() -> None:
+    global _WORKER_BASES
+    _WORKER_BASES = _load_bases()
+
+
+def _make_sample_in_worker(args: tuple[int, int, int, int, int]) -> _Sample:
+    assert _WORKER_BASES is not None
+    return _make_sample(_WORKER_BASES, *args)
+
+
+def _sample_stream(pool: Pool | None, bases: _Bases, shard: int, samples: int, seed: int, max_side: int,
+                   jpeg_quality: int) -> Iterator[_Sample]:
+    """The shard's samples in index order, rendered here or by the pool's processes (same bytes either way)."""
+    if pool is None:
+        return (_make_sample(bases, seed, shard, i, max_side, jpeg_quality) for i in range(samples))
+    jobs = ((seed, shard, i, max_side, jpeg_quality) for i in range(samples))
+    return pool.imap(_make_sample_in_worker, jobs, chunksize=32)
+
+
 def _write_shard(
-    out_dir: Path, bases: _Bases, shard: int, samples: int, seed: int, max_side: int, jpeg_quality: int
+    out_dir: Path, bases: _Bases, shard: int, samples: int, seed: int, max_side: int, jpeg_quality: int,
+    pool: Pool | None = None,
 ) -> Path:
     """Write NNNNN.tar, NNNNN.parquet and finally NNNNN_stats.json for one shard."""
     start_time = time.time()
-    stream = (_make_sample(bases, seed, shard, i, max_side, jpeg_quality) for i in range(samples))
+    stream = _sample_stream(pool, bases, shard, samples, seed, max_side, jpeg_quality)
     name = f"{shard:05d}"
     tar_path = out_dir / f"{name}.tar"
     log = _ShardLog(metas=[])
@@ -425,6 +450,7 @@ def make_shards(
     start: int = 0,
     max_side: int = 512,
     jpeg_quality: int = 95,
+    workers: int = 1,
 ) -> list[Path]:
     """Write `shards` tars named f"{start+i:05d}.tar" into out_dir; returns the tar paths in order.
 
@@ -433,6 +459,7 @@ def make_shards(
     `KEY.json`, with KEY = f"{shard:05d}{index:04d}" (the index widens past 9999 samples).
     Output depends only on (seed, shard number, index, max_side, jpeg_quality), so `start`
     selects shards of the same stream and equal seeds give byte-identical tars and images.
+    `workers` > 1 renders samples in that many processes; the bytes written do not change.
     """
     if shards < 1 or samples < 1:
         raise ValueError(f"shards and samples must be >= 1, got {shards=} {samples=}")
@@ -444,5 +471,10 @@ def make_shards(
         raise ValueError(f"jpeg_quality must be in [1, 100], got {jpeg_quality=}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers=}")
     bases = _load_bases()
-    return [_write_shard(out, bases, start + i, samples, seed, max_side, jpeg_quality) for i in range(shards)]
+    if workers == 1:
+        return [_write_shard(out, bases, start + i, samples, seed, max_side, jpeg_quality) for i in range(shards)]
+    with get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
+        return [_write_shard(out, bases, start + i, samples, seed, max_side, jpeg_quality, pool) for i in range(shards)]

@@ -211,6 +211,20 @@ def _to_bnc(out: torch.Tensor, layout: Layout, batch: int, anchors: int) -> torc
 _EXPORTS: dict[str, bytes] = {}  # exported graphs by weights sha256 ("random" for the random weights)
 
 
+def onnx_unusable(device: torch.device) -> str | None:
+    """Why onnxruntime cannot run SCRFD on `device` here (None when it can): a missing package, or a CUDA device
+    with an onnxruntime build that has no CUDAExecutionProvider (the CPU wheel where onnxruntime-gpu belongs).
+    The seed-format network then runs in torch on that device instead of onnxruntime on the CPU."""
+    try:
+        import onnxruntime as ort
+        from insightface.model_zoo.scrfd import SCRFD  # noqa: F401 - reads the signature of the session
+    except ImportError as exc:
+        return f"{exc.name or exc} is not installed"
+    if device.type == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        return f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (onnxruntime-gpu is not installed)"
+    return None
+
+
 def export_scrfd_onnx(net: ScrfdNet, key: str | None = None) -> onnx.ModelProto:
     """The network as an ONNX graph with insightface's SCRFD output signature (6 outputs, batch first), for
     onnxruntime (faster than torch on the CPU); cached within a process under `key` (the weights' sha256)."""
@@ -298,10 +312,14 @@ class Scrfd10G:
         self.strides: list[int] = list(STRIDES)
         if weights.is_random or spec.format == "scrfd-torch":
             net = self._load_net()
-            try:
-                model = export_scrfd_onnx(net, weights.record.sha256 or "random")
-            except Exception as exc:  # noqa: BLE001 - the torch module runs the same graph, only slower on CPU
-                log.warning("%s: ONNX export of the SCRFD network failed (%s); running it in torch", self.name, exc)
+            reason = onnx_unusable(self.device)
+            if reason is None:
+                try:
+                    model = export_scrfd_onnx(net, weights.record.sha256 or "random")
+                except Exception as exc:  # noqa: BLE001 - the torch module runs the same graph, only slower on CPU
+                    reason = f"ONNX export of the SCRFD network failed ({exc})"
+            if reason is not None:
+                log.warning("%s: %s; running the network in torch on %s", self.name, reason, self.device)
                 self.backend = "torch"
                 self.net = net.to(self.device, torch.float32).eval()
                 self.run_device = self.device
@@ -439,7 +457,7 @@ class Scrfd10G:
 
     def forward_raw(self, blob: torch.Tensor) -> list[torch.Tensor]:
         """The outputs for a (B, 3, H, W) float32 blob, each as (B, N, C) in insightface's row order."""
-        if self.backend == "torch":  # only when the ONNX export failed
+        if self.backend == "torch":  # onnxruntime unusable here (onnx_unusable) or the ONNX export failed
             with torch.inference_mode():
                 return self.net(blob.to(self.run_device, torch.float32))
         batch = blob.shape[0]

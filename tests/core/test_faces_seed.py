@@ -194,3 +194,14 @@ def test_seed_checkpoint_is_the_default_and_insightface_the_alternative() -> Non
     assert seed.source.endswith("dataset2metadata/releases/download/v0.1.0-alpha/scrfd_10g.pt")
     assert (seed.input_norm.mean, seed.input_norm.std) == (127.5, 127.5)
     assert {(f.input_norm.mean, f.input_norm.std) for f in Scrfd10G.weights_files[1:]} == {(127.5, 128.0)}
+
+
+def test_a_cuda_device_without_onnxruntime_gpu_runs_the_network_in_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime as ort
+
+    assert faces.onnx_unusable(torch.device("cpu")) is None
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    reason = faces.onnx_unusable(torch.device("cuda", 0))
+    assert reason is not None and "no CUDAExecutionProvider" in reason and "onnxruntime-gpu" in reason
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert faces.onnx_unusable(torch.device("cuda", 0)) is None

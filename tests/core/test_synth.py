@@ -179,6 +179,16 @@ def test_deterministic(out: tuple[Path, list[Path]], tmp_path: Path) -> None:
     assert other[0].read_bytes() != out[1][0].read_bytes()
 
 
+def test_worker_processes_write_the_same_bytes(out: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    parallel = make_shards(tmp_path, shards=SHARDS, samples=SAMPLES, seed=0, max_side=MAX_SIDE, workers=2)
+    assert [p.name for p in parallel] == [p.name for p in out[1]]
+    for a, b in zip(out[1], parallel):
+        assert a.read_bytes() == b.read_bytes()
+        assert pq.read_table(a.with_suffix(".parquet")).equals(pq.read_table(b.with_suffix(".parquet")))
+    with pytest.raises(ValueError, match="workers"):
+        make_shards(tmp_path / "none", shards=1, samples=1, workers=0)
+
+
 def test_variety(samples: list[dict[str, Any]]) -> None:
     modes: set[tuple[str, str]] = set()
     for s in samples:
