@@ -43,6 +43,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from d2m_core.config import load_config
 
     config = load_config(args.yml)  # a config error answers before torch and dagster are imported
+    from d2m_core.weights_files import check_builtin_weights
+
+    check_builtin_weights(config)  # a missing or corrupt weights file too (custom models: below)
     from d2m_core.pipeline import selected_assets, verify_weights
 
     selected_assets(config)  # unknown names, custom_pypath plugins: before dagster is imported
@@ -217,9 +220,8 @@ def _cmd_weights(args: argparse.Namespace) -> int:
 
         return 1 if download_missing(config, directory, base_url=args.base_url) else 0
     from d2m_core.models import list_models, resolve_model_weights, weights_inventory
-    from d2m_core.models.isc import DEDUP_REFERENCE_FILES
-    from d2m_core.pipeline import REFERENCE_MODEL
     from d2m_core.weights import WeightsError, random_weights_enabled, resolve_weights, weights_dir
+    from d2m_core.weights_files import DEDUP_REFERENCE_FILES, REFERENCE_MODEL
 
     if args.action == "list":
         print(f"weights folder: {weights_dir(directory)} (weights_dir in the yml, or $D2M_WEIGHTS_DIR)")

@@ -26,16 +26,16 @@ from d2m_core.fastpath import supports
 from d2m_core.models import create_model, model_class, resolve_model_weights, topo_order
 from d2m_core.plugins import install_plugin
 from d2m_core.records import ShardStats, WeightsRecord
-from d2m_core.models.isc import DEDUP_REFERENCE_FILES, dedup_scores, load_reference_embeddings, reference_norms
+from d2m_core.models.isc import dedup_scores, load_reference_embeddings, reference_norms
 from d2m_core.scores import ClipScorer, FunctionScorer, Scorer
 from d2m_core.shards import ShardRef
 from d2m_core.weights import resolve_weights, weights_dir
 from d2m_core.validation import CheckOutcome, inspect_shard
+from d2m_core.weights_files import DEDUP_REFERENCE_FILES, REFERENCE_MODEL
 from d2m_core.writers import write_datacomp_files
 
 log = logging.getLogger(__name__)
 
-REFERENCE_MODEL = catalog.REFERENCE_WEIGHTS
 RANDOM_REFERENCE_ROWS = 10_000
 
 

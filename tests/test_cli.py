@@ -88,21 +88,27 @@ def test_d2m_weights_lists_and_verifies(tmp_path: Path) -> None:
     assert "expected 40d36571" in verify.stdout and verify.stdout.count("MISSING") == 7
 
 
-def test_missing_weights_stop_d2m_run_before_any_shard(shard_dir: Path, write_config, tmp_path: Path) -> None:
-    config = write_config(shard_dir, weights_dir=str(tmp_path / "weights"))
-    result = run_cli(["d2m", "run", "--yml", str(config)], {"DAGSTER_HOME": str(tmp_path / "h"), "D2M_RANDOM_WEIGHTS": ""}, tmp_path)
-    assert result.returncode == 2 and str(tmp_path / "weights" / "ViT-B-32.pt") in result.stderr
-    assert not (tmp_path / "metadata").exists() and not (tmp_path / "h").exists()
-
-
 HEAVY = ("torch", "dagster", "open_clip", "pandas", "pyarrow")
 
 
-def _in_process(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+def _in_process(args: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run d2m's main in a fresh interpreter and print which heavy libraries it imported."""
     code = ("import sys\nfrom d2m_assets.cli import main\ntry:\n    rc = main(sys.argv[1:])\nexcept SystemExit as e:\n"
             "    rc = e.code\nprint('heavy:', [m for m in %r if m in sys.modules])\nsys.exit(rc)" % (HEAVY,))
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env=os.environ | (env or {}))
+
+
+def test_missing_weights_stop_d2m_run_before_any_shard_and_any_heavy_import(shard_dir: Path, write_config,
+                                                                            tmp_path: Path) -> None:
+    config = write_config(shard_dir, weights_dir=str(tmp_path / "weights"))
+    result = _in_process(["run", "--yml", str(config)], tmp_path,
+                         {"DAGSTER_HOME": str(tmp_path / "h"), "D2M_RANDOM_WEIGHTS": ""})
+    assert result.returncode == 2 and "heavy: []" in result.stdout  # the file check needs no torch
+    assert result.stderr.startswith("d2m: error: oai-clip-vit-b32: weights not found: put "
+                                    f"{tmp_path / 'weights' / 'ViT-B-32.pt'} or ")
+    assert len(result.stderr.splitlines()) == 1
+    assert not (tmp_path / "metadata").exists() and not (tmp_path / "h").exists()
 
 
 def test_help_and_config_errors_import_no_heavy_library(tmp_path: Path) -> None:

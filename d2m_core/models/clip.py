@@ -10,10 +10,10 @@ import open_clip
 import torch
 
 from d2m_core.weights import ResolvedWeights, WeightsFile
+from d2m_core.weights_files import MODEL_FILES
 
 log = logging.getLogger(__name__)
 
-OPENAI_URL = "https://openaipublic.azureedge.net/clip/models"
 
 
 def _load_open_clip(arch: str, weights: ResolvedWeights) -> torch.nn.Module:
@@ -78,28 +78,15 @@ class OaiClip:
         return torch.nn.functional.normalize(img, dim=-1), torch.nn.functional.normalize(txt, dim=-1)
 
 
-def openai_clip_weights(arch: str, openai_file: str, sha256: str, hf_repo: str) -> list[WeightsFile]:
-    """The files an OpenAI CLIP loads from: OpenAI's own archive (sha256 pinned), or open_clip's checkpoint
-    of the same weights, renamed `<arch>.openai.safetensors` / `.bin`."""
-    open_clip_source = f"open_clip's '{arch}' / 'openai' checkpoint (hf-hub {hf_repo}"
-    return [
-        WeightsFile(openai_file, "openai-jit", sha256, f"{OPENAI_URL}/{sha256}/{openai_file}"),
-        WeightsFile(f"{arch}.openai.safetensors", "open_clip", None, f"{open_clip_source}, open_clip_model.safetensors), renamed"),
-        WeightsFile(f"{arch}.openai.bin", "open_clip", None, f"{open_clip_source}, open_clip_pytorch_model.bin), renamed"),
-    ]
-
-
 class OaiClipVitB32(OaiClip):
     name = "oai-clip-vit-b32"
     arch = "ViT-B-32-quickgelu"
     output_fields = {"image": 512, "text": 512}
-    weights_files = openai_clip_weights(arch, "ViT-B-32.pt", "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
-                                        "timm/vit_base_patch32_clip_224.openai")
+    weights_files = MODEL_FILES["oai-clip-vit-b32"]
 
 
 class OaiClipVitL14(OaiClip):
     name = "oai-clip-vit-l14"
     arch = "ViT-L-14-quickgelu"
     output_fields = {"image": 768, "text": 768}
-    weights_files = openai_clip_weights(arch, "ViT-L-14.pt", "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836",
-                                        "timm/vit_large_patch14_clip_224.openai")
+    weights_files = MODEL_FILES["oai-clip-vit-l14"]

@@ -25,19 +25,14 @@ from typing import Any
 import torch
 import transformers
 
-from d2m_core.weights import ResolvedWeights, WeightsError, WeightsFile
+from d2m_core.weights import ResolvedWeights, WeightsError
+from d2m_core.weights_files import DETOXIFY_CHECKPOINT as CHECKPOINT_NAME
+from d2m_core.weights_files import DETOXIFY_SHA256_PREFIX as EXPECTED_SHA256_PREFIX
+from d2m_core.weights_files import MODEL_FILES, TOKENIZER_DIR, TOKENIZER_SOURCE
+from d2m_core.weights_files import check_tokenizer_dir as _check_tokenizer_dir
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "multilingual_debiased-0b549669.ckpt"
-CHECKPOINT_URL = f"https://github.com/unitaryai/detoxify/releases/download/v0.4-alpha/{CHECKPOINT_NAME}"
-# torch.hub names release files by the first 8 hex digits of their sha256; that is the only pin upstream gives.
-EXPECTED_SHA256_PREFIX = "0b549669"
-TOKENIZER_DIR = "xlm-roberta-base"
-TOKENIZER_SOURCE = (
-    "https://huggingface.co/FacebookAI/xlm-roberta-base (files config.json, sentencepiece.bpe.model and/or "
-    "tokenizer.json, tokenizer_config.json)"
-)
 MAX_LENGTH = 512  # xlm-roberta-base: 514 positions minus the padding offset
 
 # detoxify's multilingual config (configs/Multilingual_toxic_comment_classification_XLMR.json): 7 classes reported,
@@ -116,17 +111,6 @@ def stand_in_tokenizer() -> transformers.PreTrainedTokenizerBase:
     return transformers.XLMRobertaTokenizer(vocab=vocab, model_max_length=MAX_LENGTH)
 
 
-def _check_tokenizer_dir(folder: Path) -> None:
-    has_config = (folder / "config.json").is_file()
-    has_tokenizer = (folder / "tokenizer.json").is_file() or (folder / "sentencepiece.bpe.model").is_file()
-    if not (folder.is_dir() and has_config and has_tokenizer):
-        what = "is missing" if not folder.is_dir() else "lacks config.json or the tokenizer files"
-        raise WeightsError(
-            f"nsfw-detoxify: the XLM-RoBERTa config/tokenizer folder {folder} {what}; create it next to "
-            f"{CHECKPOINT_NAME} with the files of {TOKENIZER_SOURCE}"
-        )
-
-
 def _torch_load(path: Path, trusted: bool) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -188,8 +172,7 @@ class DetoxifyMultilingual:
     dependencies: list[str] = []
     to_device = False
     output_fields = {"score": 0}
-    weights_files = [WeightsFile(CHECKPOINT_NAME, "detoxify-ckpt", None, CHECKPOINT_URL,
-                                 sha256_prefix=EXPECTED_SHA256_PREFIX)]
+    weights_files = MODEL_FILES["nsfw-detoxify"]
     extra_files = [f"{TOKENIZER_DIR}/ (config.json + tokenizer.json or sentencepiece.bpe.model): {TOKENIZER_SOURCE}"]
 
     @staticmethod

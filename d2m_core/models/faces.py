@@ -61,7 +61,8 @@ from d2m_core.models.scrfd_net import (
     random_scrfd_net,
     read_scrfd_checkpoint,
 )
-from d2m_core.weights import PixelNorm, ResolvedWeights, WeightsFile
+from d2m_core.weights import PixelNorm, ResolvedWeights
+from d2m_core.weights_files import MODEL_FILES, SEED_NORM
 
 log = logging.getLogger(__name__)
 
@@ -247,9 +248,6 @@ def export_scrfd_onnx(net: ScrfdNet, key: str | None = None) -> onnx.ModelProto:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-SEED_RELEASE = "https://github.com/mlfoundations/dataset2metadata/releases/download/v0.1.0-alpha"
-SEED_NORM = PixelNorm(127.5, 127.5)  # the seed's faces-aug: ToTensor then Normalize(0.5, 0.5)
-INSIGHTFACE_NORM = PixelNorm(127.5, 128.0)  # insightface's SCRFD: blobFromImage(1/128, mean 127.5, swapRB)
 
 
 class Scrfd10G:
@@ -268,30 +266,7 @@ class Scrfd10G:
     dependencies: list[str] = []
     to_device = True
     output_fields = {"boxes": -1}  # -1 = ragged: per sample a list of [x1, y1, x2, y2]
-    weights_files = [
-        # sha256 pinned by the seed (dataset2metadata/utils.py, cloud_checkpoints["faces-scrfd10g"])
-        WeightsFile(
-            "scrfd_10g.pt",
-            "scrfd-torch",
-            "963570df5e0ebf6bb313239d0f9f3f0c096c1ff6937e8e28e45abad4d8b1d5c7",
-            f"{SEED_RELEASE}/scrfd_10g.pt",
-            SEED_NORM,
-        ),
-        WeightsFile(
-            "scrfd_10g_bnkps.onnx",
-            "onnx",
-            None,
-            "insightface model zoo: scrfd_10g_bnkps.onnx (also det_10g.onnx in buffalo_l)",
-            INSIGHTFACE_NORM,
-        ),
-        WeightsFile(
-            "det_10g.onnx",
-            "onnx",
-            None,
-            "insightface model zoo: det_10g.onnx from the buffalo_l pack (SCRFD-10G with keypoints)",
-            INSIGHTFACE_NORM,
-        ),
-    ]
+    weights_files = MODEL_FILES["faces-scrfd10g"]
 
     score_threshold = SCORE_THRESHOLD
     nms_iou = NMS_IOU

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d2m_core.weights import ResolvedWeights, WeightsError, WeightsFile
+from d2m_core.weights import ResolvedWeights, WeightsError
+from d2m_core.weights_files import DEDUP_REFERENCE_FILES, MODEL_FILES
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +44,6 @@ GEM_P = 1.0
 GEM_EPS = 1e-6
 UNIT_NORM_TOLERANCE = 1e-3  # reference rows within this of norm 1 count as unit norm
 
-ISC_RELEASE = "https://github.com/lyakaap/ISC21-Descriptor-Track-1st/releases/download/v1.0.1"
-D2M_RELEASE = "https://github.com/mlfoundations/dataset2metadata/releases/download/v0.1.0-alpha"
-
-# The dataset2metadata seed pins this hash (dataset2metadata/utils.py, cloud_checkpoints["dedup-embeddings"]).
-DEDUP_REFERENCE_FILE = WeightsFile(
-    "eval_dedup_embeddings.pt",
-    "torch-tensor",
-    "18aeb08e1d53638761e05ac95254a2ef49653bfdb59a631c9304117ceef23d14",
-    f"{D2M_RELEASE}/eval_dedup_embeddings.pt",
-)
-DEDUP_REFERENCE_FILES = [DEDUP_REFERENCE_FILE]
 
 
 def gem(x: torch.Tensor, p: float = GEM_P, eps: float = GEM_EPS) -> torch.Tensor:
@@ -168,9 +158,7 @@ class IscFtV107:
     dependencies: list[str] = []
     to_device = True
     output_fields = {"image": FEATURE_DIM}
-    weights_files = [
-        WeightsFile("isc_ft_v107.pth.tar", "isc", None, f"{ISC_RELEASE}/isc_ft_v107.pth.tar"),
-    ]
+    weights_files = MODEL_FILES["dedup-isc-ft-v107"]
     reference_files = DEDUP_REFERENCE_FILES  # dedup_scores compares against these (the dedup_reference asset)
 
     def __init__(self, device: torch.device | int | str, *, dtype: torch.dtype = torch.float32, weights: ResolvedWeights) -> None:

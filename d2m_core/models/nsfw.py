@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from d2m_core.weights import ResolvedWeights, WeightsError, WeightsFile
+from d2m_core.weights import ResolvedWeights, WeightsError
+from d2m_core.weights_files import MODEL_FILES
 
 log = logging.getLogger(__name__)
 
 FEATURE_DIM = 768
-D2M_RELEASE = "https://github.com/mlfoundations/dataset2metadata/releases/download/v0.1.0-alpha"
 
 
 class ZeroEpsBatchNorm1d(nn.BatchNorm1d):
@@ -70,15 +70,7 @@ class NsfwImageHead:
     dependencies = ["oai-clip-vit-l14"]
     to_device = True
     output_fields = {"score": 0}
-    # sha256 pinned by the seed (dataset2metadata/utils.py, cloud_checkpoints["nsfw-image"])
-    weights_files = [
-        WeightsFile(
-            "nsfw_torch.pt",
-            "torch-state-dict",
-            "3c97d5478477c181bfa29a33e6933f710c8ec587e3c3551ff855e293acdaf390",
-            f"{D2M_RELEASE}/nsfw_torch.pt",
-        ),
-    ]
+    weights_files = MODEL_FILES["nsfw-image-oai-clip-vit-l-14"]
 
     def __init__(self, device: torch.device | int | str, *, dtype: torch.dtype = torch.float32, weights: ResolvedWeights) -> None:
         self.device = torch.device(device)

@@ -103,3 +103,24 @@ def test_weight_records_say_what_is_known(real_weights: None, tmp_path: Path, mo
                         tmp_path)
     monkeypatch.setenv("D2M_RANDOM_WEIGHTS", "1")
     assert resolve_weights("m", [official_spec], tmp_path).record.as_dict() == {"model": "m", "kind": "random"}
+
+
+def test_builtin_weights_check_matches_the_models_and_finds_the_dedup_reference(real_weights: None, tmp_path: Path) -> None:
+    """The torch-free check `d2m run` makes first: the same files the model classes load, each gap named."""
+    from d2m_core.config import parse_config
+    from d2m_core.models import BUILTIN_MODELS
+    from d2m_core.weights_files import MODEL_FILES, check_builtin_weights
+
+    assert {cls.name: cls.weights_files for cls in BUILTIN_MODELS} == MODEL_FILES
+    base = {"nworkers": 1, "batch_size": 1, "device": "cpu", "input_tars": "x.tar", "weights_dir": str(tmp_path),
+            "output_metadata_dir": str(tmp_path / "out")}
+    dedup = parse_config(base | {"models": ["dedup-isc-ft-v107"], "postprocess_columns": ["dedup-isc-ft-v107-score"]})
+    with pytest.raises(WeightsError, match=str(tmp_path / "isc_ft_v107.pth.tar")):
+        check_builtin_weights(dedup)
+    (tmp_path / "isc_ft_v107.pth.tar").write_bytes(b"no pin upstream: any file is the user's")
+    with pytest.raises(WeightsError, match=str(tmp_path / "eval_dedup_embeddings.pt")):
+        check_builtin_weights(dedup)
+    check_builtin_weights(parse_config(base | {"models": ["dedup-isc-ft-v107"]}))  # no dedup score: no reference
+    (tmp_path / "ViT-B-32.pt").write_bytes(b"not the weights")
+    with pytest.raises(WeightsError, match="expected 40d36571"):
+        check_builtin_weights(parse_config(base | {"models": ["oai-clip-vit-b32"]}))
