@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -9,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from dagster import DagsterInstance, materialize
 
 from d2m_assets.datasets import Dataset
@@ -30,6 +32,7 @@ RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_p
 # logger only what is critical (D2M_CONSOLE_LOG_LEVEL=INFO shows Dagster's events too; `--debug` sets it).
 LOG_CONFIG = {"loggers": {"console": {"config": {"log_level": os.environ.get("D2M_CONSOLE_LOG_LEVEL", "CRITICAL")}}}}
 EXPLAINED = 50  # per asset, mismatching shards whose recorded identity is read to say what changed
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -57,10 +60,31 @@ def ensure_instance(echo: Callable[[str], None] = print) -> DagsterInstance:
     target = Path(home) / "dagster.yaml"
     if not target.exists() and REPO_DAGSTER_YAML.is_file():
         shutil.copy(REPO_DAGSTER_YAML, target)
+    if (hint := log_level_hint(target)) is not None:
+        log.warning(hint)
     instance = DagsterInstance.get()
     if GPU_POOL not in instance.event_log_storage.get_concurrency_keys():  # the user's own limit stays
         instance.event_log_storage.set_concurrency_slots(GPU_POOL, gpu_count())
     return instance
+
+
+def log_level_hint(dagster_yaml: Path) -> str | None:
+    """A sentence when the instance's `python_log_level` is above INFO: then `context.log.info` (d2m's progress
+    lines) never reaches the run logs. Instances made from deploy/dagster.yaml before it said INFO have WARNING."""
+    try:
+        text = dagster_yaml.read_text()
+        settings = yaml.safe_load(text) or {}
+    except (OSError, yaml.YAMLError):
+        return None  # Dagster itself reports an unreadable dagster.yaml
+    level = (settings.get("python_logs") or {}).get("python_log_level") if isinstance(settings, dict) else None
+    number = logging.getLevelName(str(level).upper()) if isinstance(level, str) else level
+    if not isinstance(number, int) or number <= logging.INFO:
+        return None
+    line = next((i for i, row in enumerate(text.splitlines(), 1) if row.strip().startswith("python_log_level:")), None)
+    where = f"{dagster_yaml} line {line}" if line else str(dagster_yaml)
+    return (f"{where} sets python_log_level: {level}, which keeps d2m's progress lines out of the run logs in the "
+            f"Dagster UI: change it to 'python_log_level: INFO' (as deploy/dagster.yaml has it) and "
+            "restart dagster dev / the daemon")
 
 
 def reasons_to_run(instance: DagsterInstance, dataset: Dataset, config: D2MConfig, stems: Sequence[str],
