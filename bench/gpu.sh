@@ -1,16 +1,25 @@
 #!/usr/bin/env bash
 # GPU throughput of d2m in one command, for whoever has a CUDA machine (x86-64, Python 3.11 or 3.12):
 #
-#     bench/gpu.sh
+#     bench/gpu.sh                       # sets up .venv with `make setup` (needs the package registry)
+#     WHEELS=.whl bench/gpu.sh           # no registry: the machine's python3 already has torch; the wheels in
+#                                        # WHEELS (dagster, open_clip, pydantic, ...) go to a scratch folder
 #
-# Sets up .venv (`make setup`) unless it exists, makes DataComp-like shards in .bench/gpu (4 x 10,000
-# samples, 512 px longest side, JPEG quality 95) unless they exist, then writes JSON lines to
-# bench/results/<gpu>-<config>.jsonl: `d2m bench` on configs/basic.yml and configs/datacomp.yml (random
-# weights of the real architectures, bf16), and bench/results/<gpu>-fastpath.jsonl: the device
-# preprocessing path (nvJPEG decode + tensor transforms) against the PIL path, fidelity and images/s.
+# Makes DataComp-like shards in .bench/gpu (4 x 10,000 samples, 512 px longest side, JPEG quality 95, rendered by
+# every core) unless they exist, then, with random weights of the real architectures (D2M_RANDOM_WEIGHTS=1), each
+# config set to READERS reading processes and NWORKERS threads, writes to bench/results/<gpu>-*:
+#   <gpu>-<config>.jsonl   `d2m bench` (end to end in one process, model-only, bf16-vs-fp32 fidelity)
+#   <gpu>-run.jsonl        `d2m run` through Dagster (a fresh instance, the run as the CLI launches it): wall time
+#                          from the command's start to its exit (what it printed: its last lines, on stderr)
+#   <gpu>-fastpath.jsonl   the device preprocessing path (nvJPEG decode + tensor transforms) against PIL
+#   <gpu>-loader.jsonl     `d2m bench --stage loader` with 1, 2 and 4 reading processes
+#   <gpu>-writer.jsonl     `d2m bench --stage writer` (the output stage alone, on this machine's CPU)
+# then runs the CUDA tests. Stages run in the order of STAGES; a failed step is reported and the next one runs.
 # Knobs (environment): DEVICE (0), PRECISION (bf16), SHARDS (4), SAMPLES (10000), CONFIGS ("basic datacomp"),
-# SHARD_DIR (.bench/gpu), RESULTS (bench/results), PYTHON (for a new .venv when python3.11 is missing, e.g. python3.12).
-set -euo pipefail
+# RUN_CONFIGS ("basic datacomp"), READERS (4), NWORKERS (8), SHARD_DIR (.bench/gpu), RESULTS (bench/results),
+# STAGES ("shards bench run fastpath loader writer tests"), STEP_TIMEOUT (s per step, 300),
+# PYTHON (the interpreter: for WHEELS, default python3; for a new .venv when python3.11 is missing, e.g. python3.12).
+set -uo pipefail
 cd "$(dirname "$0")/.."
 
 DEVICE="${DEVICE:-0}"
@@ -18,29 +27,52 @@ PRECISION="${PRECISION:-bf16}"
 SHARDS="${SHARDS:-4}"
 SAMPLES="${SAMPLES:-10000}"
 CONFIGS="${CONFIGS:-basic datacomp}"
+RUN_CONFIGS="${RUN_CONFIGS:-basic datacomp}"
+READERS="${READERS:-4}"
+NWORKERS="${NWORKERS:-8}"
 SHARD_DIR="${SHARD_DIR:-.bench/gpu}"
 RESULTS="${RESULTS:-bench/results}"
-say() { printf '\n== %s\n' "$*" >&2; }
-
-if [ ! -x .venv/bin/d2m ]; then
-    if command -v python3.11 >/dev/null 2>&1; then
-        say "setting up .venv (make setup)"
-        make setup
-    else
-        PYTHON="${PYTHON:-python3.12}"
-        command -v "$PYTHON" >/dev/null 2>&1 || { echo "need python3.11 (or PYTHON=python3.12)" >&2; exit 1; }
-        say "no python3.11: setting up .venv with $PYTHON (the steps of make setup; pyproject says 3.11)"
-        "$PYTHON" -m venv .venv
-        .venv/bin/pip install -r requirements/requirements.txt -c requirements/constraints.txt
-        .venv/bin/pip install --force-reinstall --no-deps onnxruntime-gpu==1.31.1
-        .venv/bin/pip install --no-deps --no-build-isolation --ignore-requires-python -e .
+STEP_TIMEOUT="${STEP_TIMEOUT:-300}"
+STAGES="${STAGES:-shards bench run fastpath loader writer tests}"
+SCRATCH="$(mktemp -d -t d2m-gpu-XXXXXX)"
+export D2M_RANDOM_WEIGHTS=1 PYTHONUNBUFFERED=1
+say() { printf '\n== %s (%s)\n' "$*" "$(date +%T)" >&2; }
+status=0
+step() { timeout "$STEP_TIMEOUT" "$@"; }  # a step's failure is recorded (status=1) and the next step runs
+if [ -n "${WHEELS:-}" ]; then
+    PY="${PYTHON:-python3}"
+    say "no registry: installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS into $SCRATCH/site for $("$PY" -V)"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SCRATCH/site" "$WHEELS"/*.whl || exit 1
+    export PYTHONPATH="$SCRATCH/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    mkdir -p "$SCRATCH/bin"
+    printf '#!/bin/sh\nexec %s -c "import sys; from d2m_assets.cli import main; sys.exit(main())" "$@"\n' "$PY" >"$SCRATCH/bin/d2m"
+    chmod +x "$SCRATCH/bin/d2m"
+    export PATH="$SCRATCH/bin:$PATH"
+    D2M="$SCRATCH/bin/d2m"
+    "$PY" -c 'import d2m_assets.definitions, d2m_core.pipeline, open_clip, torch; print("imports ok, torch", torch.__version__)' || exit 1
+else
+    if [ ! -x .venv/bin/d2m ]; then
+        if command -v python3.11 >/dev/null 2>&1; then
+            say "setting up .venv (make setup)"
+            make setup || exit 1
+        else
+            PYTHON="${PYTHON:-python3.12}"
+            command -v "$PYTHON" >/dev/null 2>&1 || { echo "need python3.11 (or PYTHON=python3.12)" >&2; exit 1; }
+            say "no python3.11: setting up .venv with $PYTHON (the steps of make setup; pyproject says 3.11)"
+            "$PYTHON" -m venv .venv
+            .venv/bin/pip install -r requirements/requirements.txt -c requirements/constraints.txt || exit 1
+            .venv/bin/pip install --force-reinstall --no-deps onnxruntime-gpu==1.31.1 || exit 1
+            .venv/bin/pip install --no-deps --no-build-isolation --ignore-requires-python -e . || exit 1
+        fi
     fi
+    PY=.venv/bin/python
+    D2M=.venv/bin/d2m
 fi
 
 if [ "$DEVICE" = "cpu" ]; then
     GPU="cpu"
 else
-    .venv/bin/python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' || {
+    "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' || {
         echo "torch sees no CUDA device: d2m would silently run on the CPU (set DEVICE=cpu to do that)" >&2; exit 1; }
     INDEX="${DEVICE#cuda:}"
     GPU="$(nvidia-smi --query-gpu=name --format=csv,noheader -i "$INDEX" | head -n 1)"
@@ -48,24 +80,99 @@ else
 fi
 SLUG="$(printf '%s' "$GPU" | tr '[:upper:]' '[:lower:]' | tr -cs 'a-z0-9' '-' | sed 's/^-//; s/-$//')"
 mkdir -p "$RESULTS"
+echo "{\"gpu\": \"$GPU\", \"cores\": $(nproc), \"python\": \"$("$PY" -V 2>&1)\", \"torch\": \"$("$PY" -c 'import torch; print(torch.__version__)')\", \"date\": \"$(date -u +%FT%TZ)\"}" >&2
 
-if ! compgen -G "$SHARD_DIR/*.tar" >/dev/null; then
-    say "making $SHARDS shards of $SAMPLES samples in $SHARD_DIR"
-    .venv/bin/d2m make-shards "$SHARD_DIR" --shards "$SHARDS" --samples "$SAMPLES" --max-side 512 --jpeg-quality 95 >/dev/null
-fi
+# A config with this run's shards and output folder, READERS reading processes and NWORKERS threads.
+tuned() {  # tuned CONFIG -> path of the copy
+    "$PY" - "$1" "$SHARD_DIR" "$SCRATCH" "$READERS" "$NWORKERS" "$PRECISION" <<'EOF2'
+import sys, yaml
+from pathlib import Path
+name, shards, scratch, readers, nworkers, precision = sys.argv[1:]
+cfg = yaml.safe_load(Path(f"configs/{name}.yml").read_text())
+cfg.update(input_tars=str(Path(shards).resolve() / "*.tar"), output_metadata_dir=f"{scratch}/out-{name}",
+           reader_processes=int(readers), nworkers=int(nworkers), precision=precision, dataset=f"gpu{name}")
+path = Path(scratch) / f"{name}-tuned.yml"
+path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+print(path)
+EOF2
+}
 
-status=0
-say "device preprocessing path (fidelity vs PIL, images/s) -> $RESULTS/$SLUG-fastpath.jsonl"
-.venv/bin/python -m d2m_core.fastpath --shards "$SHARD_DIR" --device "$DEVICE" --precision "$PRECISION" \
-    --images 2048 --batch-size 256 | tee "$RESULTS/$SLUG-fastpath.jsonl" || status=1
+stage_shards() {
+    compgen -G "$SHARD_DIR/*.tar" >/dev/null && return
+    say "making $SHARDS shards of $SAMPLES samples in $SHARD_DIR ($(nproc) processes)"
+    step "$D2M" make-shards "$SHARD_DIR" --shards "$SHARDS" --samples "$SAMPLES" --max-side 512 --jpeg-quality 95 \
+        --workers "$(nproc)" >/dev/null || status=1
+}
 
-for config in $CONFIGS; do
-    say "d2m bench configs/$config.yml -> $RESULTS/$SLUG-$config.jsonl"
-    D2M_RANDOM_WEIGHTS=1 .venv/bin/d2m bench --yml "configs/$config.yml" --shards "$SHARD_DIR" \
-        --device "$DEVICE" --precision "$PRECISION" | tee "$RESULTS/$SLUG-$config.jsonl" || status=1
+stage_bench() {  # end to end in one process, model-only, bf16-vs-fp32 fidelity
+    for config in $CONFIGS; do
+        say "d2m bench configs/$config.yml (reader_processes $READERS, nworkers $NWORKERS) -> $RESULTS/$SLUG-$config.jsonl"
+        step "$D2M" bench --yml "$(tuned "$config")" --shards "$SHARD_DIR" --device "$DEVICE" --precision "$PRECISION" \
+            | sed "s/^{/{\"reader_processes\": $READERS, \"nworkers_set\": $NWORKERS, /" | tee "$RESULTS/$SLUG-$config.jsonl" \
+            || status=1
+    done
+}
+
+stage_run() {  # `d2m run` through Dagster, a fresh instance each, wall time from the command's start to its exit
+    : >"$RESULTS/$SLUG-run.jsonl"
+    for config in $RUN_CONFIGS; do
+        say "d2m run configs/$config.yml through Dagster -> $RESULTS/$SLUG-run.jsonl"
+        local yml log start end
+        yml="$(tuned "$config")"
+        log="$SCRATCH/run-$config.log"
+        mkdir -p "$SCRATCH/dagster-$config"
+        start=$(date +%s%N)
+        if DAGSTER_HOME="$SCRATCH/dagster-$config" timeout "$STEP_TIMEOUT" "$D2M" run --yml "$yml" >"$log" 2>&1; then
+            end=$(date +%s%N)
+            grep -v '^progress:' "$log" | tail -n 4 >&2
+        else
+            end=$(date +%s%N)
+            status=1
+            tail -n 40 "$log" >&2
+        fi
+        "$PY" - "$config" "$(( (end - start) / 1000000 ))" "$GPU" "$READERS" "$NWORKERS" "$log" <<'EOF2' | tee -a "$RESULTS/$SLUG-run.jsonl"
+import json, re, sys
+config, ms, gpu, readers, nworkers, log = sys.argv[1:]
+summary = [l.strip() for l in open(log, errors="replace") if l.startswith("d2m run:")]
+found = re.search(r"([\d,]+) samples in", summary[-1]) if summary else None
+samples, wall = int(found.group(1).replace(",", "")) if found else 0, int(ms) / 1000
+print(json.dumps({"kind": "d2m_run", "config": config, "gpu": gpu, "samples": samples, "wall_s": wall,
+                  "samples_per_s": round(samples / wall, 1), "reader_processes": int(readers),
+                  "nworkers": int(nworkers), "summary": summary[-1] if summary else None}))
+EOF2
+    done
+}
+
+stage_fastpath() {
+    say "device preprocessing path (fidelity vs PIL, images/s) -> $RESULTS/$SLUG-fastpath.jsonl"
+    step "$PY" -m d2m_core.fastpath --shards "$SHARD_DIR" --device "$DEVICE" --precision "$PRECISION" \
+        --images 2048 --batch-size 256 | tee "$RESULTS/$SLUG-fastpath.jsonl" || status=1
+}
+
+stage_loader() {
+    say "loader stage -> $RESULTS/$SLUG-loader.jsonl"
+    : >"$RESULTS/$SLUG-loader.jsonl"
+    for n in 1 2 4; do
+        step "$D2M" bench --stage loader --shards "$SHARD_DIR" --processes "$n" | tee -a "$RESULTS/$SLUG-loader.jsonl" || status=1
+    done
+}
+
+stage_writer() {
+    say "writer stage (this machine's CPU) -> $RESULTS/$SLUG-writer.jsonl"
+    : >"$RESULTS/$SLUG-writer.jsonl"
+    for config in $CONFIGS; do
+        step "$D2M" bench --stage writer --yml "configs/$config.yml" --shards "$SHARD_DIR" | tee -a "$RESULTS/$SLUG-writer.jsonl" \
+            || status=1
+    done
+}
+
+stage_tests() {
+    say "CUDA tests"
+    step "$PY" -m pytest -q -p no:cacheprovider tests/core/test_fastpath.py || status=1
+}
+
+for stage in $STAGES; do
+    "stage_$stage"
 done
-
-say "fast path tests (the CUDA one runs here)"
-.venv/bin/pytest -q tests/core/test_fastpath.py || status=1
 say "results in $RESULTS/$SLUG-*.jsonl (exit status $status)"
 exit "$status"
