@@ -132,7 +132,7 @@ def resolve_weights(model: str, accepted: list[WeightsFile], directory: Path) ->
     wanted = " or ".join(str(directory / s.filename) for s in accepted)
     sources = "; ".join(f"{s.filename}: {s.source}" for s in accepted)
     raise WeightsError(
-        f"{model}: weights not found: put {wanted} (get them from {sources}), "
-        f"set weights_dir / ${WEIGHTS_DIR_ENV} to the folder holding them, "
+        f"{model}: weights not found: put {wanted} (`d2m weights download --yml <your yml>` fetches every "
+        f"missing file; sources: {sources}), set weights_dir / ${WEIGHTS_DIR_ENV} to the folder holding them, "
         f"or set {RANDOM_WEIGHTS_ENV}=1 to run with random weights (tests, demos)"
     )

@@ -107,6 +107,7 @@ def test_missing_weights_stop_d2m_run_before_any_shard_and_any_heavy_import(shar
     assert result.returncode == 2 and "heavy: []" in result.stdout  # the file check needs no torch
     assert result.stderr.startswith("d2m: error: oai-clip-vit-b32: weights not found: put "
                                     f"{tmp_path / 'weights' / 'ViT-B-32.pt'} or ")
+    assert "`d2m weights download --yml <your yml>` fetches every missing file" in result.stderr
     assert len(result.stderr.splitlines()) == 1
     assert not (tmp_path / "metadata").exists() and not (tmp_path / "h").exists()
 
