@@ -139,6 +139,9 @@ class RunDisplay:
     def status_line(self) -> str:
         eta = self.eta_s()
         failed = f", {len(self.failed)} failed" if self.failed else ""
+        if not self.samples and not self.failed:  # models load, then a whole batch goes through them at once
+            return (f"progress: 0/{self.todo} shards done, no batch finished yet (models loading or the first "
+                    f"batch_size samples running), elapsed {_duration(time.monotonic() - self.started)}")
         return (f"progress: {len(self.done)}/{self.todo} shards done{failed}, {self.total_samples()} samples, "
                 f"{self.rate():.1f} samples/s, elapsed {_duration(time.monotonic() - self.started)}"
                 + (f", ETA {_duration(eta)}" if eta is not None else ""))

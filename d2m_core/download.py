@@ -23,6 +23,7 @@ from typing import IO
 
 from d2m_core.config import D2MConfig
 from d2m_core.weights import weights_dir
+from d2m_core.weights_files import DEDUP_MODEL, DEDUP_REFERENCE_FILES, MODEL_FILES
 
 BASE_URL_ENV = "D2M_WEIGHTS_BASE_URL"
 ATTEMPTS = 4  # per file: the first request and up to three resumes
@@ -71,9 +72,8 @@ def planned_downloads(models: Sequence[str] | None, directory: Path, base_url: s
     when None), from their entries: for a model with alternative files, the first with a downloadable source,
     unless one of them is already there."""
     from d2m_core.filter_files import DATA_FILES
-    from d2m_core.models import BUILTIN_MODELS, model_class
 
-    classes = [model_class(m) for m in models] if models is not None else list(BUILTIN_MODELS)
+    names = [m for m in models if m in MODEL_FILES] if models is not None else list(MODEL_FILES)  # custom: their own
     mirror = base_url.rstrip("/") if base_url else None
     plan: list[Download] = []
     for name in DATA_FILES if data_files is None else data_files:
@@ -82,18 +82,18 @@ def planned_downloads(models: Sequence[str] | None, directory: Path, base_url: s
             if not there:
                 url = f"{mirror}/{spec.filename}" if mirror else _url(spec.source)
                 plan.append(Download(f"filter data {name}", spec.filename, url, spec.sha256, spec.source))
-    for cls in classes:
-        groups = [list(getattr(cls, "weights_files", []))] + [[f] for f in getattr(cls, "reference_files", [])]
+    for name in names:
+        groups = [MODEL_FILES[name]] + [[f] for f in (DEDUP_REFERENCE_FILES if name == DEDUP_MODEL else [])]
         for accepted in groups:
             if not accepted or any((directory / f.filename).is_file() for f in accepted):
                 continue
             pick = next((f for f in accepted if mirror or _url(f.source)), accepted[0])
             url = f"{mirror}/{pick.filename}" if mirror else _url(pick.source)
-            plan.append(Download(cls.name, pick.filename, url, pick.sha256, pick.source,
+            plan.append(Download(name, pick.filename, url, pick.sha256, pick.source,
                                  pick.sha256_prefix))
-        for filename, url in FOLDER_FILES.get(cls.name, []):
+        for filename, url in FOLDER_FILES.get(name, []):
             if not (directory / filename).is_file():
-                plan.append(Download(cls.name, filename, f"{mirror}/{filename}" if mirror else url, None, url))
+                plan.append(Download(name, filename, f"{mirror}/{filename}" if mirror else url, None, url))
     return plan
 
 

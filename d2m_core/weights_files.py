@@ -69,6 +69,7 @@ MODEL_FILES: dict[str, list[WeightsFile]] = {
     "dedup-isc-ft-v107": [WeightsFile("isc_ft_v107.pth.tar", "isc", None, f"{ISC_RELEASE}/isc_ft_v107.pth.tar")],
 }
 
+DEDUP_MODEL = "dedup-isc-ft-v107"  # its dedup_scores compare against the reference set below
 DEDUP_REFERENCE_FILES = [
     WeightsFile("eval_dedup_embeddings.pt", "torch-tensor",
                 "18aeb08e1d53638761e05ac95254a2ef49653bfdb59a631c9304117ceef23d14",

@@ -12,12 +12,15 @@ def test_failures_once_status_and_summary() -> None:
     out = io.StringIO()
     with RunDisplay(out, interval_s=0, tty=False) as display:
         publish(RunPlan(todo=3, skipped=1))
+        waiting = display.status_line()
         publish(SimpleNamespace(shard="00000", samples=8, finished=True, error=None))
         publish(SimpleNamespace(shard="00001", samples=4, finished=False, error=None))
         publish(SimpleNamespace(shard="00002", samples=0, finished=True, error="not a readable tar"))
         publish(ShardFailed("00002", "not a readable tar"))  # the asset reports what the engine already did
         status = display.status_line()
     assert out.getvalue() == "shard 00002 failed: not a readable tar\n"
+    assert waiting.startswith("progress: 0/3 shards done, no batch finished yet (models loading or the first "
+                              "batch_size samples running), elapsed 0m")
     assert status.startswith("progress: 1/3 shards done, 1 failed, 12 samples, ") and "ETA" in status
     display.print_summary(RunSummary(shards=["00000", "00001", "00002", "00003"], skipped=["00003"],
                                      processed=["00000", "00001"], failed_runs=["r1"], failed_shards=["00002"]))
