@@ -191,6 +191,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(f"d2m: error: --stage {args.stage} needs --yml", file=sys.stderr)
         return 2
     config = load_config(args.yml)
+    if args.stage == "run-overhead":
+        from d2m_assets.overhead import run_overhead
+        from d2m_core.shards import expand_shards
+
+        print(json.dumps(run_overhead(args.yml, expand_shards(_bench_shards(args)), Path(args.yml).name)))
+        return 0
     from d2m_core.bench import run_benchmark, writer_stage
     from d2m_core.shards import expand_shards
 
@@ -200,14 +206,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     updates = {k: v for k, v in (("device", args.device), ("precision", args.precision), ("gpu_decode", args.gpu_decode))
                if v is not None}
     config = config.model_copy(update=updates)
+    for line in run_benchmark(config, expand_shards(_bench_shards(args)), Path(args.yml).name, args.repeats):
+        print(json.dumps(line), flush=True)
+    return 0
+
+
+def _bench_shards(args: argparse.Namespace) -> str:
+    """--shards, made with make-shards first when it holds no tar."""
     shard_dir = Path(args.shards)
     if not any(shard_dir.glob("*.tar")):
         from d2m_core.synth import make_shards
 
         make_shards(shard_dir, shards=args.make_shards, samples=args.make_samples)
-    for line in run_benchmark(config, expand_shards(str(shard_dir)), Path(args.yml).name, args.repeats):
-        print(json.dumps(line), flush=True)
-    return 0
+    return str(shard_dir)
 
 
 def _cmd_weights(args: argparse.Namespace) -> int:
@@ -358,9 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
     weights.set_defaults(func=_cmd_weights)
 
     bench = sub.add_parser("bench", parents=[common], formatter_class=defaults, help="print throughput as JSON lines")
-    bench.add_argument("--stage", choices=["end-to-end", "loader", "writer"], default="end-to-end",
+    bench.add_argument("--stage", choices=["end-to-end", "loader", "writer", "run-overhead"], default="end-to-end",
                        help="end-to-end (default): the whole pipeline; loader: reading only, images kept encoded; "
-                            "writer: the output stage on synthetic model outputs (and the bytes it writes)")
+                            "writer: the output stage on synthetic model outputs (and the bytes it writes); run-overhead: "
+                            "one Dagster run over the shards, launched as the daemon's launchers do, timed from "
+                            "launch to model build, first batch and process exit")
     bench.add_argument("--samples", type=int, default=10_000, help="--stage writer: samples per shard")
     bench.add_argument("--yml", default=None, help="the config (needed except for --stage loader: its batch_size)")
     bench.add_argument("--shards", required=True, help="folder of tars (made with make-shards if empty)")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dagster import (AssetsDefinition, AssetSpec, BackfillPolicy, Definitions, JobDefinition, ScheduleDefinition,
-                     SensorDefinition)
+                     SensorDefinition, in_process_executor)
 from dagster_aws.s3 import S3Resource
 
 from d2m_assets.assets.reference import build_reference_asset
@@ -102,7 +102,13 @@ def load_datasets(paths: Sequence[str | Path]) -> list[tuple[Dataset, D2MConfig]
 
 
 def build_definitions(paths: str | Path | Sequence[str | Path]) -> Definitions:
-    """Definitions for one yml or several (one asset set per dataset, in one code location)."""
+    """Definitions for one yml or several (one asset set per dataset, in one code location).
+
+    Every run executes its step in the run worker itself (in-process executor): a d2m run is one step (the
+    shard multi-asset, or one subset asset), so Dagster's default multiprocess executor would only start a
+    second process that imports torch, open_clip and dagster again (seconds per run). Each run still has its
+    own process (the run worker the launcher starts: local, Slurm job or Kubernetes pod).
+    """
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     parts = [dataset_definitions(dataset, config) for dataset, config in load_datasets(paths)]
     return Definitions(
@@ -111,4 +117,5 @@ def build_definitions(paths: str | Path | Sequence[str | Path]) -> Definitions:
         schedules=[s for p in parts for s in p.schedules],
         jobs=[j for p in parts for j in p.jobs],
         resources={"s3": S3Resource()},
+        executor=in_process_executor,
     )

@@ -18,6 +18,9 @@ from d2m_core.records import ShardStats
 from d2m_core.shards import ShardRef
 
 log = logging.getLogger(__name__)
+# d2m's own timeline of a run (INFO lines of the d2m_core logger, which the run log records with their time):
+# `d2m bench --stage run-overhead` reads them back.
+MODEL_BUILD_START, MODEL_BUILD_DONE, FIRST_BATCH = "model build start", "model build done", "first batch"
 
 
 class DeviceOutOfMemoryError(RuntimeError):
@@ -147,7 +150,7 @@ class Engine:
         open_: dict[str, _Open] = {}
         finished: dict[str, ShardResult] = {}
         order = [s.stem for s in shards]
-        done = 0
+        done, first_batch = 0, True
         t_wait = time.perf_counter()
         for item in self.loader(shards):
             now = time.perf_counter()
@@ -158,6 +161,9 @@ class Engine:
                 open_[item.shard.stem] = _Open(result, parts, now, now)
             elif isinstance(item, Batch):
                 state = open_[item.shard]
+                if first_batch:
+                    first_batch = False
+                    log.info("%s: %d samples of shard %s", FIRST_BATCH, len(item), item.shard)
                 timings = state.result.stats.timings
                 timings["loader_wait_s"] += now - t_wait
                 timings["decode_s"] += item.decode_s

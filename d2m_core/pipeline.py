@@ -9,6 +9,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import torch
 from d2m_core import catalog, storage
 from d2m_core.config import D2MConfig
 from d2m_core.device import resolve_device, resolve_dtype
-from d2m_core.engine import Engine, Progress, ShardResult
+from d2m_core.engine import MODEL_BUILD_DONE, MODEL_BUILD_START, Engine, Progress, ShardResult
 from d2m_core.fastpath import supports
 from d2m_core.models import create_model, model_class, resolve_model_weights, topo_order
 from d2m_core.plugins import install_plugin
@@ -93,12 +94,15 @@ def build_engine(config: D2MConfig, feature_assets: Sequence[str], device: torch
     names = [catalog.FEATURE_ASSETS[a].model for a in feature_assets]
     device = device or resolve_device(config.device)
     dtype = resolve_dtype(config.precision, device)
+    started = time.perf_counter()
+    log.info("%s: building models %s on %s", MODEL_BUILD_START, ", ".join(names), device)
     models, weights = load_models(config, names, device, dtype)
     engine = Engine(models, device=device, dtype=dtype, batch_size=config.batch_size, nworkers=config.nworkers,
                     readers=config.reader_processes)
     names = [t.name for t in engine.image_transforms]
     on_device = config.gpu_decode == "on" or (config.gpu_decode == "auto" and device.type == "cuda")
     engine.decode_on_device = bool(names) and on_device and supports(names)
+    log.info("%s in %.2f s", MODEL_BUILD_DONE, time.perf_counter() - started)
     return engine, weights
 
 

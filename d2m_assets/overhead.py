@@ -1,0 +1,132 @@
+"""`d2m bench --stage run-overhead`: what a Dagster run costs around its work, measured on a real launch.
+
+The run is created in a fresh instance (a temporary DAGSTER_HOME with the repo's dagster.yaml) and started
+as every d2m run launcher starts one: a new `dagster api execute_run` process (the run worker) that loads
+the code location, executes the run with the definitions' executor and exits. The timeline comes from the
+run's event log (run and step events, and d2m's own INFO lines: model build start and done, first batch)
+and from this process (launch, process exit), on the same clock.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from d2m_core.engine import FIRST_BATCH, MODEL_BUILD_DONE, MODEL_BUILD_START
+from d2m_core.shards import ShardRef
+
+REPO = Path(__file__).resolve().parent.parent
+RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
+
+
+def _bench_yml(yml: Path, shards: Sequence[ShardRef], out: Path, target: Path) -> Path:
+    """The user's yml, reading `shards` and writing to `out`, computing every shard (one run for them all)."""
+    raw = yaml.safe_load(yml.read_text(encoding="utf-8")) or {}
+    raw |= {"input_tars": [s.url for s in shards], "output_metadata_dir": str(out), "reprocess": True,
+            "tars_per_wds": len(shards)}
+    target.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return target
+
+
+def _timeline(instance: Any, run_id: str) -> dict[str, float]:
+    """Run id -> the first time each event or d2m line of the timeline was recorded (Unix seconds)."""
+    from dagster import DagsterEventType
+
+    wanted = {DagsterEventType.RUN_START: "run_start", DagsterEventType.STEP_START: "step_start",
+              DagsterEventType.STEP_SUCCESS: "step_end", DagsterEventType.STEP_FAILURE: "step_end",
+              DagsterEventType.RUN_SUCCESS: "run_end", DagsterEventType.RUN_FAILURE: "run_end"}
+    lines = {MODEL_BUILD_START: "model_build_start", MODEL_BUILD_DONE: "model_build_done", FIRST_BATCH: "first_batch"}
+    found: dict[str, float] = {}
+    for entry in instance.all_logs(run_id):
+        event = entry.dagster_event
+        if event is not None:
+            name = wanted.get(event.event_type)
+        else:
+            name = next((n for line, n in lines.items() if entry.user_message.startswith(line)), None)
+        if name is not None and name not in found:
+            found[name] = entry.timestamp
+    return found
+
+
+def run_overhead(yml: str | Path, shards: Sequence[ShardRef], config_name: str) -> dict[str, Any]:
+    """Launch one run over `shards` (all selected shard assets, their checks) and report where its time went."""
+    from dagster import DagsterInstance, DagsterRunStatus
+    from dagster._core.definitions.reconstruct import ReconstructableRepository
+    from dagster._core.instance.ref import InstanceRef
+    from dagster._grpc.types import ExecuteRunArgs
+    from dagster._serdes import serialize_value
+
+    from d2m_assets.datasets import Dataset
+    from d2m_assets.yml_paths import record_base_dir
+    from d2m_core.bench import machine_load
+    from d2m_core.config import load_config
+    from d2m_core.pipeline import selected_assets, shard_stats
+    from d2m_core import catalog
+
+    yml = Path(yml).resolve()
+    with tempfile.TemporaryDirectory(prefix="d2m-run-overhead-") as scratch:
+        root = Path(scratch)
+        home = root / "home"
+        home.mkdir()
+        shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
+        config_file = _bench_yml(yml, shards, root / "out", root / yml.name)
+        env = {"DAGSTER_HOME": str(home), "D2M_CONFIG": str(config_file), "D2M_AUTOMATION": "off"}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            record_base_dir(config_file, Path.cwd())  # the yml's other relative paths resolve as the user's do
+            config = load_config(config_file, base_dir=Path.cwd())
+            dataset = Dataset(name=config.dataset_name, config_path=str(config_file))
+            keys = [dataset.key(a) for a in selected_assets(config) if a != catalog.REFERENCE_ASSET]
+            instance = DagsterInstance.from_ref(InstanceRef.from_dir(str(home)))
+            stems = [s.stem for s in shards]
+            instance.add_dynamic_partitions(dataset.partitions_name, stems)
+            repository = ReconstructableRepository.for_module("d2m_assets", "defs", working_directory=str(REPO))
+            job = repository.get_reconstructable_job("__ASSET_JOB").get_subset(asset_selection=frozenset(keys))
+            definition = job.get_definition()
+            tags = {"dagster/partition": stems[0]} if len(stems) == 1 else {RANGE_START: stems[0], RANGE_END: stems[-1]}
+            run = instance.create_run_for_job(definition, run_config={}, tags=tags, asset_selection=frozenset(keys),
+                                              job_code_origin=job.get_python_origin())
+            args = ExecuteRunArgs(job_origin=job.get_python_origin(), run_id=run.run_id,
+                                  instance_ref=instance.get_ref(), set_exit_code_on_failure=True)
+            command = [str(Path(sys.executable).parent / "dagster"), "api", "execute_run", serialize_value(args)]
+            launched = time.time()
+            worker = subprocess.run(command, env=os.environ.copy(), stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True, check=False)
+            exited = time.time()
+            times = _timeline(instance, run.run_id)
+            status = instance.get_run_by_id(run.run_id).status
+            if status != DagsterRunStatus.SUCCESS:
+                raise RuntimeError(f"the benchmark run ended {status.value} (exit {worker.returncode}):\n"
+                                   f"{worker.stderr[-3000:]}")
+            samples = sum(shard_stats(config, stem).samples_written for stem in stems)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+    def since_launch(name: str) -> float:
+        return round(times[name] - launched, 3)
+
+    return {"stage": "run-overhead", "config": config_name, "executor": definition.executor_def.name,
+            "shards": len(stems), "samples": samples,
+            "launch_to_run_start_s": since_launch("run_start"),
+            "launch_to_step_start_s": since_launch("step_start"),
+            "launch_to_model_build_start_s": since_launch("model_build_start"),
+            "model_build_s": round(times["model_build_done"] - times["model_build_start"], 3),
+            "launch_to_first_batch_s": since_launch("first_batch"),
+            "work_s": round(times["step_end"] - times["first_batch"], 3),
+            "teardown_s": round(exited - times["step_end"], 3),
+            "step_end_to_run_end_s": round(times["run_end"] - times["step_end"], 3),
+            "launch_to_exit_s": round(exited - launched, 3)} | machine_load()
