@@ -26,6 +26,7 @@ from d2m_core.shards import ShardRef
 
 REPO = Path(__file__).resolve().parent.parent
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
+WORKER_START = "Started process for run"  # the run worker's first event: Python and dagster are imported
 
 
 def _bench_yml(yml: Path, shards: Sequence[ShardRef], out: Path, target: Path) -> Path:
@@ -50,6 +51,8 @@ def _timeline(instance: Any, run_id: str) -> dict[str, float]:
         event = entry.dagster_event
         if event is not None:
             name = wanted.get(event.event_type)
+            if event.event_type == DagsterEventType.ENGINE_EVENT and (event.message or "").startswith(WORKER_START):
+                name = "worker_start"
         else:
             name = next((n for line, n in lines.items() if entry.user_message.startswith(line)), None)
         if name is not None and name not in found:
@@ -121,6 +124,7 @@ def run_overhead(yml: str | Path, shards: Sequence[ShardRef], config_name: str) 
 
     return {"stage": "run-overhead", "config": config_name, "executor": definition.executor_def.name,
             "shards": len(stems), "samples": samples,
+            "launch_to_worker_start_s": since_launch("worker_start"),
             "launch_to_run_start_s": since_launch("run_start"),
             "launch_to_step_start_s": since_launch("step_start"),
             "launch_to_model_build_start_s": since_launch("model_build_start"),

@@ -1,5 +1,5 @@
 """The platform as users run it: a real daemon and webserver, a UI backfill over 6 shards with a gpu pool
-of 2, on SQLite and on a real PostgreSQL server."""
+of 2 on a real PostgreSQL server, and the daemon on the default SQLite instance processing new shards."""
 
 import shutil
 import time
@@ -29,14 +29,12 @@ mutation($params: LaunchBackfillParams!) { launchPartitionBackfill(backfillParam
 STATUS = "query($id: String!) { partitionBackfillOrError(backfillId: $id) { ... on PartitionBackfill { status } } }"
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def instance_env(request, tmp_path: Path):
+@pytest.fixture
+def instance_env(tmp_path: Path):
+    """The production instance: deploy/dagster-postgres.yaml on a real PostgreSQL server. (The SQLite instance
+    runs the daemon below, and `d2m run` and the gpu pool's slots in test_recovery and test_state.)"""
     home = tmp_path / "home"
     home.mkdir()
-    if request.param == "sqlite":
-        shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
-        yield {"DAGSTER_HOME": str(home)}
-        return
     shutil.copy(REPO / "deploy" / "dagster-postgres.yaml", home / "dagster.yaml")
     with postgres_server() as pg:
         yield {"DAGSTER_HOME": str(home)} | pg
