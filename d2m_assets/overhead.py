@@ -26,6 +26,7 @@ from d2m_core.shards import ShardRef
 
 REPO = Path(__file__).resolve().parent.parent
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
+ASSET_JOB = "__ASSET_JOB"  # Dagster's implicit job of every asset: runs of asset selections are its subsets
 WORKER_START = "Started process for run"  # the run worker's first event: Python and dagster are imported
 
 
@@ -69,6 +70,7 @@ def run_overhead(yml: str | Path, shards: Sequence[ShardRef], config_name: str) 
     from dagster._serdes import serialize_value
 
     from d2m_assets.datasets import Dataset
+    from d2m_assets.definitions import build_definitions
     from d2m_assets.yml_paths import record_base_dir
     from d2m_core.bench import machine_load
     from d2m_core.config import load_config
@@ -94,8 +96,10 @@ def run_overhead(yml: str | Path, shards: Sequence[ShardRef], config_name: str) 
             stems = [s.stem for s in shards]
             instance.add_dynamic_partitions(dataset.partitions_name, stems)
             repository = ReconstructableRepository.for_module("d2m_assets", "defs", working_directory=str(REPO))
-            job = repository.get_reconstructable_job("__ASSET_JOB").get_subset(asset_selection=frozenset(keys))
-            definition = job.get_definition()
+            job = repository.get_reconstructable_job(ASSET_JOB).get_subset(asset_selection=frozenset(keys))
+            # The run worker loads `d2m_assets.defs` from $D2M_CONFIG; here the same definitions are built from the
+            # file (this process may hold another config's `defs` already).
+            definition = build_definitions(config_file).resolve_job_def(ASSET_JOB).get_subset(asset_selection=set(keys))
             tags = {"dagster/partition": stems[0]} if len(stems) == 1 else {RANGE_START: stems[0], RANGE_END: stems[-1]}
             run = instance.create_run_for_job(definition, run_config={}, tags=tags, asset_selection=frozenset(keys),
                                               job_code_origin=job.get_python_origin())
