@@ -14,10 +14,12 @@
 #   <gpu>-fastpath.jsonl   the device preprocessing path (nvJPEG decode + tensor transforms) against PIL
 #   <gpu>-loader.jsonl     `d2m bench --stage loader` with 1, 2 and 4 reading processes
 #   <gpu>-writer.jsonl     `d2m bench --stage writer` (the output stage alone, on this machine's CPU)
+#   <gpu>-run-overhead.jsonl  `d2m bench --stage run-overhead`: one Dagster run over the first shard, launched as a
+#                          run worker process (launch to model build and first batch, teardown)
 # then runs the CUDA tests. Stages run in the order of STAGES; a failed step is reported and the next one runs.
 # Knobs (environment): DEVICE (0), PRECISION (bf16), SHARDS (4), SAMPLES (10000), CONFIGS ("basic datacomp"),
 # RUN_CONFIGS ("basic datacomp"), READERS (4), NWORKERS (8), SHARD_DIR (.bench/gpu), RESULTS (bench/results),
-# STAGES ("shards bench run fastpath loader writer tests"), STEP_TIMEOUT (s per step, 300),
+# STAGES ("shards bench run fastpath loader writer overhead tests"), STEP_TIMEOUT (s per step, 300),
 # PYTHON (the interpreter: for WHEELS, default python3; for a new .venv when python3.11 is missing, e.g. python3.12).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,7 +35,7 @@ NWORKERS="${NWORKERS:-8}"
 SHARD_DIR="${SHARD_DIR:-.bench/gpu}"
 RESULTS="${RESULTS:-bench/results}"
 STEP_TIMEOUT="${STEP_TIMEOUT:-300}"
-STAGES="${STAGES:-shards bench run fastpath loader writer tests}"
+STAGES="${STAGES:-shards bench run fastpath loader writer overhead tests}"
 SCRATCH="$(mktemp -d -t d2m-gpu-XXXXXX)"
 export D2M_RANDOM_WEIGHTS=1 PYTHONUNBUFFERED=1
 say() { printf '\n== %s (%s)\n' "$*" "$(date +%T)" >&2; }
@@ -163,6 +165,17 @@ stage_writer() {
     for config in $CONFIGS; do
         step "$D2M" bench --stage writer --yml "configs/$config.yml" --shards "$SHARD_DIR" | tee -a "$RESULTS/$SLUG-writer.jsonl" \
             || status=1
+    done
+}
+
+stage_overhead() {  # a run's fixed cost around its work, on this machine (first shard only)
+    say "run overhead -> $RESULTS/$SLUG-run-overhead.jsonl"
+    : >"$RESULTS/$SLUG-run-overhead.jsonl"
+    mkdir -p "$SCRATCH/one-shard"
+    ln -sf "$(realpath "$(ls "$SHARD_DIR"/*.tar | head -n 1)")" "$SCRATCH/one-shard/"
+    for config in $RUN_CONFIGS; do
+        step "$D2M" bench --stage run-overhead --yml "$(tuned "$config")" --shards "$SCRATCH/one-shard" \
+            | tee -a "$RESULTS/$SLUG-run-overhead.jsonl" || status=1
     done
 }
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -66,6 +65,7 @@ def run_overhead(yml: str | Path, shards: Sequence[ShardRef], config_name: str) 
     from dagster import DagsterInstance, DagsterRunStatus
     from dagster._core.definitions.reconstruct import ReconstructableRepository
     from dagster._core.instance.ref import InstanceRef
+    from dagster._core.origin import get_python_environment_entry_point
     from dagster._grpc.types import ExecuteRunArgs
     from dagster._serdes import serialize_value
 
@@ -105,7 +105,9 @@ def run_overhead(yml: str | Path, shards: Sequence[ShardRef], config_name: str) 
                                               job_code_origin=job.get_python_origin())
             args = ExecuteRunArgs(job_origin=job.get_python_origin(), run_id=run.run_id,
                                   instance_ref=instance.get_ref(), set_exit_code_on_failure=True)
-            command = [str(Path(sys.executable).parent / "dagster"), "api", "execute_run", serialize_value(args)]
+            # The run worker's command as the Slurm and Kubernetes launchers give it (the code location's Python).
+            command = [*get_python_environment_entry_point(job.get_python_origin().executable_path), "api",
+                       "execute_run", serialize_value(args)]
             launched = time.time()
             worker = subprocess.run(command, env=os.environ.copy(), stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE, text=True, check=False)
