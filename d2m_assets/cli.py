@@ -468,7 +468,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("d2m: interrupted", file=sys.stderr)
+        again = " (shards already written stay materialized: run it again to continue)" if args.command in ("run", "demo") else ""
+        print(f"d2m: interrupted{again}", file=sys.stderr, flush=True)
+        if argv is None:  # the d2m command itself: a model thread may still be inside torch, which aborts the
+            sys.stdout.flush()  # interpreter's shutdown ("terminate called ..."); leave without waiting for it
+            os._exit(130)
         return 130
     except Exception as err:  # noqa: BLE001 - the CLI's one place that turns errors into one line
         if args.debug:

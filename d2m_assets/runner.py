@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from dagster import DagsterInstance, materialize
+from dagster import DagsterInstance, ExecuteInProcessResult, materialize
 
 from d2m_assets.datasets import Dataset
 from d2m_assets.definitions import DEFAULT_TARS_PER_RUN, build_definitions
@@ -111,6 +111,12 @@ def reasons_to_run(instance: DagsterInstance, dataset: Dataset, config: D2MConfi
     return reasons
 
 
+def _interrupted(result: ExecuteInProcessResult) -> bool:
+    """Ctrl-C during a run: Dagster records it as a failure (DagsterExecutionInterruptedError) and returns."""
+    errors = (getattr(e.event_specific_data, "error", None) for e in result.all_events)
+    return any(error is not None and error.cls_name == "DagsterExecutionInterruptedError" for error in errors)
+
+
 def _shown(stems: Sequence[str], limit: int = 10) -> str:
     return ", ".join(stems[:limit]) + (f", ... ({len(stems) - limit} more)" if len(stems) > limit else "")
 
@@ -176,6 +182,8 @@ def run_config_file(yml: str | Path, *, echo: Callable[[str], None] = print) -> 
         if config.reprocess or not instance.get_latest_materialization_event(dataset.key(catalog.REFERENCE_ASSET)):
             result = materialize(assets, instance=instance, selection=[dataset.key(catalog.REFERENCE_ASSET)], tags=owner_tags(),
                                  resources=defs.resources, run_config=LOG_CONFIG, raise_on_error=False)
+            if _interrupted(result):
+                raise KeyboardInterrupt
             if not result.success:
                 summary.failed_runs.append(result.run_id)
                 echo(f"{catalog.REFERENCE_ASSET} failed: {run_failure_line(result)}")
@@ -188,6 +196,8 @@ def run_config_file(yml: str | Path, *, echo: Callable[[str], None] = print) -> 
         result = materialize(assets, instance=instance, selection=selection, resources=defs.resources,
                              partition_key=chunk[0] if len(chunk) == 1 else None, tags=tags,
                              run_config=LOG_CONFIG, raise_on_error=False)
+        if _interrupted(result):  # the shards written so far stay materialized; the next d2m run does the rest
+            raise KeyboardInterrupt
         summary.run_ids.append(result.run_id)
         last = dataset.key(asset_names[-1])  # each shard is materialized on its own, as soon as it is written
         done = {e.materialization.partition for e in result.get_asset_materialization_events()
