@@ -15,7 +15,6 @@ from d2m_core.weights_files import MODEL_FILES
 log = logging.getLogger(__name__)
 
 
-
 def _load_open_clip(arch: str, weights: ResolvedWeights) -> torch.nn.Module:
     if weights.is_random:  # resolve_weights has already warned, once, that this model runs with random weights
         torch.manual_seed(0)

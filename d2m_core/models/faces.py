@@ -248,8 +248,6 @@ def export_scrfd_onnx(net: ScrfdNet, key: str | None = None) -> onnx.ModelProto:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-
-
 class Scrfd10G:
     """SCRFD-10G face detector: per image the list of face boxes [x1, y1, x2, y2] in [0, 1] of the original image.
 

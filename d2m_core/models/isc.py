@@ -45,7 +45,6 @@ GEM_EPS = 1e-6
 UNIT_NORM_TOLERANCE = 1e-3  # reference rows within this of norm 1 count as unit norm
 
 
-
 def gem(x: torch.Tensor, p: float = GEM_P, eps: float = GEM_EPS) -> torch.Tensor:
     """Generalised-mean pooling over the spatial dims of (B, C, H, W) -> (B, C, 1, 1), as ISC21's `gem`."""
     return F.avg_pool2d(x.clamp(min=eps).pow(p), (x.size(-2), x.size(-1))).pow(1.0 / p)
