@@ -230,9 +230,8 @@ def _cmd_weights(args: argparse.Namespace) -> int:
         from d2m_core.download import download_missing
 
         return 1 if download_missing(config, directory, base_url=args.base_url) else 0
-    from d2m_core.models import list_models, resolve_model_weights, weights_inventory
     from d2m_core.weights import WeightsError, random_weights_enabled, resolve_weights, weights_dir
-    from d2m_core.weights_files import DEDUP_REFERENCE_FILES, REFERENCE_MODEL
+    from d2m_core.weights_files import DEDUP_REFERENCE_FILES, MODEL_FILES, REFERENCE_MODEL, weights_inventory
 
     if args.action == "list":
         print(f"weights folder: {weights_dir(directory)} (weights_dir in the yml, or $D2M_WEIGHTS_DIR)")
@@ -248,8 +247,8 @@ def _cmd_weights(args: argparse.Namespace) -> int:
     if random_weights_enabled():
         print("d2m: D2M_RANDOM_WEIGHTS is set: unset it to verify real weights", file=sys.stderr)
         return 2
-    models = config.models if config else list_models()
-    checks = {m: (lambda m=m: resolve_model_weights(m, directory)) for m in models}
+    models = config.models if config else sorted(MODEL_FILES)
+    checks = {m: (lambda m=m: _model_weights(m, directory)) for m in models}
     if "dedup-isc-ft-v107" in models:
         checks[REFERENCE_MODEL] = lambda: resolve_weights(REFERENCE_MODEL, DEDUP_REFERENCE_FILES, weights_dir(directory))
     if config is not None:  # the data files of the yml's filters (fastText, WordNet, centroids, ...)
@@ -268,6 +267,18 @@ def _cmd_weights(args: argparse.Namespace) -> int:
             failed += 1
             print(f"MISSING  {err}")
     return 1 if failed else 0
+
+
+def _model_weights(model: str, directory: str | None):
+    """A model's weights, verified: built-in ones without importing torch, custom ones through their plugin."""
+    from d2m_core.weights import weights_dir
+    from d2m_core.weights_files import MODEL_FILES, resolve_builtin_weights
+
+    if model in MODEL_FILES:
+        return resolve_builtin_weights(model, weights_dir(directory))
+    from d2m_core.models import resolve_model_weights
+
+    return resolve_model_weights(model, directory)
 
 
 def build_parser() -> argparse.ArgumentParser:

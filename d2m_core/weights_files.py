@@ -10,7 +10,8 @@ from pathlib import Path
 
 from d2m_core import catalog
 from d2m_core.config import D2MConfig
-from d2m_core.weights import PixelNorm, WeightsError, WeightsFile, random_weights_enabled, resolve_weights, weights_dir
+from d2m_core.weights import (PixelNorm, ResolvedWeights, WeightsError, WeightsFile, random_weights_enabled,
+                              resolve_weights, weights_dir)
 
 OPENAI_URL = "https://openaipublic.azureedge.net/clip/models"
 SEED_RELEASE = "https://github.com/mlfoundations/dataset2metadata/releases/download/v0.1.0-alpha"
@@ -89,6 +90,38 @@ def check_tokenizer_dir(folder: Path) -> None:
         )
 
 
+# Folders a model reads beside its weights file: (what, where to get it).
+EXTRA_FILES: dict[str, list[str]] = {
+    "nsfw-detoxify": [f"{TOKENIZER_DIR}/ (config.json + tokenizer.json or sentencepiece.bpe.model): {TOKENIZER_SOURCE}"],
+}
+
+
+def resolve_builtin_weights(model: str, directory: Path) -> ResolvedWeights:
+    """A built-in model's weights, verified as its class verifies them (detoxify: the tokenizer folder too)."""
+    resolved = resolve_weights(model, MODEL_FILES[model], directory)
+    if model == "nsfw-detoxify" and not resolved.is_random:
+        check_tokenizer_dir(resolved.path.parent / TOKENIZER_DIR)
+    return resolved
+
+
+def weights_inventory(configured_dir: str | None = None) -> list[dict[str, str | None]]:
+    """Every file each built-in model (and each filtering baseline) needs: name, sha256, where it goes, where
+    users get it."""
+    from d2m_core.filter_files import data_files_inventory
+
+    directory = weights_dir(configured_dir)
+    rows: list[dict[str, str | None]] = []
+    for model, accepted in MODEL_FILES.items():
+        for spec in [*accepted, *(DEDUP_REFERENCE_FILES if model == DEDUP_MODEL else [])]:
+            rows.append({"model": model, "file": spec.filename, "format": spec.format, "sha256": spec.sha256,
+                         "sha256_prefix": spec.sha256_prefix, "path": str(directory / spec.filename),
+                         "source": spec.source})
+        for extra in EXTRA_FILES.get(model, []):
+            rows.append({"model": model, "file": extra, "format": "folder", "sha256": None,
+                         "path": str(directory / extra.split(" ")[0]), "source": None})
+    return rows + data_files_inventory(configured_dir)
+
+
 def check_builtin_weights(config: D2MConfig) -> None:
     """Every file the config's built-in models (and the dedup reference set, when used) load: present and
     matching its pin. Raises WeightsError naming the first gap. Custom models are left to the full check,
@@ -98,9 +131,7 @@ def check_builtin_weights(config: D2MConfig) -> None:
     directory = weights_dir(config.weights_dir)
     for model in config.models:
         if model in MODEL_FILES:
-            resolved = resolve_weights(model, MODEL_FILES[model], directory)
-            if model == "nsfw-detoxify":
-                check_tokenizer_dir(resolved.path.parent / TOKENIZER_DIR)
+            resolve_builtin_weights(model, directory)
     if config.custom_pypath or not set(config.models) <= set(MODEL_FILES):
         return  # which assets a plugin adds is known only once it is imported
     if catalog.REFERENCE_ASSET in catalog.assets_for_config(config.models, config.postprocess_columns,

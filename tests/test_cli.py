@@ -126,6 +126,8 @@ def test_help_and_config_errors_import_no_heavy_library(tmp_path: Path) -> None:
     bad.write_text("models: [oai-clip-vit-b32]\nnworkers: 1\nbatch_size: 1\ndevice: cpu\ninput_tars: x.tar\ngpu_decode: off\n")
     error = _in_process(["run", "--yml", str(bad)], tmp_path)
     assert error.returncode == 2 and "heavy: []" in error.stdout
+    verify = _in_process(["weights", "verify", "--dir", str(tmp_path)], tmp_path, {"D2M_RANDOM_WEIGHTS": ""})
+    assert verify.returncode == 1 and "heavy: []" in verify.stdout and verify.stdout.count("MISSING") == 7
     assert error.stderr == "d2m: error: missing required yml field: output_metadata_dir\n"
 
 

@@ -62,24 +62,6 @@ def resolve_model_weights(name: str, configured_dir: str | None = None) -> Resol
     return resolved
 
 
-def weights_inventory(configured_dir: str | None = None) -> list[dict[str, str | None]]:
-    """Every file each built-in model (and each filtering baseline) needs: name, sha256, where it goes, where
-    users get it."""
-    from d2m_core.filter_files import data_files_inventory
-
-    directory = weights_dir(configured_dir)
-    rows: list[dict[str, str | None]] = []
-    for cls in BUILTIN_MODELS:
-        for spec in [*cls.weights_files, *getattr(cls, "reference_files", [])]:
-            rows.append({"model": cls.name, "file": spec.filename, "format": spec.format, "sha256": spec.sha256,
-                         "sha256_prefix": spec.sha256_prefix, "path": str(directory / spec.filename),
-                         "source": spec.source})
-        for extra in getattr(cls, "extra_files", []):
-            rows.append({"model": cls.name, "file": extra, "format": "folder", "sha256": None,
-                         "path": str(directory / extra.split(" ")[0]), "source": None})
-    return rows + data_files_inventory(configured_dir)
-
-
 def create_model(name: str, device: torch.device, dtype: torch.dtype, weights: ResolvedWeights) -> Any:
     """Build a model once, on `device` in `dtype`, from verified (or random) weights."""
     return model_class(name)(device, dtype=dtype, weights=weights)

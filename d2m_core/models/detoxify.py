@@ -28,7 +28,7 @@ import transformers
 from d2m_core.weights import ResolvedWeights, WeightsError
 from d2m_core.weights_files import DETOXIFY_CHECKPOINT as CHECKPOINT_NAME
 from d2m_core.weights_files import DETOXIFY_SHA256_PREFIX as EXPECTED_SHA256_PREFIX
-from d2m_core.weights_files import MODEL_FILES, TOKENIZER_DIR, TOKENIZER_SOURCE
+from d2m_core.weights_files import MODEL_FILES, TOKENIZER_DIR
 from d2m_core.weights_files import check_tokenizer_dir as _check_tokenizer_dir
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,6 @@ class DetoxifyMultilingual:
     to_device = False
     output_fields = {"score": 0}
     weights_files = MODEL_FILES["nsfw-detoxify"]
-    extra_files = [f"{TOKENIZER_DIR}/ (config.json + tokenizer.json or sentencepiece.bpe.model): {TOKENIZER_SOURCE}"]
 
     @staticmethod
     def verify(weights: ResolvedWeights) -> None:
