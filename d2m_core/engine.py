@@ -13,6 +13,7 @@ import torch
 
 from d2m_core.loader import DEFAULT_READERS, Batch, Loader, ShardEnd, ShardStart
 from d2m_core.models import topo_order
+from d2m_core.tokens import READER_TEXT_PREPROCESSORS
 from d2m_core.transforms import IMAGE_TRANSFORMS, TEXT_PREPROCESSORS
 from d2m_core.records import ShardStats
 from d2m_core.shards import ShardRef
@@ -82,6 +83,7 @@ class Engine:
         self.image_transforms = [IMAGE_TRANSFORMS[pre] for inp, pre in dict.fromkeys(pairs) if inp == "image"]
         self.text_preprocessors = {pre: TEXT_PREPROCESSORS[pre]() for inp, pre in dict.fromkeys(pairs) if inp == "text"}
         self.decode_on_device = False  # the GPU fast path: decode and resize in the loader, on `device`
+        self.text_in_readers = False  # GPU runs: the reader processes tokenize (READER_TEXT_PREPROCESSORS)
 
     def loader(self, shards: Sequence[ShardRef]) -> Loader:
         return Loader(
@@ -93,6 +95,8 @@ class Engine:
             pin_memory=self.device.type == "cuda",
             decode_device=self.device if self.decode_on_device else None,
             readers=self.readers,
+            text_preprocessors=[n for n in self.text_preprocessors if n in READER_TEXT_PREPROCESSORS]
+            if self.text_in_readers else [],
         )
 
     def forward(self, batch: Batch) -> dict[str, dict[str, Field]]:
@@ -104,7 +108,7 @@ class Engine:
                 pixels.record_stream(torch.cuda.current_stream(self.device))
             inputs[("image", t.name)] = t.finish(pixels, batch.aux.get(t.name), self.dtype)
         for name, preprocess in self.text_preprocessors.items():
-            text = preprocess(batch.texts)
+            text = batch.text_inputs[name] if name in batch.text_inputs else preprocess(batch.texts)
             inputs[("text", name)] = text.to(self.device, non_blocking=True) if isinstance(text, torch.Tensor) else text
         raw: dict[str, Any] = {}
         outputs: dict[str, dict[str, Field]] = {}
@@ -226,6 +230,7 @@ def _slice(batch: Batch, start: int, stop: int) -> Batch:
         uids=batch.uids[start:stop],
         jsons=batch.jsons[start:stop],
         texts=batch.texts[start:stop],
+        text_inputs={name: rows[start:stop] for name, rows in batch.text_inputs.items()},
         images={name: pixels[start:stop] for name, pixels in batch.images.items()},
         aux={name: side[start:stop] for name, side in batch.aux.items()},
     )

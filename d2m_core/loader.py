@@ -35,6 +35,7 @@ class Batch:
     uids: list[str | None] = field(default_factory=list)
     jsons: list[dict[str, Any] | None] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
+    text_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # preprocessed by the readers (B, ...)
     images: dict[str, torch.Tensor] = field(default_factory=dict)  # transform -> uint8 (B,3,H,W)
     aux: dict[str, torch.Tensor] = field(default_factory=dict)  # transform -> per-image side data (B,...)
     failures: list[SampleFailure] = field(default_factory=list)
@@ -61,15 +62,24 @@ _DONE = object()
 DEFAULT_READERS = 2  # reader processes
 
 
+def _keep_text_rows(batch: Batch, texts: dict[str, Any], rows: list[int]) -> None:
+    """The readers' preprocessed text rows of the samples kept, in batch order."""
+    for name, array in texts.items():
+        batch.text_inputs[name] = torch.from_numpy(array[rows])
+
+
 def prepare_batch(
-    shard: str, samples: Sequence[RawSample], transforms: Sequence[ImageTransform], needs_text: bool, pin: bool
+    shard: str, samples: Sequence[RawSample], transforms: Sequence[ImageTransform], needs_text: bool, pin: bool,
+    texts: dict[str, Any] | None = None,
 ) -> Batch:
-    """Decode and prepare one batch on the CPU; samples that fail are recorded, never dropped."""
+    """Decode and prepare one batch on the CPU; samples that fail are recorded, never dropped. `texts`: the
+    readers' preprocessed captions, one row per sample read."""
     start = time.perf_counter()
     batch = Batch(shard=shard, samples_read=len(samples))
     pixels: dict[str, list[torch.Tensor]] = {t.name: [] for t in transforms}
     aux: dict[str, list[torch.Tensor]] = {t.name: [] for t in transforms}
-    for raw in samples:
+    rows: list[int] = []
+    for row, raw in enumerate(samples):
         if raw.problem is not None:
             batch.failures.append(SampleFailure(raw.key, raw.uid, raw.problem))
             continue
@@ -93,6 +103,8 @@ def prepare_batch(
         batch.uids.append(raw.uid)
         batch.jsons.append(raw.json)
         batch.texts.append(raw.text or "")
+        rows.append(row)
+    _keep_text_rows(batch, texts or {}, rows)
     for name, tensors in pixels.items():
         if tensors:
             stacked = torch.stack(tensors)
@@ -105,7 +117,7 @@ def prepare_batch(
 
 def prepare_batch_on_device(
     shard: str, samples: Sequence[RawSample], transforms: Sequence[ImageTransform], needs_text: bool,
-    device: torch.device,
+    device: torch.device, texts: dict[str, Any] | None = None,
 ) -> Batch:
     """Like prepare_batch, but decoding (nvJPEG on CUDA, PIL fallback) and resizing run batched on `device`."""
     from d2m_core.fastpath import preprocess_batch
@@ -129,12 +141,15 @@ def prepare_batch_on_device(
     for position, reason in result.failures.items():
         index, raw = usable[position]
         failures.append((index, SampleFailure(raw.key, raw.uid, reason)))
+    rows = []
     for position in result.kept:
-        raw = usable[position][1]
+        row, raw = usable[position]
         batch.keys.append(raw.key)
         batch.uids.append(raw.uid)
         batch.jsons.append(raw.json)
         batch.texts.append(raw.text or "")
+        rows.append(row)
+    _keep_text_rows(batch, texts or {}, rows)
     batch.failures = [f for _, f in sorted(failures, key=lambda pair: pair[0])]
     batch.images, batch.aux = result.pixels, result.aux
     batch.decode_s = time.perf_counter() - start
@@ -162,6 +177,7 @@ class Loader:
         prefetch_batches: int | None = None,
         decode_device: torch.device | None = None,
         readers: int = DEFAULT_READERS,
+        text_preprocessors: Sequence[str] = (),
     ) -> None:
         self.shards = list(shards)
         self.batch_size = batch_size
@@ -172,13 +188,15 @@ class Loader:
         self.prefetch = prefetch_batches or 2 * self.nworkers + 2
         self.decode_device = decode_device
         self.readers = max(1, readers)
+        self.text_preprocessors = tuple(text_preprocessors)  # run by the readers (READER_TEXT_PREPROCESSORS)
         self.reader_pids: list[int] = []  # of the current iteration (tests check that none outlives it)
 
     def __iter__(self) -> Iterator[Item]:
         out: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         pool = ThreadPoolExecutor(max_workers=self.nworkers, thread_name_prefix="d2m-decode")
-        readers = ReaderPool(self.shards, batch_size=self.batch_size, processes=self.readers)
+        readers = ReaderPool(self.shards, batch_size=self.batch_size, processes=self.readers,
+                             text_preprocessors=self.text_preprocessors)
         self.reader_pids = readers.pids
         dispatcher = threading.Thread(target=self._dispatch, args=(readers, out, pool, stop), name="d2m-dispatch",
                                       daemon=True)
@@ -237,5 +255,6 @@ class Loader:
         stem = raw.shard.stem
         if self.decode_device is not None:
             return pool.submit(prepare_batch_on_device, stem, raw.samples, self.transforms, self.needs_text,
-                               self.decode_device)
-        return pool.submit(prepare_batch, stem, raw.samples, self.transforms, self.needs_text, self.pin_memory)
+                               self.decode_device, raw.texts)
+        return pool.submit(prepare_batch, stem, raw.samples, self.transforms, self.needs_text, self.pin_memory,
+                           raw.texts)

@@ -7,7 +7,7 @@ anonymous shared-memory file (the ring) and two pipes. Shards are dealt round-ro
 i, i+N, i+2N, ... in order, so N readers work on N shards at once and their batches arrive interleaved.
 
 Parent -> child: the job (pickled), then release counters (8 bytes each): the ring is free up to there.
-Child -> parent: pickled messages: ("start", index), ("batch", index, samples, ring_start, ring_end),
+Child -> parent: pickled messages: ("start", index), ("batch", index, samples, ring_start, ring_end, texts),
 ("end", index, error), ("done",), or ("failed", traceback). A batch's images stay in the ring until the
 parent releases it (`ReaderPool.release`); a batch larger than the whole ring travels in its message.
 
@@ -27,7 +27,7 @@ import sys
 import tempfile
 import traceback
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -51,6 +51,7 @@ class RawBatch:
     samples: list[RawSample]
     reader: int
     ring_end: int  # release up to here once the images are no longer needed
+    texts: dict[str, Any] = field(default_factory=dict)  # text preprocessor -> its (B, ...) array, one row a sample
 
 
 @dataclass
@@ -72,6 +73,7 @@ class _Job:
     shards: list[tuple[int, str, str]]  # (index in the run, stem, url)
     batch_size: int
     ring_bytes: int
+    text_preprocessors: tuple[str, ...] = ()  # run here on each batch's captions (READER_TEXT_PREPROCESSORS)
 
 
 # --- the child ---------------------------------------------------------------------------------------------
@@ -127,6 +129,17 @@ def _wire(raw: RawSample) -> tuple[Meta, bytes]:
     return (raw.key, raw.problem, raw.json, raw.members.get("txt"), ext, -1, 0), image or b""
 
 
+def _text_preprocessors(names: Sequence[str]) -> dict[str, Any]:
+    if not names:
+        return {}  # the reader then never imports torch
+    from d2m_core.tokens import READER_TEXT_PREPROCESSORS
+
+    unknown = [n for n in names if n not in READER_TEXT_PREPROCESSORS]
+    if unknown:
+        raise ValueError(f"not text preprocessors a reader runs: {unknown} (those are {list(READER_TEXT_PREPROCESSORS)})")
+    return {name: READER_TEXT_PREPROCESSORS[name]() for name in names}
+
+
 def child_main(argv: Sequence[str]) -> int:
     """A reader process's body: FDS = job pipe, message pipe, ring file, parent pid."""
     job_fd, out_fd, ring_fd, parent = (int(a) for a in argv)
@@ -137,17 +150,20 @@ def child_main(argv: Sequence[str]) -> int:
         job: _Job = pickle.loads(inbox.recv_bytes())
         ring = mmap.mmap(ring_fd, job.ring_bytes)
         writer = _RingWriter(ring, job.ring_bytes, inbox)
+        preprocessors = _text_preprocessors(job.text_preprocessors)
 
         def send_batch(index: int, samples: list[RawSample]) -> None:
             wired = [_wire(raw) for raw in samples]
+            captions = [raw.text or "" for raw in samples]
+            texts = {name: prepare(captions).numpy() for name, prepare in preprocessors.items()}
             placed = writer.place([blob for _, blob in wired])
             if placed is None:  # larger than the ring: the images travel in the message
                 metas = [meta[:5] + (-1, 0) for meta, _ in wired]
-                out.send_bytes(pickle.dumps(("batch", index, metas, [b for _, b in wired], None), protocol=5))
+                out.send_bytes(pickle.dumps(("batch", index, metas, [b for _, b in wired], None, texts), protocol=5))
                 return
             start, end, offsets = placed
             metas = [meta[:5] + (at, len(blob)) for (meta, blob), at in zip(wired, offsets)]
-            out.send_bytes(pickle.dumps(("batch", index, metas, start, end), protocol=5))
+            out.send_bytes(pickle.dumps(("batch", index, metas, start, end, texts), protocol=5))
 
         for index, stem, url in job.shards:
             out.send_bytes(pickle.dumps(("start", index)))
@@ -220,14 +236,15 @@ class ReaderPool:
     """`processes` reader processes over `shards`; iterate for ShardBegins / RawBatch / ShardDone items (each
     shard's items in order, shards interleaved), call `release` once a batch's images are used, `close` at the end."""
 
-    def __init__(self, shards: Sequence[ShardRef], *, batch_size: int, processes: int, ring_bytes: int = RING_BYTES) -> None:
+    def __init__(self, shards: Sequence[ShardRef], *, batch_size: int, processes: int, ring_bytes: int = RING_BYTES,
+                 text_preprocessors: Sequence[str] = ()) -> None:
         self.shards = list(shards)
         count = max(1, min(processes, len(self.shards)))
         self._readers: list[_Reader] = []
         try:
             for i in range(count):
                 mine = [(j, s.stem, s.url) for j, s in enumerate(self.shards) if j % count == i]
-                self._readers.append(_Reader(_Job(mine, batch_size, ring_bytes)))
+                self._readers.append(_Reader(_Job(mine, batch_size, ring_bytes, tuple(text_preprocessors))))
         except BaseException:
             self.close()
             raise
@@ -261,7 +278,7 @@ class ReaderPool:
                     raise ReaderError(f"reader process {reader.process.pid} failed:\n{message[1]}")
 
     def _batch(self, number: int, reader: _Reader, message: tuple) -> RawBatch:
-        _, index, metas, start, end = message
+        _, index, metas, start, end, texts = message
         inline = start if isinstance(start, list) else None
         samples = []
         for i, (key, problem, meta_json, text, ext, at, length) in enumerate(metas):
@@ -271,7 +288,7 @@ class ReaderPool:
             if text is not None:
                 members["txt"] = text
             samples.append(RawSample(key=key, members=members, json=meta_json, problem=problem))
-        return RawBatch(self.shards[index], samples, number, -1 if inline is not None else end)
+        return RawBatch(self.shards[index], samples, number, -1 if inline is not None else end, texts)
 
     def release(self, batch: RawBatch) -> None:
         """The batch's images are no longer needed: its reader may reuse their place in the ring."""

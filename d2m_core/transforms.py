@@ -16,9 +16,10 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from d2m_core.tokens import ClipTokenizer
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-CLIP_CONTEXT_LENGTH = 77
 HALF = (0.5, 0.5, 0.5)
 MAX_RESIZED_PIXELS = 32_000_000  # a 1x3000 strip resized to a 224 short side would be 150 Mpx (~600 MB)
 
@@ -119,20 +120,6 @@ class FacesImageTransform:
     def finish(self, pixels: torch.Tensor, aux: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         assert aux is not None, "faces-aug needs the padding side data"
         return normalize_uint8(pixels, HALF, HALF, torch.float32), aux.to(pixels.device)
-
-
-class ClipTokenizer:
-    """OpenAI CLIP tokens: 77 tokens, lower-cased and cleaned, truncated with EOT kept last."""
-
-    name = "clip-tokens"
-
-    def __init__(self) -> None:
-        import open_clip
-
-        self._tokenizer = open_clip.get_tokenizer("ViT-B-32-quickgelu")
-
-    def __call__(self, texts: list[str]) -> torch.Tensor:
-        return self._tokenizer(texts, context_length=CLIP_CONTEXT_LENGTH)
 
 
 class IdentityText:

@@ -123,6 +123,28 @@ def test_progress_is_reported_while_a_shard_runs(engine: Engine, shard_dir: Path
     assert [done for _, done in finished] == [1, 2] and sorted(shard for shard, _ in finished) == ["00000", "00001"]
 
 
+@pytest.mark.parametrize("on_device", [False, True], ids=["pil", "device-decode"])
+def test_tokenizing_in_the_readers_gives_the_same_rows_and_text_features(engine: Engine, shard_dir: Path,
+                                                                         on_device: bool) -> None:
+    refs = _refs(shard_dir)
+    engine.decode_on_device = on_device
+    try:
+        reference = list(engine.run(refs))
+        engine.text_in_readers = True  # what GPU runs do
+        batches = [b for b in engine.loader(refs) if isinstance(b, Batch)]
+        got = list(engine.run(refs))
+    finally:
+        engine.decode_on_device = engine.text_in_readers = False
+    tokenize = engine.text_preprocessors["clip-tokens"]
+    assert sum(len(b) for b in batches) == 17 and any(b.failures for b in batches)  # the undecodable image dropped
+    for batch in batches:  # the readers' rows follow the samples kept
+        assert torch.equal(batch.text_inputs["clip-tokens"], tokenize(batch.texts))
+    for ref, new in zip(reference, got):
+        assert new.keys == ref.keys and len(new.keys) > 0
+        np.testing.assert_allclose(new.outputs["oai-clip-vit-b32"]["text"], ref.outputs["oai-clip-vit-b32"]["text"],
+                                   atol=1e-6)
+
+
 def test_decoding_on_the_device_gives_the_same_rows_and_features(engine: Engine, shard_dir: Path) -> None:
     refs = _refs(shard_dir)
     reference = list(engine.run(refs))

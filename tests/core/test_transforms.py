@@ -73,6 +73,14 @@ def test_tokens_are_77_and_truncated_with_eot_last() -> None:
     assert IdentityText()(["a", "b"]) == ["a", "b"]
 
 
+def test_tokens_equal_open_clip_get_tokenizer() -> None:
+    import open_clip
+
+    captions = ["A Photo of a CAT &amp; a dog", "naïve café — ünïcödé", "", "word " * 200, "😀 emoji, numbers 1234"]
+    expected = open_clip.get_tokenizer("ViT-B-32-quickgelu")(captions, context_length=77)
+    assert torch.equal(ClipTokenizer()(captions), expected)
+
+
 def test_extreme_aspect_ratios_are_refused_before_resizing() -> None:
     with pytest.raises(ValueError, match="aspect ratio of 1x3000 too extreme"):
         ClipImageTransform().prepare(Image.new("RGB", (1, 3000)))
