@@ -13,6 +13,7 @@ import torch
 
 from d2m_core.loader import DEFAULT_READERS, Batch, Loader, ShardEnd, ShardStart
 from d2m_core.models import topo_order
+from d2m_core.pausepoints import pause_at
 from d2m_core.tokens import READER_TEXT_PREPROCESSORS
 from d2m_core.transforms import IMAGE_TRANSFORMS, TEXT_PREPROCESSORS
 from d2m_core.records import ShardStats
@@ -173,6 +174,7 @@ class Engine:
                 timings["decode_s"] += item.decode_s
                 self._consume(state.result, state.parts, item)
                 timings["model_s"] += time.perf_counter() - now
+                pause_at("shard-computing", item.shard)  # test-only; returns at once unless a test set it
                 if progress is not None and time.perf_counter() - state.t_report >= progress_every_s:
                     state.t_report = time.perf_counter()
                     written = len(state.result.keys)

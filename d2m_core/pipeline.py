@@ -24,6 +24,7 @@ from d2m_core.config import D2MConfig
 from d2m_core.device import resolve_device, resolve_dtype
 from d2m_core.engine import MODEL_BUILD_DONE, MODEL_BUILD_START, Engine, Progress, ShardResult
 from d2m_core.fastpath import supports
+from d2m_core.pausepoints import pause_at
 from d2m_core.models import create_model, model_class, resolve_model_weights, topo_order
 from d2m_core.plugins import install_plugin
 from d2m_core.records import ShardStats, WeightsRecord
@@ -194,6 +195,7 @@ def finish_shard(config: D2MConfig, outcome: ShardOutcome, scorers: dict[str, Sc
     except Exception as err:  # this shard fails with its reason; the others go on
         log.exception("shard %s failed", outcome.stem)
         outcome.error = f"{type(err).__name__}: {err}"
+    pause_at("shard-complete", outcome.stem)  # test-only; returns at once unless a test set it
     return outcome
 
 

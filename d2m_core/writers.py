@@ -12,6 +12,7 @@ import torch
 
 from d2m_core import catalog, storage
 from d2m_core.config import D2MConfig
+from d2m_core.pausepoints import pause_at
 
 LoadField = Callable[[str, str], np.ndarray | list]  # (asset, field) -> rows aligned with the samples table
 ModelOutputs = Callable[[], dict[str, Any]]  # model name -> its outputs for the whole shard (plugin postprocessors)
@@ -101,6 +102,7 @@ def write_datacomp_files(config: D2MConfig, stem: str, samples: pa.Table, stats:
     if table is not None:
         paths["parquet"] = storage.join(config.output_metadata_dir, f"{stem}.parquet")
         storage.write_parquet(paths["parquet"], table)
+        pause_at("between-writes", stem)  # test-only; returns at once unless a test set it
     if config.postprocess_features:
         # The feature pass already stored the features there (each once); only plugin-computed ones are added.
         paths["npz"] = storage.join(config.output_metadata_dir, f"{stem}.npz")
