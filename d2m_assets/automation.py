@@ -14,16 +14,26 @@ from collections.abc import Sequence
 from dagster import (AssetKey, AssetSelection, AutomationCondition, AutomationConditionSensorDefinition,
                      DefaultSensorStatus)
 
+from d2m_assets.datasets import Dataset
+from d2m_assets.staleness import IdentityChanged
+
 AUTOMATION_ENV = "D2M_AUTOMATION"  # "off" leaves the sensors stopped until turned on in the UI
 INTERVAL_ENV = "D2M_SENSOR_INTERVAL_S"  # seconds between evaluations of both sensors (default 30)
 
 _never_attempted_missing = AutomationCondition.missing() & ~AutomationCondition.execution_failed()
-SHARD_CONDITION = (
-    (_never_attempted_missing | AutomationCondition.any_deps_updated().since_last_handled())
-    & ~AutomationCondition.any_deps_missing()
-    & ~AutomationCondition.any_deps_in_progress()
-    & ~AutomationCondition.in_progress()
-).with_label("shard missing, or its inputs updated")
+
+
+def shard_condition(dataset: Dataset) -> AutomationCondition:
+    """A shard asset is requested when it is missing, its inputs were updated (a parent recomputed, or its tar
+    reported again because it changed), or it was materialized from another output location or other weights
+    than the config gives now (its recorded identity; see d2m_assets.staleness)."""
+    changed = IdentityChanged(dataset) & ~AutomationCondition.execution_failed()
+    return (
+        (_never_attempted_missing | AutomationCondition.any_deps_updated().since_last_handled() | changed)
+        & ~AutomationCondition.any_deps_missing()
+        & ~AutomationCondition.any_deps_in_progress()
+        & ~AutomationCondition.in_progress()
+    ).with_label("shard missing, its inputs updated, or its identity changed")
 
 REFERENCE_CONDITION = (_never_attempted_missing & ~AutomationCondition.in_progress()).with_label("missing")
 
@@ -45,6 +55,7 @@ def build_automation_sensor(name: str, targets: Sequence[AssetKey]) -> Automatio
         default_status=default_status(),
         minimum_interval_seconds=sensor_interval(),
         emit_backfills=True,
+        use_user_code_server=True,  # identity_changed is Python of ours: evaluated in the code server
         description="Materializes new, missing and stale shard assets in backfills of tars_per_wds shards per run",
     )
 

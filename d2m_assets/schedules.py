@@ -9,6 +9,7 @@ from dagster_aws.s3 import S3Resource
 from d2m_assets.datasets import Dataset
 from d2m_assets.sensors import find_new_shards, raw_shard_event
 from d2m_core.discovery import DiscoveryCursor
+from d2m_core.identity import tar_identities
 
 
 def build_discovery(dataset: Dataset) -> tuple[JobDefinition, ScheduleDefinition]:
@@ -19,8 +20,9 @@ def build_discovery(dataset: Dataset) -> tuple[JobDefinition, ScheduleDefinition
         known = set(context.instance.get_dynamic_partitions(dataset.partitions_name))
         refs, _ = find_new_shards(config, DiscoveryCursor(), known, s3)
         context.instance.add_dynamic_partitions(dataset.partitions_name, [r.stem for r in refs])
+        tars = tar_identities(refs)
         for ref in refs:
-            context.log_event(raw_shard_event(dataset, ref))
+            context.log_event(raw_shard_event(dataset, ref, tars.get(ref.stem)))
         context.log.info(f"registered {len(refs)} new shard(s)")
 
     @job(name=dataset.named("discover_shards_job"),

@@ -85,7 +85,7 @@ class Identity:
 
     @property
     def version(self) -> str:
-        return _digest(self.parts)
+        return version_of(self.parts)
 
     def differences(self, recorded: dict[str, str]) -> list[str]:
         """What differs from a recorded identity (its parts), e.g. ['tar', 'weights']."""
@@ -102,6 +102,16 @@ def asset_identity(config: D2MConfig, asset: str, tar: dict[str, Any] | None, we
     used = {m: weights.get(m, "unknown") for m in asset_models(config, asset)}
     detail = {"tar": tar, "output": output, "weights": used}
     return Identity(parts={p: _digest(detail[p]) for p in PARTS}, detail=detail)
+
+
+def version_of(parts: dict[str, str]) -> str:
+    """The data version of an identity, from the digests of its parts."""
+    return _digest(parts)
+
+
+def tar_digest(tar: dict[str, Any] | None) -> str:
+    """The tar part of an identity (what the discovery sensor records when it registers or re-checks a tar)."""
+    return _digest(tar)
 
 
 REASONS = {"tar": "its tar changed", "output": "the output location changed", "weights": "the weights changed"}

@@ -318,3 +318,72 @@ def _instance_ref(home: Path):
     from dagster._core.instance.ref import InstanceRef
 
     return InstanceRef.from_dir(str(home))
+
+
+# --- automation: exactly the shards whose identity no longer matches --------------------------------------------
+
+
+def test_automation_requests_exactly_the_shards_whose_identity_changed(shard_dir: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dataset's automation conditions and new_shards_sensor, evaluated with Dagster's own APIs on a real
+    instance: a shard recorded with other weights, a tar changed after registration, another output folder."""
+    from dagster import AssetMaterialization, build_sensor_context, evaluate_automation_conditions
+
+    from d2m_assets import build_definitions
+
+    tars = tmp_path / "tars"
+    shutil.copytree(shard_dir, tars)
+    home = tmp_path / "home"
+    config = _yml(tmp_path / "c.yml", str(tars), tmp_path / "out", tars_per_wds=2, dataset="pool")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    from d2m_assets.runner import ensure_instance
+
+    instance = ensure_instance()
+    defs, ds = build_definitions(config), dataset_of(config)
+    sensor = defs.get_sensor_def(ds.named("new_shards_sensor"))
+    assets = ["clip_b32_features", "clip_b32_scores", "shard_metadata"]
+    state = {"sensor": None, "automation": None}
+
+    def tick() -> list[AssetMaterialization]:
+        """One new_shards_sensor tick, applied to the instance as the daemon does."""
+        result = sensor(build_sensor_context(instance=instance, cursor=state["sensor"], resources=defs.resources,
+                                             definitions=defs))
+        state["sensor"] = result.cursor
+        for request in result.dynamic_partitions_requests or []:
+            instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+        for event in result.asset_events or []:
+            instance.report_runless_asset_event(event)
+        return list(result.asset_events or [])
+
+    def requested() -> dict[str, list[str]]:
+        """One automation tick: the partitions it requests, per shard asset."""
+        result = evaluate_automation_conditions(defs, instance, cursor=state["automation"])
+        state["automation"] = result.cursor
+        found = {a: sorted(result.get_requested_partitions(ds.key(a))) for a in assets}
+        return {a: keys for a, keys in found.items() if keys}
+
+    assert [e.partition for e in tick()] == ["00000", "00001"]  # registered, raw_shards reported
+    assert _run(config, home, monkeypatch)[0].processed == ["00000", "00001"]
+    assert requested() == {}  # every shard materialized with the identity the config gives
+
+    # shard_metadata of 00001 recorded with other weights than the config's: that shard only, that asset only
+    key = ds.key("shard_metadata")
+    latest = instance.fetch_materializations(key, limit=10).records
+    original = next(r for r in latest if r.partition_key == "00001").asset_materialization.tags
+    instance.report_runless_asset_event(AssetMaterialization(key, partition="00001", tags=original | {
+        "d2m/weights": "0" * 16, "dagster/data_version": "1" * 16}))
+    assert requested() == {"shard_metadata": ["00001"]}
+    instance.report_runless_asset_event(AssetMaterialization(key, partition="00001", tags=original))
+    assert requested() == {}  # recorded again with the config's identity (read incrementally)
+
+    # 00000.tar rewritten after registration: the sensor reports it again, and that shard is requested
+    (tars / "00000.tar").write_bytes((tars / "00000.tar").read_bytes() + b"\0" * 1024)
+    changed = tick()
+    assert [(e.asset_key, e.partition) for e in changed] == [(ds.key("raw_shards"), "00000")]
+    assert changed[0].metadata["tar"].value["size"] == (tars / "00000.tar").stat().st_size
+    assert tick() == []  # reported once
+    assert requested() == {a: ["00000"] for a in assets}
+
+    # another output folder for the dataset (the yml read afresh, as the code server does): every shard
+    _yml(tmp_path / "c.yml", str(tars), tmp_path / "out2", tars_per_wds=2, dataset="pool")
+    assert requested() == {a: ["00000", "00001"] for a in assets}

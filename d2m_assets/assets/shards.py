@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dagster import (AssetCheckSpec, AssetExecutionContext, AssetsDefinition, AssetSpec, BackfillPolicy, Failure,
                      MetadataValue, multi_asset)
 
-from d2m_assets.automation import SHARD_CONDITION
+from d2m_assets.automation import shard_condition
 from d2m_assets.datasets import Dataset
 from d2m_assets.partitions import GPU_POOL, RAW_SHARDS
 from d2m_assets.progress import RunLogReporter
@@ -37,10 +37,12 @@ def raw_shards_spec(dataset: Dataset) -> AssetSpec:
 def _specs(dataset: Dataset, assets: Sequence[str]) -> list[AssetSpec]:
     """Specs of the config's per-shard assets only (`assets`: catalog names, parents first)."""
 
+    condition = shard_condition(dataset)
+
     def spec(name: str, parents: Sequence[str], description: str, kinds: set[str]) -> AssetSpec:
         return AssetSpec(dataset.key(name), deps=[dataset.key(p) for p in parents], description=description,
                          group_name=dataset.group, partitions_def=dataset.partitions, kinds=kinds, skippable=True,
-                         automation_condition=SHARD_CONDITION)
+                         automation_condition=condition)
 
     specs = []
     for name in assets:
