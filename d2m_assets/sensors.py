@@ -7,8 +7,8 @@ recorded is reported again, so automation recomputes that shard (its input was u
 import os
 from collections.abc import Iterator, Sequence
 
-from dagster import (AssetMaterialization, AssetRecordsFilter, DagsterInstance, MetadataValue, SensorDefinition,
-                     SensorEvaluationContext, SensorResult, SkipReason, sensor)
+from dagster import (AssetMaterialization, AssetRecordsFilter, DagsterEventType, DagsterInstance, MetadataValue,
+                     SensorDefinition, SensorEvaluationContext, SensorResult, SkipReason, sensor)
 from dagster_aws.s3 import S3Resource
 
 from d2m_assets.automation import default_status, sensor_interval
@@ -72,11 +72,12 @@ def changed_tars(instance: DagsterInstance, dataset: Dataset, known: Sequence[st
     if not known or count <= 0:
         return [], 0
     stems = [known[(start + i) % len(known)] for i in range(min(count, len(known)))]
-    records = instance.fetch_materializations(AssetRecordsFilter(dataset.key(RAW_SHARDS), asset_partitions=stems),
-                                              limit=10 * len(stems)).records  # newest first
-    latest: dict[str, AssetMaterialization] = {}
-    for record in records:
-        latest.setdefault(record.partition_key or "", record.asset_materialization)
+    key = dataset.key(RAW_SHARDS)
+    ids = instance.event_log_storage.get_latest_storage_id_by_partition(key, DagsterEventType.ASSET_MATERIALIZATION,
+                                                                        partitions=set(stems))
+    records = instance.fetch_materializations(AssetRecordsFilter(key, storage_ids=list(ids.values())),
+                                              limit=max(len(ids), 1)).records
+    latest = {r.partition_key or "": r.asset_materialization for r in records}
     refs = [ShardRef(s, str(latest[s].metadata["url"].value)) for s in stems
             if s in latest and "url" in latest[s].metadata and DATA_VERSION_TAG in (latest[s].tags or {})]
     now = tar_identities(refs)

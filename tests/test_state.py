@@ -17,7 +17,8 @@ import pytest
 import yaml
 from dagster import DagsterInstance
 
-from conftest import BASIC, dataset_of, run_cli
+from conftest import BASIC, REPO, dataset_of, run_cli
+from d2m_core.validation import CHECKS
 from d2m_core.pausepoints import PAUSE_DIR_ENV, PAUSE_ENV
 from d2m_core.synth import make_shards
 
@@ -320,13 +321,36 @@ def _instance_ref(home: Path):
     return InstanceRef.from_dir(str(home))
 
 
+CHECK_STATUSES = """
+query($key: AssetKeyInput!) { assetNodeOrError(assetKey: $key) { ... on AssetNode {
+  assetChecksOrError { ... on AssetChecks { checks { name partitionStatuses {
+    ... on AssetCheckDefaultPartitionStatuses { succeededPartitions failedPartitions inProgressPartitions
+                                                skippedPartitions executionFailedPartitions } } } } } } } }
+"""
+
+
+def _check_statuses(instance: DagsterInstance, config: Path, key) -> dict[str, dict[str, list[str]]]:
+    """Each check's per-partition statuses as the UI's Checks tab reads them: the webserver's GraphQL schema,
+    over a workspace that loads workspace.yaml in a code server process, as `dagster-webserver` does."""
+    from dagster_graphql.test.utils import define_out_of_process_context, execute_dagster_graphql
+
+    assert os.environ["D2M_CONFIG"] == str(config)  # what the code server process loads
+    with define_out_of_process_context(str(REPO / "workspace.yaml"), None, instance) as context:
+        with context:  # as the webserver enters each request's context (it sets the partition loading context)
+            result = execute_dagster_graphql(context, CHECK_STATUSES, {"key": {"path": key.path}})
+    assert not result.errors, result.errors
+    checks = result.data["assetNodeOrError"]["assetChecksOrError"]["checks"]
+    return {c["name"]: {k: sorted(v) for k, v in c["partitionStatuses"].items() if v} for c in checks}
+
+
 # --- automation: exactly the shards whose identity no longer matches --------------------------------------------
 
 
 def test_automation_requests_exactly_the_shards_whose_identity_changed(shard_dir: Path, tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The dataset's automation conditions and new_shards_sensor, evaluated with Dagster's own APIs on a real
-    instance: a shard recorded with other weights, a tar changed after registration, another output folder."""
+    instance: a shard recorded with other weights, a tar changed after registration, another output folder.
+    After the run, the UI's GraphQL shows each blocking check passed for each partition's materialization."""
     from dagster import AssetMaterialization, build_sensor_context, evaluate_automation_conditions
 
     from d2m_assets import build_definitions
@@ -336,6 +360,7 @@ def test_automation_requests_exactly_the_shards_whose_identity_changed(shard_dir
     home = tmp_path / "home"
     config = _yml(tmp_path / "c.yml", str(tars), tmp_path / "out", tars_per_wds=2, dataset="pool")
     monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("D2M_CONFIG", str(config))
     from d2m_assets.runner import ensure_instance
 
     instance = ensure_instance()
@@ -364,6 +389,8 @@ def test_automation_requests_exactly_the_shards_whose_identity_changed(shard_dir
 
     assert [e.partition for e in tick()] == ["00000", "00001"]  # registered, raw_shards reported
     assert _run(config, home, monkeypatch)[0].processed == ["00000", "00001"]
+    assert _check_statuses(instance, config, ds.key("shard_metadata")) == {
+        name: {"succeededPartitions": ["00000", "00001"]} for name in CHECKS}
     assert requested() == {}  # every shard materialized with the identity the config gives
 
     # shard_metadata of 00001 recorded with other weights than the config's: that shard only, that asset only
