@@ -25,8 +25,8 @@ _never_attempted_missing = AutomationCondition.missing() & ~AutomationCondition.
 
 def shard_condition(dataset: Dataset) -> AutomationCondition:
     """A shard asset is requested when it is missing, its inputs were updated (a parent recomputed, or its tar
-    reported again because it changed), or it was materialized from another output location or other weights
-    than the config gives now (its recorded identity; see d2m_assets.staleness)."""
+    reported again because it changed), or its recorded identity no longer matches: materialized from another
+    tar, output location or weights than a run would use now (see d2m_assets.staleness)."""
     changed = IdentityChanged(dataset) & ~AutomationCondition.execution_failed()
     return (
         (_never_attempted_missing | AutomationCondition.any_deps_updated().since_last_handled() | changed)

@@ -25,7 +25,7 @@ class DiscoveryCursor:
     after: str | None = None  # greatest URL listed so far
     pending: list[str] = field(default_factory=list)  # tars listed before their stats file appeared
     scans: int = 0  # every FULL_RESCAN_EVERY-th scan lists everything again (tars that arrived out of order)
-    recheck: int = 0  # the sensor's place in the registered tars: where its next re-check of their size starts
+    recheck: int = 0  # the sensor's place in the registered tars: where its next re-check of their identity starts
 
     def dumps(self) -> str:
         return json.dumps(asdict(self))
