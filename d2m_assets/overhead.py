@@ -72,10 +72,10 @@ def run_overhead(yml: str | Path, shards: Sequence[ShardRef], config_name: str) 
     from d2m_assets.datasets import Dataset
     from d2m_assets.definitions import build_definitions
     from d2m_assets.yml_paths import record_base_dir
+    from d2m_core import catalog
     from d2m_core.bench import machine_load
     from d2m_core.config import load_config
     from d2m_core.pipeline import selected_assets, shard_stats
-    from d2m_core import catalog
 
     yml = Path(yml).resolve()
     with tempfile.TemporaryDirectory(prefix="d2m-run-overhead-") as scratch:
@@ -118,6 +118,7 @@ def run_overhead(yml: str | Path, shards: Sequence[ShardRef], config_name: str) 
                 raise RuntimeError(f"the benchmark run ended {status.value} (exit {worker.returncode}):\n"
                                    f"{worker.stderr[-3000:]}")
             samples = sum(shard_stats(config, stem).samples_written for stem in stems)
+            instance.dispose()
         finally:
             for key, value in saved.items():
                 if value is None:
