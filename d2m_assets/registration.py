@@ -45,9 +45,9 @@ def register_config_shards(yml: str | Path) -> Registered:
 
 def dagster_error_message(err: BaseException) -> str | None:
     """One sentence for the Dagster errors a user causes (no instance, an unregistered partition), else None."""
-    from dagster._core.errors import DagsterHomeException, DagsterUnknownPartitionError
+    from dagster._core.errors import DagsterHomeNotSetError, DagsterUnknownPartitionError
 
-    if isinstance(err, DagsterHomeException):
+    if isinstance(err, DagsterHomeNotSetError):
         return f"the Dagster instance is not usable: {str(err).splitlines()[0]} (set DAGSTER_HOME to a folder)"
     if isinstance(err, DagsterUnknownPartitionError):
         return (f"{str(err).splitlines()[0]}: the shard is not registered in the instance at "
