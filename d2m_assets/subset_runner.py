@@ -30,12 +30,12 @@ class FilterRun:
 
 def filter_config_file(yml: str | Path, spec: FilterSpec, *, echo: Callable[[str], None] = print) -> FilterRun:
     """Materialize the yml's dataset's filter asset `spec.asset_name` with this baseline; returns its metadata."""
+    instance = ensure_instance(echo)  # first: it sets a default DAGSTER_HOME, where the yml's folder is recorded
     dataset = Dataset.from_yml(yml)
     config = dataset.load()
     known = next((f for f in config.filters if f.asset_name == spec.asset_name), None)
     if known is not None and not spec.data_files:
         spec = spec.model_copy(update={"data_files": known.data_files})
-    instance = ensure_instance(echo)
     asset = build_filter_asset(dataset, spec, config.filter_cron)
     key = dataset.key(spec.asset_name)
     echo(f"dataset {dataset.name}: {spec.name} over {config.output_metadata_dir} -> asset {key.to_user_string()}")

@@ -3,12 +3,14 @@
 the subset, one partition per output shard."""
 
 import json
+import os
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from dagster import DagsterInstance, materialize
 
 from conftest import dataset_of, replace_member, tar_samples
@@ -110,3 +112,24 @@ def test_reshard_assets_write_exactly_the_subset_per_output_shard(processed: dic
     assert (keys_of(got) == subset).all()
     assert instance.get_materialized_partitions(ds.key("resharded_shards")) == set(names)
     assert json.loads((out / "00000001_stats.json").read_text())["successes"] == 3
+
+
+def test_d2m_filter_with_dagster_home_unset_finds_the_recorded_folder(processed: dict, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """As `make demo` then the README's `d2m filter` do it: DAGSTER_HOME unset, relative paths, the repo root."""
+    import logging
+
+    from d2m_assets.yml_paths import record_base_dir
+
+    root = processed["root"]
+    relative = tmp_path / "relative.yml"
+    raw = yaml.safe_load(processed["config"].read_text())
+    relative.write_text(yaml.safe_dump(raw | {"output_metadata_dir": os.path.relpath(root / "metadata", root)}))
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("DAGSTER_HOME", str(root / ".dagster_home"))
+    record_base_dir(relative)  # what `d2m run` from the repo root recorded
+    monkeypatch.delenv("DAGSTER_HOME")
+    with caplog.at_level(logging.WARNING, logger="d2m_assets.yml_paths"):
+        assert main(["filter", "--yml", str(relative), "--name", "no_filter", "--save_path", str(tmp_path / "all.npy")]) == 0
+    assert not [r for r in caplog.records if r.name == "d2m_assets.yml_paths"]
+    assert len(np.load(tmp_path / "all.npy")) == 10
