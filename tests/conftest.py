@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tarfile
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -127,3 +128,53 @@ def s3_server(monkeypatch: pytest.MonkeyPatch):
         urllib.request.urlopen(urllib.request.Request(reset, method="POST")).read()
         server.stop()
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+_HOLD_PLUGIN = """
+import os, time
+import torch
+
+STARTED, HOLD = {started!r}, {hold!r}
+
+
+class Hold:
+    \"\"\"Each batch: writes STARTED, then waits while HOLD exists (files as signals between test and run: no timing).\"\"\"
+    name = "hold"
+    raw_inputs = ["image"]
+    preprocessors = ["tiny"]
+    dependencies = []
+    to_device = True
+
+    def __init__(self, device):
+        pass
+
+    def __call__(self, image):
+        open(STARTED, "w").close()
+        deadline = time.monotonic() + 900
+        while os.path.exists(HOLD) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return image.mean(dim=(2, 3))
+
+
+model_lookup = {{"hold": Hold}}
+preprocessor_lookup = {{"tiny": lambda image: torch.zeros(3, 4, 4)}}
+postprocess_parquet_lookup = {{"hold-red": lambda outputs: outputs["hold"][:, 0]}}
+postprocess_feature_lookup = {{}}
+"""
+
+
+@dataclass(frozen=True)
+class HoldPlugin:
+    """A custom_pypath plugin (model `hold`, parquet column `hold-red`, asset custom_hold) that holds a run in its
+    batches while the `hold` file exists; `started` appears once a batch has reached the model."""
+
+    path: Path
+    started: Path
+    hold: Path
+
+
+def hold_plugin(folder: Path) -> HoldPlugin:
+    plugin = HoldPlugin(folder / "hold.py", folder / "hold-started", folder / "hold")
+    plugin.path.write_text(_HOLD_PLUGIN.format(started=str(plugin.started), hold=str(plugin.hold)))
+    return plugin
+

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from conftest import dataset_of, run_cli, tar_samples
+from conftest import dataset_of, hold_plugin, run_cli, tar_samples
 
 
 def test_d2m_run_outputs_and_reprocess(shard_dir: Path, write_config, tmp_path: Path) -> None:
@@ -154,46 +154,16 @@ def test_d2m_run_shows_progress_and_a_summary_off_a_terminal(shard_dir: Path, wr
     assert any("shard 00001 done" in m and "samples/s" in m for m in infos), infos
 
 
-HOLD_PLUGIN = '''
-import os, time
-import torch
-
-class Hold:
-    """Blocks in its first batch until the test has interrupted the run (files as signals: no timing)."""
-    name = "hold"
-    raw_inputs = ["image"]
-    preprocessors = ["tiny"]
-    dependencies = []
-    to_device = True
-
-    def __init__(self, device):
-        pass
-
-    def __call__(self, image):
-        open(os.environ["HOLD_STARTED"], "w").close()
-        deadline = time.monotonic() + 600
-        while not os.path.exists(os.environ["HOLD_RELEASE"]) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return image.mean(dim=(2, 3))
-
-model_lookup = {"hold": Hold}
-preprocessor_lookup = {"tiny": lambda image: torch.zeros(3, 4, 4)}
-postprocess_parquet_lookup = {"hold-red": lambda outputs: outputs["hold"][:, 0]}
-postprocess_feature_lookup = {}
-'''
-
-
 def test_ctrl_c_during_a_run_is_one_line_and_status_130(shard_dir: Path, write_config, tmp_path: Path) -> None:
     """Ctrl-C while a shard runs (Dagster turns it into a failed run): `d2m: interrupted`, exit 130, no abort."""
     import signal
 
-    plugin = tmp_path / "hold.py"
-    plugin.write_text(HOLD_PLUGIN)
-    started, release = tmp_path / "started", tmp_path / "release"
-    config = write_config(shard_dir, models=["hold"], custom_pypath=str(plugin), postprocess_columns=["hold-red"],
+    plugin = hold_plugin(tmp_path)
+    plugin.hold.touch()
+    started = plugin.started
+    config = write_config(shard_dir, models=["hold"], custom_pypath=str(plugin.path), postprocess_columns=["hold-red"],
                           postprocess_features=[], additional_fields=["uid"])
-    env = os.environ | {"DAGSTER_HOME": str(tmp_path / "home"), "HOLD_STARTED": str(started),
-                        "HOLD_RELEASE": str(release), "PYTHONWARNINGS": "ignore"}
+    env = os.environ | {"DAGSTER_HOME": str(tmp_path / "home"), "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen([str(Path(sys.executable).parent / "d2m"), "run", "--yml", str(config)], env=env,
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -203,7 +173,7 @@ def test_ctrl_c_during_a_run_is_one_line_and_status_130(shard_dir: Path, write_c
             time.sleep(0.1)
         assert started.exists(), proc.communicate()[1][-3000:]
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
-        release.touch()  # the model returns; the interrupted run stops
+        plugin.hold.unlink()  # the model returns; the interrupted run stops
         out, err = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:

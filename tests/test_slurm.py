@@ -14,7 +14,7 @@ import pytest
 import yaml
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
 
-from conftest import BASIC, REPO, run_cli
+from conftest import BASIC, REPO, hold_plugin, run_cli
 from d2m_assets.datasets import Dataset
 from d2m_assets.slurm_launcher import JOB_ID_TAG
 from d2m_core import slurm
@@ -26,38 +26,8 @@ pytestmark = [pytest.mark.slurm,
 
 DATASET = Dataset("slurmtest", "")  # the yml below names it
 SMALL = [f"{i:05d}" for i in range(6)]  # the backfill's shards
-SLOW = ["00006", "00007"]  # shards whose runs the test cancels while they compute (held by the plugin below)
+SLOW = ["00006", "00007"]  # shards whose runs the test cancels while they compute (held by the hold plugin)
 ASSETS = ["clip_b32_features", "clip_b32_scores", "custom_hold", "shard_metadata"]
-HOLD_PLUGIN = """
-import os, time
-import torch
-
-HOLD = {hold!r}
-
-
-class Hold:
-    \"\"\"Blocks each batch while the test's hold file exists (files as signals: no timing).\"\"\"
-    name = "hold"
-    raw_inputs = ["image"]
-    preprocessors = ["tiny"]
-    dependencies = []
-    to_device = True
-
-    def __init__(self, device):
-        pass
-
-    def __call__(self, image):
-        deadline = time.monotonic() + 900
-        while os.path.exists(HOLD) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        return image.mean(dim=(2, 3))
-
-
-model_lookup = {{"hold": Hold}}
-preprocessor_lookup = {{"tiny": lambda image: torch.zeros(3, 4, 4)}}
-postprocess_parquet_lookup = {{"hold-red": lambda outputs: outputs["hold"][:, 0]}}
-postprocess_feature_lookup = {{}}
-"""
 METADATA = DATASET.key("shard_metadata")
 LAUNCH = """
 mutation($params: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $params) {
@@ -76,6 +46,7 @@ class Platform:
     env: dict[str, str]
     port: int
     stack: ExitStack
+    hold: Path  # while this file exists, the runs' hold model blocks (tests/conftest.py hold_plugin)
     daemon: ExitStack = field(default_factory=ExitStack)
 
     def start_daemon(self) -> None:
@@ -110,12 +81,11 @@ def _diagnosis() -> str:
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
     tmp = tmp_path_factory.mktemp("slurm")
     make_shards(tmp / "shards", shards=8, samples=4, max_side=128)
-    plugin = tmp / "hold.py"
-    plugin.write_text(HOLD_PLUGIN.format(hold=str(tmp / "hold")))
+    plugin = hold_plugin(tmp)
     config = tmp / "config.yml"
     config.write_text(yaml.safe_dump(BASIC | {"dataset": DATASET.name, "input_tars": str(tmp / "shards" / "*.tar"), "device": 0,
                                               "output_metadata_dir": str(tmp / "metadata"), "tars_per_wds": 1,
-                                              "models": BASIC["models"] + ["hold"], "custom_pypath": str(plugin),
+                                              "models": BASIC["models"] + ["hold"], "custom_pypath": str(plugin.path),
                                               "postprocess_columns": BASIC["postprocess_columns"] + ["hold-red"]}))
     home = tmp / "home"
     home.mkdir()
@@ -130,7 +100,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
         pool = run_cli(["dagster", "instance", "concurrency", "set", "gpu", "2"], env, tmp)
         assert pool.returncode == 0, pool.stderr[-2000:]
         port = free_port()
-        platform = Platform(tmp, env, port, stack)
+        platform = Platform(tmp, env, port, stack, plugin.hold)
         stack.enter_context(dagster_process(["dagster-webserver", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p",
                                              str(port)], env, tmp / "webserver.log"))
         platform.start_daemon()
@@ -204,7 +174,7 @@ def test_scancel_fails_a_run_that_is_retried_and_terminate_cancels_its_job(platf
     """Two runs on the two GPUs: one's job is cancelled with scancel while the daemon is down (a restarted daemon
     fails the run and retries it), the other is terminated from the webserver's GraphQL API. Both runs are held
     in their first batch (the hold file) until their jobs are cancelled, so neither can finish first."""
-    hold = platform.tmp / "hold"
+    hold = platform.hold
     hold.touch()
     cancelled, terminated = (_wait(lambda b=b: _runs(b), 300, "no run")[0] for b in map(lambda s: platform.backfill([s]), SLOW))
     for run in (cancelled, terminated):
