@@ -40,7 +40,7 @@ SCRATCH="$(mktemp -d -t d2m-gpu-XXXXXX)"
 export D2M_RANDOM_WEIGHTS=1 PYTHONUNBUFFERED=1
 say() { printf '\n== %s (%s)\n' "$*" "$(date +%T)" >&2; }
 status=0
-step() { timeout "$STEP_TIMEOUT" "$@"; }  # a step's failure is recorded (status=1) and the next step runs
+step() { timeout "$STEP_TIMEOUT" "$@"; }  # callers add `|| status=1`: a failed step is reported, the next one runs
 if [ -n "${WHEELS:-}" ]; then
     PY="${PYTHON:-python3}"
     say "no registry: installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS into $SCRATCH/site for $("$PY" -V)"

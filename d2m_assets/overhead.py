@@ -24,7 +24,6 @@ from d2m_core.engine import FIRST_BATCH, MODEL_BUILD_DONE, MODEL_BUILD_START
 from d2m_core.shards import ShardRef
 
 REPO = Path(__file__).resolve().parent.parent
-RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 ASSET_JOB = "__ASSET_JOB"  # Dagster's implicit job of every asset: runs of asset selections are its subsets
 WORKER_START = "Started process for run"  # the run worker's first event: Python and dagster are imported
 
@@ -71,6 +70,7 @@ def run_overhead(yml: str | Path, shards: Sequence[ShardRef], config_name: str) 
 
     from d2m_assets.datasets import Dataset
     from d2m_assets.definitions import build_definitions
+    from d2m_assets.runner import RANGE_END, RANGE_START
     from d2m_assets.yml_paths import record_base_dir
     from d2m_core import catalog
     from d2m_core.bench import machine_load

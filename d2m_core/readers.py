@@ -154,8 +154,10 @@ def child_main(argv: Sequence[str]) -> int:
 
         def send_batch(index: int, samples: list[RawSample]) -> None:
             wired = [_wire(raw) for raw in samples]
-            captions = [raw.text or "" for raw in samples]
-            texts = {name: prepare(captions).numpy() for name, prepare in preprocessors.items()}
+            texts = {}
+            if preprocessors:  # captions decoded only when this reader tokenizes
+                captions = [raw.text or "" for raw in samples]
+                texts = {name: prepare(captions).numpy() for name, prepare in preprocessors.items()}
             placed = writer.place([blob for _, blob in wired])
             if placed is None:  # larger than the ring: the images travel in the message
                 metas = [meta[:5] + (-1, 0) for meta, _ in wired]
