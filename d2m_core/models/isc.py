@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2m_core.weights import ResolvedWeights, WeightsError
-from d2m_core.weights_files import DEDUP_REFERENCE_FILES, MODEL_FILES
+from d2m_core.weights_files import MODEL_FILES
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,6 @@ class IscFtV107:
     to_device = True
     output_fields = {"image": FEATURE_DIM}
     weights_files = MODEL_FILES["dedup-isc-ft-v107"]
-    reference_files = DEDUP_REFERENCE_FILES  # dedup_scores compares against these (the dedup_reference asset)
 
     def __init__(self, device: torch.device | int | str, *, dtype: torch.dtype = torch.float32, weights: ResolvedWeights) -> None:
         self.device = torch.device(device)

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2m_core.models.isc import (
-    DEDUP_REFERENCE_FILES,
     IscFtV107,
     dedup_scores,
     reference_norms,
@@ -18,6 +17,7 @@ from d2m_core.models.isc import (
     stable_random_init,
 )
 from d2m_core.weights import WeightsError, WeightsFile, resolve_weights, sha256_of
+from d2m_core.weights_files import DEDUP_REFERENCE_FILES
 
 NAME = IscFtV107.name
 
