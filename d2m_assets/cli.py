@@ -46,7 +46,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from d2m_core.weights_files import check_builtin_weights
 
     check_builtin_weights(config)  # a missing or corrupt weights file too (custom models: below)
-    from d2m_core.pipeline import selected_assets, verify_weights
+    from d2m_core.selection import selected_assets, verify_weights
 
     selected_assets(config)  # unknown names, custom_pypath plugins: before dagster is imported
     verify_weights(config)  # and every weights file (the runner checks again: hashes are cached)

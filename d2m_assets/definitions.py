@@ -30,7 +30,7 @@ from d2m_assets.sensors import build_new_shards_sensor
 from d2m_assets.yml_paths import load_recorded_config
 from d2m_core import D2MConfig, catalog
 from d2m_core.config import ConfigError
-from d2m_core.pipeline import selected_assets
+from d2m_core.selection import selected_assets
 
 CONFIG_ENV = "D2M_CONFIG"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yml"

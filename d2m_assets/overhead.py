@@ -75,7 +75,7 @@ def run_overhead(yml: str | Path, shards: Sequence[ShardRef], config_name: str) 
     from d2m_core import catalog
     from d2m_core.bench import machine_load
     from d2m_core.config import load_config
-    from d2m_core.pipeline import selected_assets, shard_stats
+    from d2m_core.selection import selected_assets, shard_stats
 
     yml = Path(yml).resolve()
     with tempfile.TemporaryDirectory(prefix="d2m-run-overhead-") as scratch:

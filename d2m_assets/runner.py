@@ -23,7 +23,7 @@ from d2m_core.gpus import gpu_count
 from d2m_assets.reporting import latest_versions, recorded_identity
 from d2m_core import D2MConfig, catalog, load_config
 from d2m_core.identity import REASONS, asset_identity, weights_by_model
-from d2m_core.pipeline import selected_assets, shard_stats
+from d2m_core.selection import selected_assets, shard_stats
 from d2m_core.preflight import preflight
 
 REPO_DAGSTER_YAML = Path(__file__).resolve().parent.parent / "deploy" / "dagster.yaml"

@@ -26,7 +26,7 @@ from d2m_assets.datasets import Dataset
 from d2m_assets.partitions import RAW_SHARDS
 from d2m_assets.reporting import DATA_VERSION_TAG
 from d2m_core.identity import asset_identity, version_of, weights_by_model
-from d2m_core.pipeline import verify_weights
+from d2m_core.selection import verify_weights
 
 _MATERIALIZATION = DagsterEventType.ASSET_MATERIALIZATION
 

@@ -15,7 +15,7 @@ _EXPORTS = {
     "parse_config": "d2m_core.config",
     "create_model": "d2m_core.models",
     "list_models": "d2m_core.models",
-    "ShardOutcome": "d2m_core.pipeline",
+    "ShardOutcome": "d2m_core.records",
     "process_shards": "d2m_core.pipeline",
     "ShardRef": "d2m_core.shards",
     "expand_shards": "d2m_core.shards",
@@ -26,7 +26,8 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from d2m_core.config import ConfigError, D2MConfig, load_config, parse_config
     from d2m_core.models import create_model, list_models
-    from d2m_core.pipeline import ShardOutcome, process_shards
+    from d2m_core.pipeline import process_shards
+    from d2m_core.records import ShardOutcome
     from d2m_core.shards import ShardRef, expand_shards
 
 

@@ -10,10 +10,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from d2m_core.device import resolve_device
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 LOCK_DIR_ENV = "D2M_GPU_LOCK_DIR"
@@ -21,6 +21,8 @@ LOCK_DIR_ENV = "D2M_GPU_LOCK_DIR"
 
 def gpu_count() -> int:
     """GPUs this process can use (the Dagster pool's limit should equal it); 1 on a CPU machine."""
+    import torch
+
     return max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else 1
 
 
@@ -28,7 +30,12 @@ def gpu_count() -> int:
 def claim_device(spec: int | str, *, lock_dir: str | None = None, poll_s: float = 1.0) -> Iterator[torch.device]:
     """Yield the device a run should use. With several GPUs, each concurrent run gets a different one:
     the configured index first, else the first whose lock is free (waiting while all are taken).
-    The lock is an fcntl lock, so a killed process frees its GPU."""
+    The lock is an fcntl lock, so a killed process frees its GPU. (torch is imported here, not with the
+    module: the Dagster definitions that name this load without it.)"""
+    import torch
+
+    from d2m_core.device import resolve_device
+
     device = resolve_device(spec)
     count = torch.cuda.device_count() if device.type == "cuda" else 0
     if count and (device.index or 0) >= count:  # e.g. `device: 3` in a Slurm job that was given one GPU

@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,59 +25,19 @@ from d2m_core.engine import MODEL_BUILD_DONE, MODEL_BUILD_START, Engine, Progres
 from d2m_core.fastpath import supports
 from d2m_core.pausepoints import pause_at
 from d2m_core.models import create_model, model_class, resolve_model_weights, topo_order
-from d2m_core.plugins import install_plugin
-from d2m_core.records import ShardStats, WeightsRecord
+from d2m_core.records import ShardOutcome, ShardStats, WeightsRecord
+from d2m_core.selection import artifact_url, selected_assets, stored_stats
 from d2m_core.models.isc import dedup_scores, load_reference_embeddings, reference_norms
 from d2m_core.scores import ClipScorer, FunctionScorer, Scorer
 from d2m_core.shards import ShardRef
 from d2m_core.weights import resolve_weights, weights_dir
-from d2m_core.validation import CheckOutcome, inspect_shard
+from d2m_core.validation import inspect_shard
 from d2m_core.weights_files import DEDUP_REFERENCE_FILES, REFERENCE_MODEL
 from d2m_core.writers import write_datacomp_files
 
 log = logging.getLogger(__name__)
 
 RANDOM_REFERENCE_ROWS = 10_000
-
-
-@dataclass
-class ShardOutcome:
-    """What happened to one shard for one asset: counts, files written, or the error that stopped it."""
-
-    stem: str
-    stats: ShardStats | None = None
-    paths: dict[str, str] = field(default_factory=dict)
-    weights: list[WeightsRecord] = field(default_factory=list)
-    samples_per_s: float = 0.0
-    error: str | None = None
-    checks: list[CheckOutcome] = field(default_factory=list)  # when shard_metadata was written
-    quantiles: dict[str, float] = field(default_factory=dict)
-    metadata: dict[str, Any] = field(default_factory=dict)  # asset-specific facts for its materialization
-
-    @property
-    def weights_kind(self) -> str:
-        """The least verified kind among the weights used: random, then user, custom, official; none if none."""
-        kinds = {w.kind for w in self.weights}
-        return next((k for k in ("random", "user", "custom", "official") if k in kinds), "none")
-
-
-def selected_assets(config: D2MConfig) -> list[str]:
-    """Validate what the config asks for against the catalog; returns the asset names it selects."""
-    if config.custom_pypath:
-        install_plugin(config.custom_pypath)
-    return catalog.assets_for_config(config.models, config.postprocess_columns, config.postprocess_features)
-
-
-def verify_weights(config: D2MConfig) -> list[WeightsRecord]:
-    """Find and check every weights file the config needs (models, dedup reference); raises on the first gap."""
-    records = [resolve_model_weights(m, config.weights_dir).record for m in config.models]
-    if catalog.REFERENCE_ASSET in selected_assets(config):
-        records.append(resolve_weights(REFERENCE_MODEL, DEDUP_REFERENCE_FILES, weights_dir(config.weights_dir)).record)
-    return records
-
-
-def artifact_url(config: D2MConfig, asset: str, stem: str, ext: str) -> str:
-    return storage.join(config.artifacts_root, asset, f"{stem}.{ext}")
 
 
 def load_models(config: D2MConfig, names: Sequence[str], device: torch.device, dtype: torch.dtype) -> tuple[dict[str, Any], list[WeightsRecord]]:
@@ -224,7 +183,7 @@ def process_shards(
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="d2m-writer") as writer:
         if not features:
-            yield from writer.map(lambda ref: finish(ShardOutcome(stem=ref.stem, stats=_stored_stats(config, ref.stem))), shards)
+            yield from writer.map(lambda ref: finish(ShardOutcome(stem=ref.stem, stats=stored_stats(config, ref.stem))), shards)
             return
         engine, weights = build_engine(config, features, device)
         write = lambda r: finish(write_feature_pass(config, r, features, weights))  # noqa: E731
@@ -277,16 +236,6 @@ def _computed_and_written(engine: Engine, shards: Sequence[ShardRef], writer: Th
                 total = item[1]
     finally:
         stop.set()  # the caller stopped early: no further shard is started
-
-
-def _stored_stats(config: D2MConfig, stem: str) -> ShardStats | None:
-    url = artifact_url(config, catalog.SAMPLES, stem, "json")
-    return ShardStats.from_dict(storage.read_json(url)) if storage.exists(url) else None
-
-
-def shard_stats(config: D2MConfig, stem: str) -> ShardStats:
-    """The stored counts and failures of a shard's last feature pass."""
-    return ShardStats.from_dict(storage.read_json(artifact_url(config, catalog.SAMPLES, stem, "json")))
 
 
 def reference_url(config: D2MConfig) -> str:

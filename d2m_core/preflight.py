@@ -12,6 +12,7 @@ from d2m_core import storage
 from d2m_core.config import D2MConfig
 from d2m_core.identity import tar_identities
 from d2m_core.records import WeightsRecord
+from d2m_core.selection import verify_weights
 from d2m_core.shards import ShardRef, expand_shards
 
 PROBE_PREFIX = ".d2m-write-probe-"
@@ -58,8 +59,6 @@ def check_output(config: D2MConfig) -> None:
 
 def preflight(config: D2MConfig) -> Preflight:
     """All checks, cheapest first: inputs, weights (each file hashed once), then the output probe."""
-    from d2m_core.pipeline import verify_weights  # models are imported only when the inputs are there
-
     refs, tars = check_inputs(config)
     weights = verify_weights(config)
     check_output(config)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from d2m_core.validation import CheckOutcome
 
 
 @dataclass(frozen=True)
@@ -67,3 +70,24 @@ class ShardStats:
             failures=[SampleFailure(**f) for f in data.get("failures", [])],
             timings=dict(data.get("timings", {})),
         )
+
+
+@dataclass
+class ShardOutcome:
+    """What happened to one shard for one asset: counts, files written, or the error that stopped it."""
+
+    stem: str
+    stats: ShardStats | None = None
+    paths: dict[str, str] = field(default_factory=dict)
+    weights: list[WeightsRecord] = field(default_factory=list)
+    samples_per_s: float = 0.0
+    error: str | None = None
+    checks: list[CheckOutcome] = field(default_factory=list)  # when shard_metadata was written
+    quantiles: dict[str, float] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)  # asset-specific facts for its materialization
+
+    @property
+    def weights_kind(self) -> str:
+        """The least verified kind among the weights used: random, then user, custom, official; none if none."""
+        kinds = {w.kind for w in self.weights}
+        return next((k for k in ("random", "user", "custom", "official") if k in kinds), "none")

@@ -1,6 +1,7 @@
 """d2m_core knows nothing of Dagster; d2m_assets holds no model or tensor logic."""
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,3 +30,16 @@ def test_core_never_imports_dagster() -> None:
 
 def test_assets_hold_no_tensor_code() -> None:
     assert not _imports("d2m_assets") & {"torch", "numpy", "open_clip", "PIL", "webdataset", "pyarrow"}
+
+
+def test_definitions_load_without_the_compute_stack(tmp_path: Path) -> None:
+    """Code servers, the daemon and the webserver load the definitions: they never import torch, open_clip
+    or torchvision (only a run's step does, when it computes)."""
+    code = ("import sys, d2m_assets\n"
+            "assert d2m_assets.defs.resolve_asset_graph().get_all_asset_keys()\n"
+            "print(sorted(m for m in ('torch', 'torchvision', 'open_clip', 'd2m_core.pipeline') if m in sys.modules))\n")
+    for yml in ("basic.yml", "datacomp.yml"):
+        env = {**os.environ, "D2M_CONFIG": str(REPO / "configs" / yml), "DAGSTER_HOME": str(tmp_path)}
+        out = subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=env, capture_output=True,
+                             text=True).stdout
+        assert out.strip().splitlines()[-1] == "[]", (yml, out)

@@ -6,6 +6,8 @@ shards, and a shard that fails does not fail the others of its run (the run fail
 """
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from importlib import import_module
 from collections.abc import Sequence
 
 from dagster import (AssetCheckSpec, AssetExecutionContext, AssetsDefinition, AssetSpec, BackfillPolicy, Failure,
@@ -16,10 +18,10 @@ from d2m_assets.datasets import Dataset
 from d2m_assets.partitions import GPU_POOL, RAW_SHARDS
 from d2m_assets.progress import RunLogReporter
 from d2m_assets.reporting import check_evaluations, materializations
-from d2m_core import catalog, process_shards
+from d2m_core import catalog
 from d2m_core.gpus import claim_device
 from d2m_core.identity import asset_identity, tar_identities, weights_by_model
-from d2m_core.pipeline import verify_weights
+from d2m_core.selection import verify_weights
 from d2m_core.validation import CHECKS
 
 
@@ -76,7 +78,10 @@ def build_shard_assets(dataset: Dataset, assets: Sequence[str], backfill_policy:
         selected = [a for a in assets if dataset.key(a) in context.selected_asset_keys]  # parents first
         shards = dataset.source.shards(config, context.partition_keys)
         tars = tar_identities(shards)  # what produced each shard, recorded with it
-        weights = weights_by_model(verify_weights(config))
+        with ThreadPoolExecutor(1) as pool:  # torch and the models' code load while the weights are hashed
+            compute = pool.submit(import_module, "d2m_core.pipeline")
+            weights = weights_by_model(verify_weights(config))
+            process_shards = compute.result().process_shards
         checked = bool(context.selected_asset_check_keys) and catalog.METADATA_ASSET in selected
         progress = RunLogReporter(context.log.info)  # the run log, and `d2m run`'s display
         failed: dict[str, str] = {}
