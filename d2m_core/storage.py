@@ -525,38 +525,15 @@ def read_npz(url: str, keys: Collection[str] | None = None) -> dict[str, np.ndar
         with np.load(io.BytesIO(data)) as loaded:
             return {k: loaded[k] for k in loaded.files if keys is None or k in keys}
     view = memoryview(data)
-    jobs = {name: _pool().submit(_npz_member, url, view, info) for name, info in zip(names, infos)
+    jobs = {name: _pool().submit(_npz_member, view, info) for name, info in zip(names, infos)
             if keys is None or name in keys}
     return {name: job.result() for name, job in jobs.items()}
 
 
-# The members inflated last, by (url, member), with their deflated bytes: the same bytes read again (the
-# checks reading what the scores just read) are not inflated again. A hit needs byte-equal deflated data, so
-# what is returned is always what the file holds now.
-NPZ_CACHE_BYTES = 256 * 2**20
-_npz_cache: dict[tuple[str, str], tuple[bytes, np.ndarray]] = {}
-_npz_cache_lock = threading.Lock()
-
-
-def _npz_member(url: str, data: memoryview, info: zipfile.ZipInfo) -> np.ndarray:
+def _npz_member(data: memoryview, info: zipfile.ZipInfo) -> np.ndarray:
     name_length, extra_length = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
     start = info.header_offset + 30 + name_length + extra_length
     packed = data[start:start + info.compress_size]
-    with _npz_cache_lock:
-        cached = _npz_cache.get((url, info.filename))
-    if cached is not None and len(cached[0]) == len(packed) and cached[0] == packed.tobytes():  # (a memcmp)
-        return cached[1].copy()
-    array = _inflate_member(packed, info)
-    if 2 * array.nbytes <= NPZ_CACHE_BYTES // 2:
-        with _npz_cache_lock:
-            _npz_cache.pop((url, info.filename), None)
-            _npz_cache[(url, info.filename)] = (bytes(packed), array.copy())
-            while sum(len(p) + a.nbytes for p, a in _npz_cache.values()) > NPZ_CACHE_BYTES:
-                del _npz_cache[next(iter(_npz_cache))]  # the oldest first
-    return array
-
-
-def _inflate_member(packed: memoryview, info: zipfile.ZipInfo) -> np.ndarray:
     raw = zlib.decompress(packed, -15, info.file_size or 1) if info.compress_type == zipfile.ZIP_DEFLATED else packed
     if len(raw) != info.file_size or zlib.crc32(raw) != info.CRC:
         raise zipfile.BadZipFile(f"Bad CRC-32 for file {info.filename!r}")

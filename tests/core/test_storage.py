@@ -439,8 +439,8 @@ def test_read_npz_rejects_a_corrupt_member(tmp_path: Path) -> None:
 
 
 def test_read_npz_reads_a_rewritten_file_anew(tmp_path: Path) -> None:
-    """Members inflated once are kept by their deflated bytes: a file rewritten at the same path (same sizes,
-    other values) is read as it is now, and changing what read_npz returned changes nothing read later."""
+    """A file rewritten at the same path (same sizes, other values) is read as it is now, and changing what
+    read_npz returned changes nothing read later."""
     path = str(tmp_path / "x.npz")
     first, second = np.arange(100, dtype=np.float32), np.arange(100, dtype=np.float32)[::-1].copy()
     storage.write_npz(path, {"x": first})
