@@ -442,8 +442,6 @@ _FIXED = np.zeros(512, np.uint8)  # ... and the fixed bytes between them (NULs, 
 for _lo, _digits in ((100, 7), (108, 7), (116, 7), (124, 11), (136, 11), (148, 6)):
     _DIGIT[_lo:_lo + _digits] = True
 _FIXED[155] = 0x20
-_CHECKED = np.zeros(512, bool)
-_CHECKED[100:156] = True
 _DEVICE = np.arange(329, 345)
 _MAGICS = np.array([np.frombuffer(m + b"\x00" * (8 - len(m)), np.uint8) for m in _USTAR_MAGIC])
 _OCTAL_WEIGHTS = 8 ** np.arange(5, -1, -1, dtype=np.int64)
@@ -452,8 +450,9 @@ _known_pax: set[bytes] = set()  # pax data already found ignorable (webdataset w
 
 
 def _canonical_rows(rows: np.ndarray) -> np.ndarray:
-    """Which 512-byte header rows `_plain_header` accepts as they stand: ustar or GNU magic, every number field
-    in the canonical form Python's tarfile writes, the checksum right, no name prefix."""
+    """Which 512-byte header rows to take as they stand: ustar (or GNU) magic, every number field in the
+    canonical form Python's tarfile writes, the unsigned checksum right, no name prefix. tarfile reads such a
+    header (GNU magic included) as `_plain_header` reads a ustar one: the same name, type and size."""
     fields = rows[:, 100:156]
     digits = (fields >= 0x30) & (fields <= 0x37)
     ok = np.where(_DIGIT[100:156], digits, fields == _FIXED[100:156]).all(axis=1)
