@@ -64,7 +64,7 @@ def writer_stage(config: D2MConfig, shards: Sequence[ShardRef], config_name: str
 
     from d2m_core.engine import RAGGED, ShardResult
     from d2m_core.models import model_class
-    from d2m_core.pipeline import build_scorer, finish_shard, write_feature_pass
+    from d2m_core.pipeline import build_scorer, computed_features, finish_shard, write_feature_pass
     from d2m_core.reading import iter_samples
     from d2m_core.records import ShardStats
 
@@ -100,7 +100,7 @@ def writer_stage(config: D2MConfig, shards: Sequence[ShardRef], config_name: str
             result = ShardResult(shard=ShardRef(stem, f"synthetic/{stem}.tar"), stats=stats, keys=[f"{stem}{k:05d}" for k in range(samples)],
                                  uids=uids, jsons=jsons, outputs=outputs)
             outcome = finish_shard(config, write_feature_pass(config, result, features, []), scorers,
-                                   catalog.METADATA_ASSET in names)
+                                   catalog.METADATA_ASSET in names, computed_features(result, features))
             if outcome.error is not None:
                 raise RuntimeError(f"writer benchmark shard failed: {outcome.error}")
         seconds = time.perf_counter() - start

@@ -139,14 +139,21 @@ def write_feature_pass(config: D2MConfig, result: ShardResult, feature_assets: S
     return outcome
 
 
-def finish_shard(config: D2MConfig, outcome: ShardOutcome, scorers: dict[str, Scorer], metadata: bool) -> ShardOutcome:
-    """After a shard's features are stored: its scores, then DataComp's files and their checks (the writer
-    thread's work). A failure is recorded on the outcome; the other shards go on."""
+def computed_features(result: ShardResult, feature_assets: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
+    """A pass's features as `stored_outputs` reads them back once written (the same arrays, in memory)."""
+    return {a: storage.pack_fields(result.outputs[catalog.FEATURE_ASSETS[a].model]) for a in feature_assets}
+
+
+def finish_shard(config: D2MConfig, outcome: ShardOutcome, scorers: dict[str, Scorer], metadata: bool,
+                 computed: dict[str, dict[str, np.ndarray]] | None = None) -> ShardOutcome:
+    """After a shard's features are stored: its scores (from `computed`, the features the pass just stored,
+    else read back), then DataComp's files and their checks (the writer thread's work). A failure is recorded
+    on the outcome; the other shards go on."""
     if outcome.error is not None:
         return outcome
     try:
         for asset, scorer in scorers.items():
-            outcome.paths[asset] = score_shard(config, outcome.stem, asset, scorer)
+            outcome.paths[asset] = score_shard(config, outcome.stem, asset, scorer, computed)
             outcome.weights += scorer.weights
         if metadata:
             outcome.paths |= write_shard_metadata(config, outcome.stem)
@@ -186,7 +193,8 @@ def process_shards(
             yield from writer.map(lambda ref: finish(ShardOutcome(stem=ref.stem, stats=stored_stats(config, ref.stem))), shards)
             return
         engine, weights = build_engine(config, features, device)
-        write = lambda r: finish(write_feature_pass(config, r, features, weights))  # noqa: E731
+        write = lambda r: finish_shard(config, write_feature_pass(config, r, features, weights), scorers,  # noqa: E731
+                                       metadata, computed_features(r, features))
         yield from _computed_and_written(engine, shards, writer, write, progress, progress_every_s)
 
 
@@ -292,10 +300,12 @@ def build_scorer(config: D2MConfig, score_asset: str) -> Scorer:
     raise KeyError(f"no scorer for {score_asset!r}")
 
 
-def score_shard(config: D2MConfig, stem: str, score_asset: str, scorer: Scorer) -> str:
-    """One shard's scores from its stored features (never from the tar); returns the file written."""
+def score_shard(config: D2MConfig, stem: str, score_asset: str, scorer: Scorer,
+                computed: dict[str, dict[str, np.ndarray]] | None = None) -> str:
+    """One shard's scores from its stored features (never from the tar): those of `computed` (a pass's
+    features, just stored) as they are, the others read back; returns the file written."""
     parents = [p for p in catalog.SCORE_ASSETS[score_asset].parents if p in catalog.FEATURE_ASSETS]
-    features = {p: stored_outputs(config, stem, p) for p in parents}
+    features = {p: computed[p] if computed and p in computed else stored_outputs(config, stem, p) for p in parents}
     url = artifact_url(config, score_asset, stem, "npz")
     storage.write_npz(url, scorer(features))
     storage.write_json(artifact_url(config, score_asset, stem, "json"), {"weights": [w.as_dict() for w in scorer.weights]})

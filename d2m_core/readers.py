@@ -7,9 +7,11 @@ anonymous shared-memory file (the ring) and two pipes. Shards are dealt round-ro
 i, i+N, i+2N, ... in order, so N readers work on N shards at once and their batches arrive interleaved.
 
 Parent -> child: the job (pickled), then release counters (8 bytes each): the ring is free up to there.
-Child -> parent: pickled messages: ("start", index), ("batch", index, samples, ring_start, ring_end, texts),
-("end", index, error), ("done",), or ("failed", traceback). A batch's images stay in the ring until the
-parent releases it (`ReaderPool.release`); a batch larger than the whole ring travels in its message.
+Child -> parent: pickled messages: ("start", index), ("batch", index, samples, inline, ring_end, texts),
+("end", index, error), ("done",), or ("failed", traceback). Each image is copied into the ring straight from
+the tar's read buffer as it is read; a batch's images stay there until the parent releases the batch
+(`ReaderPool.release`). An image the ring cannot hold (larger than the ring, or the ring full of the batch
+being read) travels in the batch's message (`inline`, by row).
 
 Readers ignore Ctrl-C (the parent stops them), die with the parent (PR_SET_PDEATHSIG), and are stopped
 and reaped by `ReaderPool.close` on every exit path: end of the run, an error, Ctrl-C.
@@ -91,42 +93,47 @@ def _die_with_parent(parent: int) -> None:
 
 
 class _RingWriter:
-    """The child's side of the ring: places each batch's images contiguously, waiting for releases."""
+    """The child's side of the ring: each image is copied there straight from the read buffer as it is read
+    (one copy, into memory that is reused), waiting for the parent's releases when the ring is full."""
 
     def __init__(self, ring: mmap.mmap, size: int, releases: Connection) -> None:
         self.ring, self.size, self.releases = ring, size, releases
         self.written = 0  # monotonic positions; physical = position % size
         self.released = 0
+        self.sent = 0  # the end of the images of the batches sent so far
 
-    def _drain(self, block: bool) -> None:
+    def drain(self, block: bool) -> None:
         while block or self.releases.poll():
             self.released = max(self.released, _COUNTER.unpack(self.releases.recv_bytes())[0])
             block = False
 
-    def place(self, blobs: list[bytes]) -> tuple[int, int, list[int]] | None:
-        """Copy the blobs into the ring; returns (start, end, offsets), or None when they cannot fit at all."""
-        total = sum(len(b) for b in blobs)
-        if total > self.size:
-            return None
+    def place(self, image: memoryview) -> tuple[int, int] | bytes:
+        """Copy one image into the ring: (offset, length); or its bytes, to travel in the batch's message, when
+        the ring cannot hold it (larger than the ring, or the ring is full of the batch being read)."""
+        size = len(image)
         start = self.written
-        if start % self.size + total > self.size:  # would wrap: start at the ring's beginning
+        if start % self.size + size > self.size:  # would wrap: start at the ring's beginning
             start += self.size - start % self.size
-        self._drain(block=False)
-        while start + total - self.released > self.size:
-            self._drain(block=True)
-        offsets, at = [], start % self.size
-        for blob in blobs:
-            self.ring[at:at + len(blob)] = blob
-            offsets.append(at)
-            at += len(blob)
-        self.written = start + total
-        return start, self.written, offsets
+        while start + size - self.released > self.size:
+            if self.released >= self.sent or size > self.size:  # nothing more will be released
+                return bytes(image)
+            self.drain(block=True)
+        at = start % self.size
+        self.ring[at:at + size] = image
+        self.written = start + size
+        return at, size
 
 
-def _wire(raw: RawSample) -> tuple[Meta, bytes]:
-    image = raw.image if raw.problem is None else None
-    ext = next((e for e in IMAGE_EXTENSIONS if e in raw.members), None) if image is not None else None
-    return (raw.key, raw.problem, raw.json, raw.members.get("txt"), ext, -1, 0), image or b""
+def _wire(raw: RawSample, inline: dict[int, bytes], row: int) -> Meta:
+    ext = next((e for e in IMAGE_EXTENSIONS if e in raw.members), None) if raw.problem is None else None
+    at, length = -1, 0
+    if ext is not None:
+        placed = raw.members[ext]
+        if isinstance(placed, tuple):
+            at, length = placed
+        else:
+            inline[row] = placed
+    return raw.key, raw.problem, raw.json, raw.members.get("txt"), ext, at, length
 
 
 def _text_preprocessors(names: Sequence[str]) -> dict[str, Any]:
@@ -153,25 +160,21 @@ def child_main(argv: Sequence[str]) -> int:
         preprocessors = _text_preprocessors(job.text_preprocessors)
 
         def send_batch(index: int, samples: list[RawSample]) -> None:
-            wired = [_wire(raw) for raw in samples]
+            inline: dict[int, bytes] = {}
+            metas = [_wire(raw, inline, row) for row, raw in enumerate(samples)]
             texts = {}
             if preprocessors:  # captions decoded only when this reader tokenizes
                 captions = [raw.text or "" for raw in samples]
                 texts = {name: prepare(captions).numpy() for name, prepare in preprocessors.items()}
-            placed = writer.place([blob for _, blob in wired])
-            if placed is None:  # larger than the ring: the images travel in the message
-                metas = [meta[:5] + (-1, 0) for meta, _ in wired]
-                out.send_bytes(pickle.dumps(("batch", index, metas, [b for _, b in wired], None, texts), protocol=5))
-                return
-            start, end, offsets = placed
-            metas = [meta[:5] + (at, len(blob)) for (meta, blob), at in zip(wired, offsets)]
-            out.send_bytes(pickle.dumps(("batch", index, metas, start, end, texts), protocol=5))
+            writer.drain(block=False)  # keeps the release pipe from filling up
+            out.send_bytes(pickle.dumps(("batch", index, metas, inline, writer.written, texts), protocol=5))
+            writer.sent = writer.written
 
         for index, stem, url in job.shards:
             out.send_bytes(pickle.dumps(("start", index)))
             error, buffer = None, []
             try:
-                for raw in iter_samples(ShardRef(stem, url)):
+                for raw in iter_samples(ShardRef(stem, url), image_sink=writer.place):
                     buffer.append(raw)
                     if len(buffer) == job.batch_size:
                         send_batch(index, buffer)
@@ -280,22 +283,20 @@ class ReaderPool:
                     raise ReaderError(f"reader process {reader.process.pid} failed:\n{message[1]}")
 
     def _batch(self, number: int, reader: _Reader, message: tuple) -> RawBatch:
-        _, index, metas, start, end, texts = message
-        inline = start if isinstance(start, list) else None
+        _, index, metas, inline, end, texts = message
+        view = reader.view
         samples = []
         for i, (key, problem, meta_json, text, ext, at, length) in enumerate(metas):
             members: dict[str, Any] = {}
             if ext is not None:
-                members[ext] = inline[i] if inline is not None else reader.view[at:at + length]
+                members[ext] = view[at:at + length] if at >= 0 else inline[i]
             if text is not None:
                 members["txt"] = text
             samples.append(RawSample(key=key, members=members, json=meta_json, problem=problem))
-        return RawBatch(self.shards[index], samples, number, -1 if inline is not None else end, texts)
+        return RawBatch(self.shards[index], samples, number, end, texts)
 
     def release(self, batch: RawBatch) -> None:
         """The batch's images are no longer needed: its reader may reuse their place in the ring."""
-        if batch.ring_end < 0:
-            return
         reader = self._readers[batch.reader]
         if not reader.finished and reader.process.poll() is None:
             try:

@@ -37,7 +37,9 @@ import re
 import tarfile
 import zlib
 from dataclasses import dataclass, field
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator
+
+import numpy as np
 
 from d2m_core.shards import ShardRef, open_shard
 
@@ -101,6 +103,9 @@ class ReadReport:
 
 def split_name(name: str) -> tuple[str | None, str]:
     """'dir/000001.json' -> ('dir/000001', 'json'); (None, '') when the name has no KEY.EXT form."""
+    if "/" not in name:  # the usual case, without the regular expression: KEY is all before the first dot
+        dot = name.find(".")
+        return (name[:dot], name[dot + 1:].lower()) if dot > 0 else (None, "")
     match = _KEY_EXT.match(name)
     return (match.group(1), match.group(2).lower()) if match else (None, "")
 
@@ -188,9 +193,9 @@ class _Blocks:
         if self._pos:  # move the unread rest to the front (small: a header, a member's start)
             self._buf[:avail] = self._view[self._pos:self._end]
             self._pos, self._end = 0, avail
-        if n > len(self._buf):
-            self._view.release()
-            self._buf.extend(bytes(n - len(self._buf)))
+        if n > len(self._buf):  # a new, larger buffer (views of the old one, if any, keep it alive)
+            self._buf = bytearray(n)
+            self._buf[:avail] = self._view[:avail]
             self._view = memoryview(self._buf)
         while self._end < n:
             room = self._view[self._end:self._end + max(self._chunk, n - self._end)]
@@ -344,34 +349,41 @@ class _TarState:
         self.end: tarfile.HeaderError | None = None  # the header error that ended the walk
 
 
-@dataclass
-class _Member:
-    name: str
-    isdir: bool
-    kind: str | None  # None for a regular file; else "symlink", "hard link", "special file"
-    size: int
-
-    @property
-    def readable(self) -> bool:
-        return self.kind is None and not self.isdir and self.size <= MAX_MEMBER_BYTES
+# A member as the walk yields it: (name, isdir, kind, size, data). kind is None for a regular file, else
+# "symlink", "hard link", "special file"; data is the member's bytes when the fast scan read it with its header,
+# else None (then `_member_data` reads it, before the next member, when it is readable). The fast scan's data
+# is a view of the read buffer: valid until the next member is asked for.
+Member = tuple[str, bool, "str | None", int, "bytes | memoryview | None"]
 
 
-def _member_data(state: _TarState, member: _Member) -> bytes:
+def readable(member: Member) -> bool:
+    return member[2] is None and not member[1] and member[3] <= MAX_MEMBER_BYTES
+
+
+def _member_data(state: _TarState, member: Member) -> bytes | memoryview:
     """The data of the member just walked to (read only when asked: tarfile reads it after the header too)."""
-    data = state.fileobj.read(member.size)
-    if len(data) != member.size:
+    if member[4] is not None:
+        return member[4]
+    data = state.fileobj.read(member[3])
+    if len(data) != member[3]:
         raise tarfile.ReadError("unexpected end of data")
     return data
+
+
+def _skip_to_header(state: _TarState) -> None:
+    """Skip the rest of the last member's data and padding, as tarfile does before reading a header."""
+    blocks = state.fileobj
+    if state.offset != blocks.tell():
+        blocks.seek(state.offset - 1)
+        if not blocks.read(1):
+            raise tarfile.ReadError("unexpected end of data")
 
 
 def _next_info(state: _TarState) -> tarfile.TarInfo | tuple[str, bytes, int] | None:
     """The next header, as tarfile.TarFile.next reads it in stream mode (same errors, same end), or None at
     the end of the members."""
     blocks = state.fileobj
-    if state.offset != blocks.tell():  # skip the rest of the last member's data and padding
-        blocks.seek(state.offset - 1)
-        if not blocks.read(1):
-            raise tarfile.ReadError("unexpected end of data")
+    _skip_to_header(state)
     plain = None if state.pax_headers else _plain_header(blocks.peek(tarfile.BLOCKSIZE))
     if plain is not None and plain[1] == tarfile.XHDTYPE:  # a pax header for the next member: both or neither
         extended = _block(plain[2]) if plain[2] <= _PAX_FAST_BYTES else None
@@ -404,18 +416,126 @@ def _next_info(state: _TarState) -> tarfile.TarInfo | tuple[str, bytes, int] | N
     return None
 
 
-def _tar_members(state: _TarState) -> Iterator[_Member]:
-    """Every member of the tar in order (its data: `_member_data`, before the next member)."""
+def _tar_members(state: _TarState) -> Iterator[Member]:
+    """Every member of the tar in order (its data: `_member_data`, before the next member). Runs of plain
+    members already buffered come from `_scan` with their data; anything else from `_next_info`, one by one."""
     while True:
+        fast = _scan(state)
+        if fast:
+            yield from fast
+            continue
         info = _next_info(state)
         if info is None:
             return
         if isinstance(info, tuple):
             name, kind, size = info
-            yield _Member(name, kind == tarfile.DIRTYPE, None, size)
+            yield name, kind == tarfile.DIRTYPE, None, size, None
         else:
             special = None if info.isreg() else "symlink" if info.issym() else "hard link" if info.islnk() else "special file"
-            yield _Member(info.name, info.isdir(), special, info.size)
+            yield info.name, info.isdir(), special, info.size, None
+
+
+# --- the fast scan: runs of plain members already in the buffer, their headers checked all at once --------
+
+_DIGIT = np.zeros(512, bool)  # header bytes that must be octal digits in a canonical header
+_FIXED = np.zeros(512, np.uint8)  # ... and the fixed bytes between them (NULs, the checksum's space)
+for _lo, _digits in ((100, 7), (108, 7), (116, 7), (124, 11), (136, 11), (148, 6)):
+    _DIGIT[_lo:_lo + _digits] = True
+_FIXED[155] = 0x20
+_DEVICE = np.arange(329, 345)
+_MAGICS = np.array([np.frombuffer(m + b"\x00" * (8 - len(m)), np.uint8) for m in _USTAR_MAGIC])
+_OCTAL_WEIGHTS = 8 ** np.arange(5, -1, -1, dtype=np.int64)
+_SCAN_MIN = 8 * tarfile.BLOCKSIZE  # fewer bytes buffered than this: one member at a time
+_known_pax: set[bytes] = set()  # pax data already found ignorable (webdataset writes the same mtime record)
+
+
+def _canonical_rows(rows: np.ndarray) -> np.ndarray:
+    """Which 512-byte header rows to take as they stand: ustar (or GNU) magic, every number field in the
+    canonical form Python's tarfile writes, the unsigned checksum right, no name prefix. tarfile reads such a
+    header (GNU magic included) as `_plain_header` reads a ustar one: the same name, type and size."""
+    fields = rows[:, 100:156]
+    digits = (fields >= 0x30) & (fields <= 0x37)
+    ok = np.where(_DIGIT[100:156], digits, fields == _FIXED[100:156]).all(axis=1)
+    devices = rows[:, _DEVICE].reshape(-1, 2, 8)
+    device_ok = (((devices[:, :, :7] >= 0x30) & (devices[:, :, :7] <= 0x37)).all(axis=2) & (devices[:, :, 7] == 0)) \
+        | (devices == 0).all(axis=2)
+    ok &= device_ok.all(axis=1)
+    magic = rows[:, 257:265]
+    ok &= (magic == _MAGICS[0]).all(axis=1) | (magic == _MAGICS[1]).all(axis=1)
+    ok &= rows[:, 345] == 0
+    stored = ((rows[:, 148:154].astype(np.int64) - 0x30) * _OCTAL_WEIGHTS).sum(axis=1)
+    ok &= stored == rows.sum(axis=1, dtype=np.int64) - rows[:, 148:156].sum(axis=1, dtype=np.int64) + 256
+    return ok
+
+
+def _scan(state: _TarState) -> list[Member]:
+    """The regular-file members (each alone, or after a pax header `_ignorable_pax` accepts) that lie whole in
+    the buffer from the next header on, with their data, exactly as `_next_info` would read them; [] when the
+    next member is anything else or not whole in the buffer. Reads nothing from the stream."""
+    if state.pax_headers:
+        return []
+    _skip_to_header(state)
+    blocks = state.fileobj
+    buf, start, end = blocks._buf, blocks._pos, blocks._end
+    if end - start < _SCAN_MIN:
+        return []
+    walked: list[tuple[int, int, int]] = []  # (pax header or -1, header, size)
+    at = start
+    try:
+        while at + 1024 <= end:
+            kind = buf[at + 156]
+            pax = -1
+            if kind == 0x78:  # "x": a pax header for the next member
+                extended = int(buf[at + 124:at + 135], 8)
+                if extended > _PAX_FAST_BYTES:
+                    break
+                pax, at = at, at + 512 + ((extended + 511) & -512)
+                if at + 512 > end:
+                    break
+                kind = buf[at + 156]
+            if kind != 0x30:  # "0": a regular file
+                break
+            size = int(buf[at + 124:at + 135], 8)
+            if size > MAX_MEMBER_BYTES or at + 512 + ((size + 511) & -512) > end:
+                break
+            walked.append((pax, at, size))
+            at += 512 + _block(size)
+    except ValueError:  # not an octal field: `_next_info` reads that header
+        pass
+    if not walked:
+        return []
+    heads = np.array([w[1] for w in walked], np.int64)
+    paxes = np.array([w[0] for w in walked], np.int64)
+    blocks_of_window = np.frombuffer(blocks._view[start:start + (end - start) // 512 * 512], np.uint8).reshape(-1, 512)
+    rows = blocks_of_window[(np.concatenate([heads, paxes[paxes >= 0]]) - start) // 512]  # headers are block-aligned
+    del blocks_of_window  # (a view of the buffer, which may grow on the next read)
+    ok = _canonical_rows(rows)
+    head_ok, pax_ok = ok[:len(heads)], np.ones(len(heads), bool)
+    pax_ok[paxes >= 0] = ok[len(heads):]
+    good = head_ok & pax_ok
+    names = (rows[:len(heads), :100] == 0).argmax(axis=1)
+    names[rows[:len(heads), :100].all(axis=1)] = 100
+    view = blocks._view
+    members: list[Member] = []
+    for (pax, head, size), fine, length in zip(walked, good.tolist(), names.tolist()):
+        if not fine:
+            break
+        if pax >= 0:
+            extended = bytes(view[pax + 512:head])
+            if extended not in _known_pax:
+                if not _ignorable_pax(extended):
+                    break
+                if len(_known_pax) > 1024:
+                    _known_pax.clear()
+                _known_pax.add(extended)
+        raw = bytes(view[head:head + length])
+        name = raw.decode(tarfile.ENCODING, "surrogateescape")
+        members.append((name, False, None, size, view[head + 512:head + 512 + size]))  # a view: read it at once
+        at = head + 512 + ((size + 511) & -512)
+    if members:
+        blocks.advance(at - start)
+        state.offset = blocks.tell()
+    return members
 
 
 def _abnormal_end(state: _TarState) -> str | None:
@@ -444,8 +564,15 @@ def _close(stream: IO[bytes]) -> str | None:
         return f"closing the stream failed: {type(err).__name__}: {err}"
 
 
-def iter_samples(shard: ShardRef, report: ReadReport | None = None) -> Iterator[RawSample]:
+ImageSink = Callable[[memoryview], Any]
+
+
+def iter_samples(shard: ShardRef, report: ReadReport | None = None, image_sink: ImageSink | None = None) -> Iterator[RawSample]:
     """Yield the samples a tar holds, in tar order (see the module docstring); `report` is filled in as it goes.
+
+    `image_sink`, when given, receives each image member's data as a view of the read buffer, valid only during
+    the call, and returns what the sample holds instead of the bytes (never None): a reader process places
+    the image in shared memory there, so that no image is copied twice.
 
     Raises ShardReadError, naming the file, if the tar cannot be opened or no sample can be read from it.
     A tar that breaks part way yields the samples before the break, the last one carrying the truncation.
@@ -465,11 +592,12 @@ def iter_samples(shard: ShardRef, report: ReadReport | None = None) -> Iterator[
             # A pipe's command is checked at every read (webdataset): small reads keep what came before a failure.
             state = _TarState(_Blocks(_decompressed(stream), PIPE_CHUNK if shard.url.startswith("pipe:") else _Blocks.CHUNK))
             for member in _tar_members(state):
-                if member.isdir:
+                name, isdir, special, size, _ = member
+                if isdir:
                     report.directories += 1
                     continue
                 report.members += 1
-                name = _clean_text(member.name)
+                name = name if name.isascii() else _clean_text(name)
                 key, ext = split_name(name)
                 stray = key is None
                 key = name if key is None else key
@@ -483,14 +611,19 @@ def iter_samples(shard: ShardRef, report: ReadReport | None = None) -> Iterator[
                         current.add_problem("duplicate key: an earlier sample in this tar has the same key")
                     seen.add(key)
                 current.names.append(name)
-                if member.kind is not None:
-                    current.add_problem(f"member {name[:100]!r} is a {member.kind}, not a regular file")
+                if special is not None:
+                    current.add_problem(f"member {name[:100]!r} is a {special}, not a regular file")
                     current.members.setdefault(ext, b"")
-                elif not member.readable:
-                    current.add_problem(f"member {name[:100]!r} is {member.size} bytes, over the {MAX_MEMBER_BYTES}-byte limit")
+                elif size > MAX_MEMBER_BYTES:
+                    current.add_problem(f"member {name[:100]!r} is {size} bytes, over the {MAX_MEMBER_BYTES}-byte limit")
                     current.members.setdefault(ext, b"")
                 else:
-                    current.members[ext] = _member_data(state, member)
+                    data = _member_data(state, member)
+                    if image_sink is not None and ext in IMAGE_EXTENSIONS:
+                        current.members[ext] = image_sink(data if type(data) is memoryview else memoryview(data))
+                    else:
+                        current.members[ext] = data if type(data) is bytes else bytes(data)
+                    data = member = None  # no view of the buffer outlives its member
             broken = _abnormal_end(state)
         except _READ_ERRORS as err:
             if current is None and report.samples == 0:

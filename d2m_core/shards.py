@@ -8,7 +8,6 @@ from pathlib import PurePosixPath
 from typing import IO, Iterable
 
 import braceexpand
-import fsspec
 
 GLOB_CHARS = "*?["
 
@@ -41,6 +40,8 @@ def _expand_one(pattern: str) -> list[str]:
     if pattern.startswith("pipe:"):
         return list(braceexpand.braceexpand(pattern))
     urls: list[str] = []
+    import fsspec  # here, not at import: a reader process opening local tars never needs it
+
     for item in braceexpand.braceexpand(pattern):
         fs, path = fsspec.core.url_to_fs(item)
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
@@ -82,9 +83,14 @@ def expand_shards(input_tars: str | Iterable[str]) -> list[ShardRef]:
 
 
 def open_shard(url: str) -> IO[bytes]:
-    """A binary stream of the tar: pipe: through webdataset's gopen, everything else through fsspec."""
+    """A binary stream of the tar: pipe: through webdataset's gopen, a local path (no scheme) with open(), the
+    same file fsspec's local file system opens, everything else through fsspec."""
     if url.startswith("pipe:"):
         from webdataset.gopen import gopen
 
         return gopen(url, "rb")
+    if "://" not in url:
+        return open(url, "rb")
+    import fsspec
+
     return fsspec.open(url, "rb").open()

