@@ -181,3 +181,29 @@ def test_d2m_reshard_materializes_the_reshard_assets_and_skips_what_is_written(p
 
     assert main(args[:-1] + ["3"]) == 2
     assert "holds another reshard" in capsys.readouterr().err
+
+
+def test_d2m_run_over_the_resharded_folder_gives_exactly_the_subset(processed: dict, tmp_path: Path) -> None:
+    """The resharded tars are d2m input: `d2m run` over them writes one row per resharded sample, uids = the
+    subset, captions carried over."""
+    frame = processed["frame"]
+    chosen = [frame["uid"][i] for i in (1, 4, 8)]
+    subset_file = tmp_path / "subset.npy"
+    np.save(subset_file, keys_of(chosen))
+    out = tmp_path / "resharded"
+    assert main(["reshard", "--yml", str(processed["config"]), "--subset-file", str(subset_file), "--output-dir",
+                 str(out), "--shard-size", "2"]) == 0
+    config = {"models": ["oai-clip-vit-b32"], "postprocess_columns": ["oai-clip-vit-b32-score"],
+              "additional_fields": ["uid", "caption"], "use_datacomp_keys": True, "nworkers": 1,
+              "batch_size": 8, "device": "cpu", "dataset": "resharded_input", "input_tars": str(out),
+              "output_metadata_dir": str(tmp_path / "metadata")}
+    yml = tmp_path / "resharded.yml"
+    yml.write_text(yaml.safe_dump(config))
+    assert run_config_file(yml, echo=lambda _: None).ok
+    parquets = sorted((tmp_path / "metadata").glob("*.parquet"))
+    assert [p.stem for p in parquets] == ["00000000", "00000001"]
+    rows = pd.concat([pd.read_parquet(p) for p in parquets], ignore_index=True)
+    assert sorted(rows["uid"]) == sorted(chosen) and len(rows) == 3
+    captions = dict(zip(frame["uid"], frame["text"]))
+    assert rows["text"].tolist() == [captions[u] for u in rows["uid"]]
+    assert rows["clip_b32_similarity_score"].between(-1, 1).all()
