@@ -29,6 +29,7 @@ import argparse
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -176,9 +177,10 @@ def run_datacomp(python: str, root: Path, work: Path, metadata: Path, case: dict
                           env={**os.environ, "D2M_SBS_FILES": str(work / "dc_files.json"),
                                "NLTK_DATA": str(work / "nltk_data"), "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"})
     out = {"seconds": round(time.perf_counter() - start, 1)}
-    if done.returncode:
-        tail = (done.stderr or done.stdout).strip().splitlines()
-        return out | {"error": tail[-1] if tail else f"exit {done.returncode}"}
+    if done.returncode or not save.exists():
+        lines = (done.stderr + done.stdout).strip().splitlines()
+        errors = [line for line in lines if re.match(r"^\w*(Error|Exception)\b", line)]
+        return out | {"error": (errors or lines or [f"exit {done.returncode}"])[-1][:300]}
     return out
 
 
