@@ -5,8 +5,8 @@
 
 Run on purpose (not in the tests). DATACOMP_CHECKOUT is a checkout of github.com/mlfoundations/datacomp;
 DC_PYTHON a Python that imports what its baselines/ and resharder.py import (fasttext, gcld3, nltk, pandas,
-torch, simdjson, webdataset 0.2.x, cloudpathlib, img2dataset with albumentations 1.x); d2m's requirements
-are not touched.
+torch, simdjson, webdataset 0.2.x, cloudpathlib, img2dataset with albumentations 1.x; pandas < 3: its
+image-based caption filter does `list & Series`, which pandas 3 refuses); d2m's requirements are not touched.
 
 1. The pool: `d2m make-shards` (3 x 100 samples), captions and original sizes rewritten so that each filter
    keeps some samples and drops some, then `d2m run` (B/32, L/14 with `l14_img`, face boxes; random weights,
@@ -14,7 +14,7 @@ are not touched.
 2. Stand-in data files (DataComp's cannot be fetched here): the tiny fastText model and WordNet of the tests,
    ImageNet-21k ids, and centroids / ImageNet-1k features drawn from the pool's own `l14_img` (so clusters
    split the pool). Both sides read the same files.
-3. Each baseline by `d2m filter` and by DataComp's `apply_filter()` (baselines.py's routing, without its
+3. Each baseline by d2m's `filter_pool` (what the filter asset and `d2m filter` run) and by DataComp's `apply_filter()` (baselines.py's routing, without its
    CUDA check), on the same folder: DataComp runs from a scratch copy of its baselines/ with two documented
    edits only: `download()` returns the stand-in file for a name, and the nearest-centroid matmul runs on
    "cpu" instead of f"cuda:{device}". The .npy files are compared byte for byte and as arrays.
@@ -128,8 +128,9 @@ def make_data_files(work: Path, meta: Path) -> dict[str, object]:
         in1k.append(str(files / f"in1k_{i}.pt"))
     nltk_root = work / "nltk_data" / "corpora"
     nltk_root.mkdir(parents=True, exist_ok=True)
-    if not (nltk_root / "wordnet").exists():
-        (nltk_root / "wordnet").symlink_to(wordnet)
+    if (nltk_root / "wordnet").exists():
+        shutil.rmtree(nltk_root / "wordnet")
+    shutil.copytree(wordnet, nltk_root / "wordnet")  # NLTK refuses a corpus that resolves outside its data path
     d2m_files = {"fasttext": str(lid), "wordnet": str(wordnet), "imagenet21k_wordnet_ids": str(files / "in21k.txt"),
                  "small_centroids": str(files / "centroids.pt"), "in1k_clip_vit_l14": in1k}
     dc_files = {"fasttext": str(lid), "imagenet21k_wordnet_ids": str(files / "in21k.txt"),
@@ -171,7 +172,7 @@ def datacomp_copy(datacomp: Path, work: Path) -> Path:
 def run_datacomp(python: str, root: Path, work: Path, metadata: Path, case: dict, save: Path) -> dict:
     args = {"name": case["name"], "metadata_dir": str(metadata), "save_path": str(save),
             "threshold": case.get("threshold"), "fraction": case.get("fraction"), "arch": case.get("arch"),
-            "num_workers": 2, "num_gpus": 1, "batch_size": 1024, "image_based_scale": case.get("image_based_scale")}
+            "num_workers": 1, "num_gpus": 1, "batch_size": 1024, "image_based_scale": case.get("image_based_scale")}
     start = time.perf_counter()
     done = subprocess.run([python, str(root / "run_apply_filter.py"), json.dumps(args)], capture_output=True, text=True,
                           env={**os.environ, "D2M_SBS_FILES": str(work / "dc_files.json"),
@@ -179,23 +180,27 @@ def run_datacomp(python: str, root: Path, work: Path, metadata: Path, case: dict
     out = {"seconds": round(time.perf_counter() - start, 1)}
     if done.returncode or not save.exists():
         lines = (done.stderr + done.stdout).strip().splitlines()
-        errors = [line for line in lines if re.match(r"^\w*(Error|Exception)\b", line)]
+        errors = [line for line in lines if re.search(r"(Error|Exception|Invalid)\b.*:", line)]
         return out | {"error": (errors or lines or [f"exit {done.returncode}"])[-1][:300]}
     return out
 
 
-def run_d2m(yml: Path, work: Path, case_name: str, case: dict, save: Path) -> dict:
-    cmd = [D2M, "filter", "--yml", str(yml), "--asset", case_name, "--save_path", str(save)]
-    for flag in ("name", "threshold", "fraction", "arch", "image_based_scale"):
-        if case.get(flag) is not None:
-            cmd += [f"--{flag}", str(case[flag])]
+def run_d2m(yml: Path, case_name: str, case: dict, save: Path) -> dict:
+    """d2m's side in this process: `filter_pool`, what the filter asset (and `d2m filter`) runs; the yml's
+    entry for the case gives the data files."""
+    from d2m_core.config import FilterSpec, load_config
+    from d2m_core.filters import filter_pool
+
+    config = load_config(yml)
+    known = next((f for f in config.filters if f.asset_name == case_name), None)
+    spec = FilterSpec(**case, asset=case_name, save_path=str(save),
+                      data_files=known.data_files if known is not None else {})
     start = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True,
-                          env={**os.environ, "DAGSTER_HOME": str(work / "home"), "D2M_RANDOM_WEIGHTS": "1"})
-    out = {"seconds": round(time.perf_counter() - start, 1)}
-    if done.returncode:
-        return out | {"error": (done.stderr or done.stdout).strip().splitlines()[-1]}
-    return out | {"printed": done.stdout.strip().splitlines()[-2:]}
+    try:
+        result, _ = filter_pool(config, spec)
+    except Exception as err:  # noqa: BLE001 - recorded in the results
+        return {"seconds": round(time.perf_counter() - start, 1), "error": f"{type(err).__name__}: {err}"}
+    return {"seconds": round(time.perf_counter() - start, 1), "kept": result.kept, "threshold": result.threshold}
 
 
 def compare_uid_files(ours: Path, theirs: Path) -> dict:
@@ -217,9 +222,9 @@ def cases_for(meta: Path) -> dict[str, dict]:
     return {
         "no_filter": {"name": "no_filter"},
         "clip_score_b32_threshold": {"name": "clip_score", "arch": "b32", "threshold": b32},
-        "clip_score_b32_fraction_0.3": {"name": "clip_score", "arch": "b32", "fraction": 0.3},
+        "clip_score_b32_fraction_0_3": {"name": "clip_score", "arch": "b32", "fraction": 0.3},
         "clip_score_l14_threshold": {"name": "clip_score", "arch": "l14", "threshold": l14},
-        "clip_score_l14_fraction_0.5": {"name": "clip_score", "arch": "l14", "fraction": 0.5},
+        "clip_score_l14_fraction_0_5": {"name": "clip_score", "arch": "l14", "fraction": 0.5},
         "basic_filter": {"name": "basic_filter"},
         "laion2b": {"name": "laion2b"},
         "text_based": {"name": "text_based"},
@@ -272,7 +277,7 @@ def tar_samples(folder: Path) -> dict[str, dict[str, bytes]]:
     return out
 
 
-def compare_reshards(ours: Path, theirs: Path) -> dict:
+def compare_reshards(ours: Path, theirs: Path, shards: Path) -> dict:
     import cv2
 
     a, b = tar_samples(ours), tar_samples(theirs)
@@ -298,17 +303,25 @@ def compare_reshards(ours: Path, theirs: Path) -> dict:
                     differ.append(f"{key}.webp: max pixel difference {diff}")
             elif x[ext] != y[ext]:
                 differ.append(f"{key}.{ext}")
+    image_ext = {}  # uid -> the input sample's image member (DataComp's blur reads only "jpg")
+    for key, members in tar_samples(shards).items():
+        uid = json.loads(members["json"])["uid"]
+        image_ext[uid] = next((e for e in ("jpg", "png", "jpeg", "webp") if e in members), None)
+    report["only_d2m"] = [{"key": k, "input_image": image_ext.get(k.rsplit("-", 1)[0])} for k in sorted(set(a) - set(b))]
+    report["only_datacomp"] = sorted(set(b) - set(a))
     return report | {"blurred": blurred, "webp_bytes_equal": webp_bytes_equal, "max_pixel_difference": pixel_diff,
                      "differences": differ[:20], "n_differences": len(differ),
                      "identical": report["same_keys"] and not differ}
 
 
 def reshard_side_by_side(python: str, datacomp: Path, work: Path, yml: Path, subset: Path, meta: Path,
-                         shards: Path, shard_size: int) -> dict:
-    has_faces = any(len(b or []) for p in sorted(meta.glob("*.parquet"))
-                    for b in pq.read_table(p, columns=["face_bboxes"])["face_bboxes"].to_pylist())
-    blur = ["--apply-blur", "--inject-blur-metadata"] if has_faces else []
-    ours, theirs = work / "resharded_d2m", work / "resharded_datacomp"
+                         shards: Path, shard_size: int, blur: bool) -> dict:
+    if blur:  # only where the metadata has face boxes
+        blur = any(len(b or []) for p in sorted(meta.glob("*.parquet"))
+                   for b in pq.read_table(p, columns=["face_bboxes"])["face_bboxes"].to_pylist())
+    blur = ["--apply-blur", "--inject-blur-metadata"] if blur else []
+    label = "blur" if blur else "plain"
+    ours, theirs = work / f"resharded_{label}_d2m", work / f"resharded_{label}_datacomp"
     for folder in (ours, theirs):
         if folder.exists():
             shutil.rmtree(folder)
@@ -321,14 +334,16 @@ def reshard_side_by_side(python: str, datacomp: Path, work: Path, yml: Path, sub
     blur_map.write_text(json.dumps({t.stem: {"parquet": str(meta / f"{t.stem}.parquet"), "shards": [str(t)]} for t in tars}))
     theirs.mkdir()
     start = time.perf_counter()
-    sh([python, str(datacomp / "resharder.py"), "-i", str(shards), "-o", str(theirs), "-s", str(subset),
+    done = sh([python, str(datacomp / "resharder.py"), "-i", str(shards), "-o", str(theirs), "-s", str(subset),
         "-n", str(len(tars)), "--first-shard", str(int(tars[0].stem)), "--shard-format", "{:05d}.tar",
         "--shard-stats-format", "{:05d}_stats.json", "--shard-size", str(shard_size), "-j", "2"]
        + (["--blur-metadata-map", str(blur_map), *blur] if blur else []))
     dc_s = time.perf_counter() - start
     return {"subset": str(subset), "subset_size": int(len(np.load(subset))), "shard_size": shard_size,
             "blur": bool(blur), "d2m_seconds": round(d2m_s, 1), "datacomp_seconds": round(dc_s, 1),
-            **compare_reshards(ours, theirs)}
+            "datacomp_errors": sorted({re.sub(r"^.*?(\w+Error)", r"\1", line).strip()[:120]
+                                       for line in done.stderr.splitlines() if re.search(r"\w+Error\b", line)}),
+            **compare_reshards(ours, theirs, shards)}
 
 
 def side_by_side(python: str, root: Path, work: Path, yml: Path, meta: Path, cases: dict[str, dict], label: str) -> list[dict]:
@@ -338,7 +353,7 @@ def side_by_side(python: str, root: Path, work: Path, yml: Path, meta: Path, cas
         for p in (d2m_npy, dc_npy):
             p.parent.mkdir(parents=True, exist_ok=True)
             p.unlink(missing_ok=True)
-        ours = run_d2m(yml, work, name, case, d2m_npy)
+        ours = run_d2m(yml, name, case, d2m_npy)
         theirs = run_datacomp(python, root, work, meta, case, dc_npy)
         rows.append({"folder": label, "case": name, "params": {k: v for k, v in case.items() if k != "name"},
                      "filter": case["name"], "rows": sum(pq.ParquetFile(p).metadata.num_rows for p in meta.glob("*.parquet")),
@@ -375,11 +390,12 @@ def main() -> None:
     rows += side_by_side(args.python, root, work, shifted_yml, shifted, {"laion2b": cases["laion2b"]}, "pool_b32_plus_0.28")
     if args.demo:
         demo_cases = {"no_filter": {"name": "no_filter"},
-                      "clip_score_b32_fraction_0.5": {"name": "clip_score", "arch": "b32", "fraction": 0.5}}
+                      "clip_score_b32_fraction_0_5": {"name": "clip_score", "arch": "b32", "fraction": 0.5}}
         rows += side_by_side(args.python, root, work, Path(args.demo_yml).resolve(), Path(args.demo).resolve(),
                              demo_cases, "demo")
-    subset = work / "pool" / "d2m" / "clip_score_l14_fraction_0.5.npy"
-    reshard = reshard_side_by_side(args.python, datacomp, work, yml, subset, meta, work / "shards", 40)
+    subset = work / "pool" / "d2m" / "clip_score_l14_fraction_0_5.npy"
+    reshard = [reshard_side_by_side(args.python, datacomp, work, yml, subset, meta, work / "shards", 40, blur)
+               for blur in (False, True)]
     print(json.dumps({"reshard": reshard}), flush=True)
     load = os.getloadavg()
     result = {"datacomp_commit": sh(["git", "-C", str(datacomp), "rev-parse", "HEAD"]).stdout.strip()

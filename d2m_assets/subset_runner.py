@@ -85,14 +85,14 @@ def reshard_config_file(yml: str | Path, subset_file: str, output_dir: str, *, s
     dataset = Dataset.from_yml(yml)
     config = dataset.load()
     subset = uids.load_uid_file(subset_file)  # a bad uid file, another plan, no face boxes: stop before any run
-    check_folder(output_dir, subset, shard_size=shard_size, apply_blur=apply_blur,
-                 inject_blur_metadata=inject_blur_metadata)
     if apply_blur or inject_blur_metadata:  # blurring needs the face boxes: say so before any run
         from d2m_core import pool
 
         shards = pool.list_pool(config.output_metadata_dir)
         if shards:
             pool.resolve_columns(shards[0], ["face_bboxes"])
+    check_folder(output_dir, subset, shard_size=shard_size, apply_blur=apply_blur,
+                 inject_blur_metadata=inject_blur_metadata)
     spec = ReshardSpec(subset=_upstream_filter(config, subset_file), output_dir=output_dir, shard_size=shard_size,
                        apply_blur=apply_blur, inject_blur_metadata=inject_blur_metadata)
 

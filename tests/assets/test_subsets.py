@@ -181,6 +181,8 @@ def test_d2m_reshard_materializes_the_reshard_assets_and_skips_what_is_written(p
 
     assert main(args[:-1] + ["3"]) == 2
     assert "holds another reshard" in capsys.readouterr().err
+    assert main(args[:6] + [str(tmp_path / "blurred"), "--apply-blur"]) == 2  # no face boxes in this metadata
+    assert "has no column 'face_bboxes'" in capsys.readouterr().err and not (tmp_path / "blurred").exists()
 
 
 def test_d2m_run_over_the_resharded_folder_gives_exactly_the_subset(processed: dict, tmp_path: Path) -> None:
