@@ -1,16 +1,18 @@
 """d2m's filters and reshard side by side with DataComp's own code, on the same d2m metadata folders.
 
     .venv/bin/python bench/datacomp_side_by_side.py --datacomp DATACOMP_CHECKOUT --python DC_PYTHON \
-        --work /tmp/sbs [--demo .demo/metadata --demo-yml configs/demo.yml] --out bench/results/cpu-datacomp-side-by-side.json
+        --work /tmp/sbs --shards 3 --samples 40 [--demo .demo/metadata --demo-yml configs/demo.yml] \
+        --out bench/results/cpu-datacomp-side-by-side.json
 
 Run on purpose (not in the tests). DATACOMP_CHECKOUT is a checkout of github.com/mlfoundations/datacomp;
 DC_PYTHON a Python that imports what its baselines/ and resharder.py import (fasttext, gcld3, nltk, pandas,
 torch, simdjson, webdataset 0.2.x, cloudpathlib, img2dataset with albumentations 1.x; pandas < 3: its
 image-based caption filter does `list & Series`, which pandas 3 refuses); d2m's requirements are not touched.
 
-1. The pool: `d2m make-shards` (3 x 100 samples), captions and original sizes rewritten so that each filter
-   keeps some samples and drops some, then `d2m run` (B/32, L/14 with `l14_img`, face boxes; random weights,
-   CPU; DataComp's column names).
+1. The pool: `d2m make-shards` (--shards x --samples; 3 x 40 for the recorded results: L/14 and face boxes
+   on 2 shared CPU cores ran ~0.1 sample/s), captions and original sizes rewritten so that each filter keeps
+   some samples and drops some, then `d2m run` (B/32, L/14 with `l14_img`, face boxes; random weights, CPU;
+   DataComp's column names). laion2b runs on a copy with B/32 scores + 0.28 (random weights score near 0).
 2. Stand-in data files (DataComp's cannot be fetched here): the tiny fastText model and WordNet of the tests,
    ImageNet-21k ids, and centroids / ImageNet-1k features drawn from the pool's own `l14_img` (so clusters
    split the pool). Both sides read the same files.
@@ -342,7 +344,8 @@ def reshard_side_by_side(python: str, datacomp: Path, work: Path, yml: Path, sub
     return {"subset": str(subset), "subset_size": int(len(np.load(subset))), "shard_size": shard_size,
             "blur": bool(blur), "d2m_seconds": round(d2m_s, 1), "datacomp_seconds": round(dc_s, 1),
             "datacomp_errors": sorted({re.sub(r"^.*?(\w+Error)", r"\1", line).strip()[:120]
-                                       for line in done.stderr.splitlines() if re.search(r"\w+Error\b", line)}),
+                                       for line in (done.stdout + done.stderr).splitlines()
+                                       if re.search(r"^\w+Error\b", line)}),
             **compare_reshards(ours, theirs, shards)}
 
 
@@ -372,6 +375,7 @@ def main() -> None:
     parser.add_argument("--demo", default=None, help="also the demo's metadata folder (make demo)")
     parser.add_argument("--demo-yml", default=None)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--datacomp-commit", default=None, help="the checkout's commit, if it is not a git work tree")
     args = parser.parse_args()
     work, datacomp = Path(args.work).resolve(), Path(args.datacomp).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -399,7 +403,7 @@ def main() -> None:
     print(json.dumps({"reshard": reshard}), flush=True)
     load = os.getloadavg()
     result = {"datacomp_commit": sh(["git", "-C", str(datacomp), "rev-parse", "HEAD"]).stdout.strip()
-              if (datacomp / ".git").exists() else None,
+              if (datacomp / ".git").exists() else args.datacomp_commit,
               "pool": f"{args.shards} shards x {args.samples} samples, d2m run with random weights (CPU)",
               "filters": rows, "reshard": reshard, "load_1m": round(load[0], 2), "seconds": round(time.time() - started)}
     if args.out:
