@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dagster import materialize
 
@@ -20,6 +21,9 @@ from d2m_assets.progress import run_failure_line
 from d2m_assets.runner import LOG_CONFIG, RANGE_END, RANGE_START, contiguous_chunks, ensure_instance
 from d2m_assets.recovery import owner_tags
 from d2m_core.config import D2MConfig, FilterSpec, ReshardSpec
+
+if TYPE_CHECKING:
+    from d2m_core.reshard import ReshardPlan
 
 
 @dataclass
@@ -49,7 +53,7 @@ def filter_config_file(yml: str | Path, spec: FilterSpec, *, echo: Callable[[str
 
 @dataclass
 class ReshardRun:
-    plan: object  # d2m_core.reshard.ReshardPlan
+    plan: ReshardPlan
     output_dir: str
     written: list[str]  # output shards written now
     skipped: list[str]  # already written (their stats file exists)
