@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -34,6 +35,8 @@ def make_pool(root: Path, shards: int, rows: int, image_shards: int) -> None:
     vocab = np.array(EN + FR, dtype=object)
     for s in range(shards):
         if (meta / f"{s:08d}.json").exists():
+            if s < image_shards and not (meta / f"{s:08d}.npz").exists():  # a pool made with fewer image shards
+                write_features(meta / f"{s:08d}.npz", np.random.default_rng((1, s)), rows)
             continue
         raw = rng.integers(0, 256, (rows, 16), dtype=np.uint8)
         uid = [bytes(r).hex() for r in raw]
@@ -49,9 +52,14 @@ def make_pool(root: Path, shards: int, rows: int, image_shards: int) -> None:
         })
         pq.write_table(table, meta / f"{s:08d}.parquet")
         if s < image_shards:
-            feats = rng.normal(0, 1, (rows, 768)).astype(np.float32)
-            np.savez(meta / f"{s:08d}.npz", l14_img=feats / np.linalg.norm(feats, axis=1, keepdims=True))
+            write_features(meta / f"{s:08d}.npz", rng, rows)
         (meta / f"{s:08d}.json").write_text(json.dumps({"failures": []}))
+
+
+def write_features(path: Path, rng: np.random.Generator, rows: int) -> None:
+    """`l14_img`: unit float32 rows, as d2m writes them (30.7 MB per 10,000 rows)."""
+    feats = rng.normal(0, 1, (rows, 768)).astype(np.float32)
+    np.savez(path, l14_img=feats / np.linalg.norm(feats, axis=1, keepdims=True))
 
 
 def make_files(root: Path) -> dict[str, str]:
@@ -126,7 +134,7 @@ def run_case(root: Path, case: str, files: dict, image_shards: int) -> dict:
         out = {"rows": result.pool_size, "kept": result.kept, "threshold": result.threshold,
                "threshold_passes": result.threshold_passes or None}
     seconds = time.perf_counter() - start
-    return {"filter": case, "shards": len(shards), **out, "seconds": round(seconds, 2),
+    return {"filter": case, "shards": len(shards), **out, "seconds": round(seconds, 2), "load_1m": round(os.getloadavg()[0], 1),
             "rows_per_s": round(out["rows"] / seconds), "rss_after_imports_mb": round(imported),
             "peak_rss_mb": round(peak_rss_mb())}
 

@@ -82,7 +82,9 @@ RESHARD_DESCRIPTION = """\
 Write the samples of a uid subset (DataComp's .npy) from the yml's input tars into new webdataset shards
 ({i:08d}.tar, then {i:08d}_stats.json) in --output-dir, as DataComp's resharder.py does: each kept sample
 once per time the subset lists it, samples the metadata recorded as failures never; --apply-blur blurs
-the faces of the metadata's face_bboxes. Run it again to resume: shards already written are kept."""
+the faces of the metadata's face_bboxes. It materializes the dataset's reshard_plan and resharded_shards
+assets in the Dagster instance at $DAGSTER_HOME (one partition per output shard, so the UI shows them).
+Run it again to resume: shards already written are kept."""
 
 
 def _filter_spec(args: argparse.Namespace):
@@ -119,19 +121,19 @@ def _cmd_filter(args: argparse.Namespace) -> int:
 def _cmd_reshard(args: argparse.Namespace) -> int:
     from d2m_core.config import load_config
 
-    config = load_config(args.yml)
-    from d2m_core.reshard import reshard
+    load_config(args.yml)
+    from d2m_assets.subset_runner import reshard_config_file
 
-    plan, written = reshard(config.output_metadata_dir, config.input_tars, args.subset_file, args.output_dir,
-                            shard_size=args.shard_size, apply_blur=args.apply_blur,
-                            inject_blur_metadata=args.inject_blur_metadata,
-                            progress=lambda shard: print(f"wrote {shard.tar}: {shard.samples} samples"
-                                                         f"{f' ({shard.blurred} blurred)' if shard.blurred else ''}",
-                                                         flush=True))
-    resumed = plan.num_shards - len(written)
+    run = reshard_config_file(args.yml, args.subset_file, args.output_dir, shard_size=args.shard_size,
+                              apply_blur=args.apply_blur, inject_blur_metadata=args.inject_blur_metadata)
+    plan = run.plan
     print(f"selected {plan.total} samples of the subset's {plan.subset_size} ({plan.not_found} not in the metadata) "
           f"from {len(plan.inputs)} input shard(s) into {plan.num_shards} shard(s) in {args.output_dir}"
-          + (f"; {resumed} were already written" if resumed else ""))
+          + (f"; {len(run.skipped)} were already written" if run.skipped else ""))
+    if not run.ok:
+        print(f"d2m: {len(run.failed)} output shard(s) failed: {', '.join(run.failed)} "
+              f"({next(iter(run.failed.values()))}); run it again to retry them", file=sys.stderr)
+        return 1
     return 0
 
 

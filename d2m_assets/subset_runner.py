@@ -2,7 +2,8 @@
 
 `d2m filter` materializes the dataset's filter asset (in the instance at $DAGSTER_HOME, so the UI shows the run,
 its counts and histogram) with the baseline the flags describe, and writes the uid file to --save_path.
-`d2m reshard` writes the resharded shards straight from d2m_core (resumable: shards already written are kept).
+`d2m reshard` materializes the dataset's `reshard_plan` and `resharded_shards` assets (the UI shows the runs and
+one partition per output shard) for the flags' subset and folder; output shards already written are skipped.
 """
 
 from __future__ import annotations
@@ -10,14 +11,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dagster import materialize
 
-from d2m_assets.assets.subsets import build_filter_asset
+from d2m_assets.assets.subsets import RESHARD_PER_RUN, build_filter_asset, build_reshard_assets, reshard_partitions
 from d2m_assets.datasets import Dataset
-from d2m_assets.runner import LOG_CONFIG, ensure_instance
+from d2m_assets.progress import run_failure_line
+from d2m_assets.runner import LOG_CONFIG, RANGE_END, RANGE_START, contiguous_chunks, ensure_instance
 from d2m_assets.recovery import owner_tags
-from d2m_core.config import FilterSpec
+from d2m_core.config import D2MConfig, FilterSpec, ReshardSpec
+
+if TYPE_CHECKING:
+    from d2m_core.reshard import ReshardPlan
 
 
 @dataclass
@@ -43,3 +49,84 @@ def filter_config_file(yml: str | Path, spec: FilterSpec, *, echo: Callable[[str
     events = [e for e in result.get_asset_materialization_events() if e.materialization.asset_key == key]
     metadata = {k: v.value for k, v in events[-1].materialization.metadata.items()} if events else {}
     return FilterRun(result.success, result.run_id, key.to_user_string(), metadata)
+
+
+@dataclass
+class ReshardRun:
+    plan: ReshardPlan
+    output_dir: str
+    written: list[str]  # output shards written now
+    skipped: list[str]  # already written (their stats file exists)
+    failed: dict[str, str]  # output shard -> why
+    run_ids: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def _upstream_filter(config: D2MConfig, subset_file: str) -> str:
+    """The yml's filter asset whose uid file (or save_path) is `subset_file`, for the lineage; "" if none."""
+    from d2m_core.filters import uid_file_url
+
+    target = Path(subset_file).expanduser().resolve()
+    for spec in config.filters:
+        for url in (uid_file_url(config, spec.asset_name), spec.save_path):
+            if url and "://" not in url and Path(url).expanduser().resolve() == target:
+                return spec.asset_name
+    return ""
+
+
+def reshard_config_file(yml: str | Path, subset_file: str, output_dir: str, *, shard_size: int = 10_000,
+                        apply_blur: bool = False, inject_blur_metadata: bool = False,
+                        echo: Callable[[str], None] = print) -> ReshardRun:
+    """Materialize the yml's dataset's reshard assets for this subset and folder: the plan, then the output
+    shards not yet written, a few per run (each shard is a partition, materialized as soon as it is written)."""
+    from d2m_core import uids
+    from d2m_core.reshard import ReshardError, check_folder, read_plan, shard_done
+
+    instance = ensure_instance(echo)
+    dataset = Dataset.from_yml(yml)
+    config = dataset.load()
+    subset = uids.load_uid_file(subset_file)  # a bad uid file, another plan, no face boxes: stop before any run
+    if apply_blur or inject_blur_metadata:  # blurring needs the face boxes: say so before any run
+        from d2m_core import pool
+
+        shards = pool.list_pool(config.output_metadata_dir)
+        if shards:
+            pool.resolve_columns(shards[0], ["face_bboxes"])
+    check_folder(output_dir, subset, shard_size=shard_size, apply_blur=apply_blur,
+                 inject_blur_metadata=inject_blur_metadata)
+    spec = ReshardSpec(subset=_upstream_filter(config, subset_file), output_dir=output_dir, shard_size=shard_size,
+                       apply_blur=apply_blur, inject_blur_metadata=inject_blur_metadata)
+
+    def shown(shard) -> None:
+        if shard.error is None:
+            echo(f"wrote {shard.tar}: {shard.samples} samples" + (f" ({shard.blurred} blurred)" if shard.blurred else ""))
+        else:
+            echo(f"output shard {shard.name} failed: {shard.error}")
+
+    plan_asset, shards_asset = build_reshard_assets(dataset, spec, subset_url=subset_file, replace=False, progress=shown)
+    echo(f"dataset {dataset.name}: reshard of {subset_file} -> {output_dir} as assets "
+         f"{plan_asset.key.to_user_string()}, {dataset.key('resharded_shards').to_user_string()}")
+    result = materialize([plan_asset], instance=instance, tags=owner_tags(), run_config=LOG_CONFIG, raise_on_error=False)
+    if not result.success:
+        raise ReshardError(f"the reshard plan failed (run {result.run_id}): {run_failure_line(result)}")
+    plan = read_plan(output_dir)
+    names = plan.shard_names()
+    skipped = [n for i, n in enumerate(names) if shard_done(output_dir, i)]
+    todo = [n for n in names if n not in set(skipped)]
+    run = ReshardRun(plan, output_dir, [], skipped, {}, [result.run_id])
+    order = instance.get_dynamic_partitions(reshard_partitions(dataset).name)
+    for chunk in contiguous_chunks(order, todo, RESHARD_PER_RUN):
+        tags = owner_tags() | ({} if len(chunk) == 1 else {RANGE_START: chunk[0], RANGE_END: chunk[-1]})
+        result = materialize([plan_asset, shards_asset], instance=instance, selection=[shards_asset.key],
+                             partition_key=chunk[0] if len(chunk) == 1 else None, tags=tags, run_config=LOG_CONFIG,
+                             raise_on_error=False)
+        run.run_ids.append(result.run_id)
+        done = {e.materialization.partition for e in result.get_asset_materialization_events()}
+        run.written += [n for n in chunk if n in done]
+        if not result.success:
+            why = run_failure_line(result)
+            run.failed |= {n: why for n in chunk if n not in done}
+    return run

@@ -30,7 +30,7 @@ import numpy as np
 
 from d2m_core import pool, storage, uids
 from d2m_core.blur import BlurError, blur_encoded
-from d2m_core.config import D2MConfig
+from d2m_core.config import D2MConfig, ReshardSpec
 from d2m_core.reading import ShardReadError, iter_samples
 from d2m_core.shards import ShardRef
 
@@ -305,6 +305,35 @@ def replace_plan(output_dir: str, plan: ReshardPlan, subset: np.ndarray) -> list
     return removed
 
 
+def check_folder(output_dir: str, subset: np.ndarray, *, shard_size: int, apply_blur: bool,
+                 inject_blur_metadata: bool) -> None:
+    """Refuse, before any work, a folder whose plan is of another subset, shard size or blur (a resume of the
+    same reshard passes; a change of input is caught when the plan is written)."""
+    url = storage.join(output_dir, PLAN_FILE)
+    if not storage.exists(url):
+        return
+    existing = ReshardPlan.from_dict(storage.read_json(url))
+    if (existing.subset_sha256, existing.shard_size, existing.apply_blur, existing.inject_blur_metadata) != (
+            subset_digest(subset), shard_size, apply_blur, inject_blur_metadata):
+        raise ReshardError(f"{output_dir} holds another reshard ({PLAN_FILE} differs: other subset, shard size or "
+                           "blur): use an empty output folder, or remove it first")
+
+
+def plan_for(config: D2MConfig, spec: ReshardSpec, subset_url: str, *, replace: bool) -> tuple[ReshardPlan, list[str]]:
+    """Plan the reshard `spec` of the config's metadata and input tars to the uid file at `subset_url`, and make
+    it the output folder's plan: `replace` removes an older plan's shards (the asset of the yml's `reshard`
+    section); otherwise a folder holding another plan is refused (`d2m reshard`). Returns the plan and the
+    files removed."""
+    subset = uids.load_uid_file(subset_url)
+    plan = plan_reshard(config.output_metadata_dir, config.input_tars, subset, shard_size=spec.shard_size,
+                        apply_blur=spec.apply_blur, inject_blur_metadata=spec.inject_blur_metadata)
+    removed = replace_plan(spec.output_dir, plan, subset) if replace else []
+    if not replace:
+        write_plan(spec.output_dir, plan, subset)
+    storage.sweep_partial_files(spec.output_dir)  # what a killed reshard left (local folders; a no-op on S3)
+    return plan, removed
+
+
 def plan_for_config(config: D2MConfig) -> tuple[ReshardPlan, list[str]]:
     """The reshard plan of the config's `reshard` section, from its filter's uid file."""
     from d2m_core.filters import uid_file_url
@@ -312,21 +341,16 @@ def plan_for_config(config: D2MConfig) -> tuple[ReshardPlan, list[str]]:
     spec = config.reshard
     if spec is None:
         raise ReshardError("the config has no `reshard` section")
-    subset = uids.load_uid_file(uid_file_url(config, spec.subset))
-    plan = plan_reshard(config.output_metadata_dir, config.input_tars, subset, shard_size=spec.shard_size,
-                        apply_blur=spec.apply_blur, inject_blur_metadata=spec.inject_blur_metadata)
-    return plan, replace_plan(spec.output_dir, plan, subset)
+    return plan_for(config, spec, uid_file_url(config, spec.subset), replace=True)
 
 
-def write_config_shards(config: D2MConfig, names: Sequence[str]) -> Iterator[OutputShard]:
-    """Write these output shards of the config's current plan; a shard that fails does not stop the others."""
-    spec = config.reshard
-    if spec is None:
-        raise ReshardError("the config has no `reshard` section")
-    plan = read_plan(spec.output_dir)
-    subset = uids.load_uid_file(storage.join(spec.output_dir, SUBSET_COPY))
+def write_shards(output_dir: str, names: Sequence[str]) -> Iterator[OutputShard]:
+    """Write these output shards of the folder's plan (its reshard_plan.json and sample_ids.npy); a shard that
+    fails does not stop the others."""
+    plan = read_plan(output_dir)
+    subset = uids.load_uid_file(storage.join(output_dir, SUBSET_COPY))
     for name in names:
         try:
-            yield write_output_shard(plan, subset, spec.output_dir, int(name))
+            yield write_output_shard(plan, subset, output_dir, int(name))
         except (ReshardError, ShardReadError, pool.PoolError, OSError, ValueError) as err:
             yield OutputShard(name, error=f"{type(err).__name__}: {err}")

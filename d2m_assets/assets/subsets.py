@@ -8,6 +8,9 @@ shards have been materialized, not once per shard. Resharding runs when asked (U
 copies the whole subset, so a UI backfill of its missing partitions resumes a stopped one.
 """
 
+from collections.abc import Callable
+from typing import Any
+
 from dagster import (AssetExecutionContext, AssetMaterialization, AssetsDefinition, AssetSpec, BackfillPolicy,
                      DynamicPartitionsDefinition, Failure, MaterializeResult, MetadataValue, TableColumn, TableRecord,
                      TableSchema, asset, multi_asset)
@@ -15,7 +18,7 @@ from dagster import (AssetExecutionContext, AssetMaterialization, AssetsDefiniti
 from d2m_assets.automation import filter_condition
 from d2m_assets.datasets import Dataset
 from d2m_core import catalog
-from d2m_core.config import D2MConfig, FilterSpec
+from d2m_core.config import D2MConfig, FilterSpec, ReshardSpec
 
 RESHARD_PLAN = "reshard_plan"
 RESHARDED = "resharded_shards"
@@ -70,17 +73,24 @@ def build_filter_asset(dataset: Dataset, spec: FilterSpec, cron: str) -> AssetsD
     return _filter
 
 
-def build_reshard_assets(dataset: Dataset, config: D2MConfig) -> list[AssetsDefinition]:
-    assert config.reshard is not None
+def build_reshard_assets(dataset: Dataset, spec: ReshardSpec, *, subset_url: str | None = None, replace: bool = True,
+                         progress: Callable[[Any], None] | None = None) -> list[AssetsDefinition]:
+    """`reshard_plan` and `resharded_shards` for the reshard `spec`: the yml's `reshard` section (its subset is
+    the uid file of the filter asset it names; an older plan in the folder is replaced), or `d2m reshard`'s
+    flags (`subset_url` given; a folder holding another plan is refused; `progress` gets each shard's `OutputShard`)."""
     partitions = reshard_partitions(dataset)
     plan_key, shards_key = dataset.key(RESHARD_PLAN), dataset.key(RESHARDED)
+    deps = [dataset.key(spec.subset)] if spec.subset else []
 
-    @asset(key=plan_key, deps=[dataset.key(config.reshard.subset)], group_name=dataset.group, kinds={"webdataset"},
+    @asset(key=plan_key, deps=deps, group_name=dataset.group, kinds={"webdataset"},
            description="Which kept samples go to which output shard (reshard_plan.json), and the output partitions")
     def reshard_plan(context: AssetExecutionContext) -> MaterializeResult:
-        from d2m_core.reshard import plan_for_config
+        from d2m_core.filters import uid_file_url
+        from d2m_core.reshard import plan_for
 
-        plan, removed = plan_for_config(dataset.load())
+        config = dataset.load()
+        url = subset_url or uid_file_url(config, spec.subset)
+        plan, removed = plan_for(config, spec, url, replace=replace)
         names = plan.shard_names()
         context.instance.add_dynamic_partitions(partitions.name, names)
         for stale in set(context.instance.get_dynamic_partitions(partitions.name)) - set(names):
@@ -88,7 +98,10 @@ def build_reshard_assets(dataset: Dataset, config: D2MConfig) -> list[AssetsDefi
         return MaterializeResult(metadata={"output_shards": plan.num_shards, "samples": plan.total,
                                            "subset_size": plan.subset_size, "not_found": plan.not_found,
                                            "pool_size": plan.pool_size, "input_shards": len(plan.inputs),
-                                           "removed_stale_files": len(removed)})
+                                           "removed_stale_files": len(removed), "subset_file": MetadataValue.path(url),
+                                           "output_dir": MetadataValue.path(spec.output_dir),
+                                           "shard_size": spec.shard_size, "apply_blur": spec.apply_blur,
+                                           "inject_blur_metadata": spec.inject_blur_metadata})
 
     @multi_asset(name=dataset.named(RESHARDED), partitions_def=partitions, group_name=dataset.group,
                  specs=[AssetSpec(shards_key, deps=[plan_key], partitions_def=partitions, skippable=True,
@@ -97,18 +110,20 @@ def build_reshard_assets(dataset: Dataset, config: D2MConfig) -> list[AssetsDefi
                                               "faces blurred")],
                  backfill_policy=BackfillPolicy.multi_run(RESHARD_PER_RUN))
     def resharded_shards(context: AssetExecutionContext):
-        from d2m_core.reshard import write_config_shards
+        from d2m_core.reshard import write_shards
 
         failed = {}
-        for outcome in write_config_shards(dataset.load(), context.partition_keys):
+        for outcome in write_shards(spec.output_dir, context.partition_keys):
             if outcome.error is not None:
                 context.log.error(f"output shard {outcome.name} failed: {outcome.error}")
                 failed[outcome.name] = outcome.error
-                continue
-            context.log_event(AssetMaterialization(shards_key, partition=outcome.name, metadata={
-                "dagster/partition_row_count": outcome.samples, "blurred": outcome.blurred,
-                "sources": MetadataValue.json(outcome.sources), "tar": MetadataValue.path(outcome.tar),
-                "seconds": round(outcome.seconds, 3)}))
+            else:
+                context.log_event(AssetMaterialization(shards_key, partition=outcome.name, metadata={
+                    "dagster/partition_row_count": outcome.samples, "blurred": outcome.blurred,
+                    "sources": MetadataValue.json(outcome.sources), "tar": MetadataValue.path(outcome.tar),
+                    "seconds": round(outcome.seconds, 3)}))
+            if progress:
+                progress(outcome)
         if failed:
             raise Failure(description=f"{len(failed)} output shard(s) failed: {', '.join(failed)}",
                           metadata={"failed": MetadataValue.json(failed)})
@@ -122,5 +137,5 @@ def build_subset_assets(dataset: Dataset, config: D2MConfig) -> list[AssetsDefin
     """The dataset's filter assets (one per `filters` entry) and, with a `reshard` section, its reshard assets."""
     assets = [build_filter_asset(dataset, spec, config.filter_cron) for spec in config.filters]
     if config.reshard is not None:
-        assets += build_reshard_assets(dataset, config)
+        assets += build_reshard_assets(dataset, config.reshard)
     return assets

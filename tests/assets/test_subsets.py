@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from dagster import DagsterInstance, materialize
+from dagster import AssetRecordsFilter, DagsterInstance, materialize
 
 from conftest import dataset_of, replace_member, tar_samples
 from d2m_assets import build_definitions
@@ -133,3 +133,79 @@ def test_d2m_filter_with_dagster_home_unset_finds_the_recorded_folder(processed:
         assert main(["filter", "--yml", str(relative), "--name", "no_filter", "--save_path", str(tmp_path / "all.npy")]) == 0
     assert not [r for r in caplog.records if r.name == "d2m_assets.yml_paths"]
     assert len(np.load(tmp_path / "all.npy")) == 10
+
+
+def test_d2m_reshard_materializes_the_reshard_assets_and_skips_what_is_written(processed: dict, tmp_path: Path,
+                                                                                capsys) -> None:
+    """`d2m reshard` (resharder.py's flags) runs the dataset's reshard assets: the UI shows the plan and one
+    partition per output shard; run again, it writes only the missing shards; another plan is refused."""
+    raw = yaml.safe_load(processed["config"].read_text())
+    cli_yml = tmp_path / "cli.yml"
+    cli_yml.write_text(yaml.safe_dump(raw | {"dataset": "subsets_cli"}))  # its own partitions, whatever else ran
+    ds = dataset_of(cli_yml)
+    frame = processed["frame"]
+    chosen = [frame["uid"][i] for i in (0, 2, 2, 3, 7, 9)]  # uid 2 twice: resharded twice, as DataComp does
+    subset_file = tmp_path / "subset.npy"
+    np.save(subset_file, keys_of(chosen))
+    out = tmp_path / "resharded"
+    args = ["reshard", "--yml", str(cli_yml), "--subset-file", str(subset_file), "--output-dir", str(out),
+            "--shard-size", "2"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    names = ["00000000", "00000001", "00000002"]
+    for name in names:
+        assert f"wrote {out}/{name}.tar: 2 samples" in printed
+    assert f"selected 6 samples of the subset's 6 (0 not in the metadata) from 2 input shard(s) into 3 shard(s) in {out}" in printed
+
+    instance = DagsterInstance.get()
+    assert instance.get_dynamic_partitions("subsets_cli__reshard") == names
+    assert instance.get_materialized_partitions(ds.key("resharded_shards")) == set(names)
+    plan_meta = instance.get_latest_materialization_event(ds.key("reshard_plan")).asset_materialization.metadata
+    assert plan_meta["samples"].value == 6 and plan_meta["output_shards"].value == 3 and plan_meta["pool_size"].value == 10
+    got = []
+    for tar in sorted(out.glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            got += [m.name.rsplit(".", 1)[0] for m in tf.getmembers() if m.name.endswith(".json")]
+    uid2 = frame["uid"][2]
+    assert sorted(got) == sorted([f"{u}-0" for u in chosen if u != uid2] + [f"{uid2}-0", f"{uid2}-1"])
+
+    (out / "00000001_stats.json").unlink()  # as a reshard killed while writing shard 1 leaves it
+    (out / "00000001.tar").unlink()
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out}/00000001.tar: 2 samples" in printed and "00000000.tar" not in printed
+    assert printed.rstrip().endswith("; 2 were already written")
+    counts = {n: len(instance.fetch_materializations(
+        AssetRecordsFilter(ds.key("resharded_shards"), asset_partitions=[n]), limit=10).records) for n in names}
+    assert counts == {"00000000": 1, "00000001": 2, "00000002": 1}
+
+    assert main(args[:-1] + ["3"]) == 2
+    assert "holds another reshard" in capsys.readouterr().err
+    assert main(args[:6] + [str(tmp_path / "blurred"), "--apply-blur"]) == 2  # no face boxes in this metadata
+    assert "has no column 'face_bboxes'" in capsys.readouterr().err and not (tmp_path / "blurred").exists()
+
+
+def test_d2m_run_over_the_resharded_folder_gives_exactly_the_subset(processed: dict, tmp_path: Path) -> None:
+    """The resharded tars are d2m input: `d2m run` over them writes one row per resharded sample, uids = the
+    subset, captions carried over."""
+    frame = processed["frame"]
+    chosen = [frame["uid"][i] for i in (1, 4, 8)]
+    subset_file = tmp_path / "subset.npy"
+    np.save(subset_file, keys_of(chosen))
+    out = tmp_path / "resharded"
+    assert main(["reshard", "--yml", str(processed["config"]), "--subset-file", str(subset_file), "--output-dir",
+                 str(out), "--shard-size", "2"]) == 0
+    config = {"models": ["oai-clip-vit-b32"], "postprocess_columns": ["oai-clip-vit-b32-score"],
+              "additional_fields": ["uid", "caption"], "use_datacomp_keys": True, "nworkers": 1,
+              "batch_size": 8, "device": "cpu", "dataset": "resharded_input", "input_tars": str(out),
+              "output_metadata_dir": str(tmp_path / "metadata")}
+    yml = tmp_path / "resharded.yml"
+    yml.write_text(yaml.safe_dump(config))
+    assert run_config_file(yml, echo=lambda _: None).ok
+    parquets = sorted((tmp_path / "metadata").glob("*.parquet"))
+    assert [p.stem for p in parquets] == ["00000000", "00000001"]
+    rows = pd.concat([pd.read_parquet(p) for p in parquets], ignore_index=True)
+    assert sorted(rows["uid"]) == sorted(chosen) and len(rows) == 3
+    captions = dict(zip(frame["uid"], frame["text"]))
+    assert rows["text"].tolist() == [captions[u] for u in rows["uid"]]
+    assert rows["clip_b32_similarity_score"].between(-1, 1).all()
