@@ -19,8 +19,9 @@ For each N, on a fresh PostgreSQL 15 database, prints one JSON line (every figur
   `reporting.check_evaluations`, which looks the shard's materialization up), stored through the instance as
   the run worker stores them, for --record-shards shards in runs of tars_per_wds: first with Dagster's
   PostgreSQL storage as it comes (a new connection per statement), then after `reporting.hold_connections`
-  (what the asset body does now). Per shard: ms, connections opened, statements, and the split between
-  materializations, check evaluations and d2m's own lookup.
+  (what the asset body does now), then also with PostgreSQL's synchronous_commit off (a deployment setting).
+  Per shard: ms, connections opened, statements, and the split between materializations, check evaluations
+  and d2m's own lookup.
 - ui: the webserver's GraphQL queries behind the Partitions tab (shard_metadata: only the recorded shards
   materialized; raw_shards: every registered event) and the asset checks of shard_metadata.
 - db: PostgreSQL's size, and bytes per stored run event (event_logs with its indexes and tags).
@@ -257,7 +258,11 @@ def tick(env: dict, seconds: float, instance: DagsterInstance, log: Path) -> dic
         runs = instance.get_runs_count(RunsFilter())
     finally:
         os.killpg(proc.pid, 15)
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # a busy daemon: stop it and its code server outright
+            os.killpg(proc.pid, 9)
+            proc.wait(timeout=60)
     return {"seconds_watched": seconds, "first_run_after_s": first and round(first, 1), "runs_submitted": runs,
             "daemon_peak_rss_mb": round(peak_kb / 1024)}
 
@@ -302,7 +307,18 @@ def measure(n: int, yml: Path, args: argparse.Namespace, pg: dict) -> dict:
             counter.attach()
             out["record_after"] = record(instance, stems[sample:2 * sample], assets, per_run, d2m_config, counter)
             out["record_after"]["load_1m"] = os.getloadavg()[0]
-            for k in ("record_before", "record_after"):
+            # the same with PostgreSQL's synchronous_commit off for d2m's sessions (a deployment's choice:
+            # `params: {options: "-c synchronous_commit=off"}` in dagster.yaml's postgres_db), on new sessions
+            with instance.event_log_storage._engine.connect() as conn:  # noqa: SLF001 (bench only)
+                conn.execute(sa.text("ALTER DATABASE dagster SET synchronous_commit = off"))
+            with DagsterInstance.from_ref(instance.get_ref()) as fresh:
+                reporting.hold_connections(fresh)
+                out["record_async_commit"] = record(fresh, stems[2 * sample:3 * sample], assets, per_run, d2m_config,
+                                                    Counter(fresh))
+                out["record_async_commit"]["load_1m"] = os.getloadavg()[0]
+            with instance.event_log_storage._engine.connect() as conn:  # noqa: SLF001 (bench only)
+                conn.execute(sa.text("ALTER DATABASE dagster RESET synchronous_commit"))
+            for k in ("record_before", "record_after", "record_async_commit"):
                 out[k]["s_for_all_extrapolated"] = round(out[k]["ms_per_shard"] * n / 1000)
             for asset in (catalog.METADATA_ASSET, sensors.RAW_SHARDS):
                 key = {"path": asset_key_path(asset)}
@@ -310,7 +326,7 @@ def measure(n: int, yml: Path, args: argparse.Namespace, pg: dict) -> dict:
                 out[f"ui_partitions_tab_{asset}_mb"] = round(len(json.dumps(tab)) / 1e6, 1)
             key = {"path": asset_key_path(catalog.METADATA_ASSET)}
             _, out["ui_checks_panel_s"] = timed(graphql, context, CHECKS_PANEL, {"key": key})
-        out["db"] = db_sizes(instance, 2 * sample * out["record_after"]["events_per_shard"])
+        out["db"] = db_sizes(instance, 3 * sample * out["record_after"]["events_per_shard"])
     for k in [k for k in out if k.endswith("_s") and isinstance(out[k], float)]:
         out[k] = round(out[k], 2)
     out["load_1m_end"] = os.getloadavg()[0]

@@ -10,6 +10,7 @@ recorded is reported again, so automation recomputes that shard (its input was u
 import logging
 import os
 import time
+from dataclasses import replace
 from collections.abc import Iterator, Sequence
 
 from dagster import (AssetMaterialization, AssetRecordsFilter, DagsterEvent, DagsterEventType, DagsterInstance,
@@ -30,6 +31,9 @@ from d2m_core.identity import tar_digest, tar_identities
 
 RECHECK_ENV = "D2M_RECHECK_PER_TICK"  # registered tars whose identity each tick re-checks (default 500)
 STORE_BATCH = 1000  # raw_shards events per write
+# Seconds of registering per evaluation: well under the daemon's 60 s limit on a sensor evaluation (the rest
+# is registered by the next evaluations; on SQLite, which stores events one at a time, a few hundred tars).
+REGISTER_BUDGET_S = 20.0
 
 
 def s3_lister(s3: S3Resource):
@@ -74,16 +78,23 @@ def store_runless(instance: DagsterInstance, events: Sequence[AssetMaterializati
 
 
 def register_shards(instance: DagsterInstance, dataset: Dataset, refs: Sequence[ShardRef],
-                    changed: Sequence[AssetMaterialization] = ()) -> list[AssetMaterialization]:
-    """Report newly found shards' raw_shards materializations (and those of `changed` tars), then add the new
-    shards as partitions: the daemon's order, so a tick that dies in between finds the same shards again
-    (they are not yet partitions) and reports them once more. Returns the events stored."""
-    tars = tar_identities(refs)
-    events = [raw_shard_event(dataset, r, tars.get(r.stem)) for r in refs] + list(changed)
-    store_runless(instance, events)
-    if refs:
-        instance.add_dynamic_partitions(dataset.partitions_name, [r.stem for r in refs])
-    return events
+                    changed: Sequence[AssetMaterialization] = (), budget_s: float | None = None) -> list[ShardRef]:
+    """Report `changed` tars' raw_shards events, then register the new shards STORE_BATCH at a time: a batch's
+    raw_shards materializations, then those shards as partitions (the daemon's order: a tick that dies in
+    between finds them again, since they are not partitions yet). Past `budget_s` seconds it stops after the
+    current batch. Returns the shards registered."""
+    start = time.monotonic()
+    store_runless(instance, list(changed))
+    tars = tar_identities(refs)  # one listing per folder
+    done: list[ShardRef] = []
+    for first in range(0, len(refs), STORE_BATCH):
+        batch = refs[first:first + STORE_BATCH]
+        store_runless(instance, [raw_shard_event(dataset, r, tars.get(r.stem)) for r in batch])
+        instance.add_dynamic_partitions(dataset.partitions_name, [r.stem for r in batch])
+        done += batch
+        if budget_s is not None and time.monotonic() - start > budget_s:
+            break
+    return done
 
 
 def recheck_per_tick() -> int:
@@ -127,8 +138,11 @@ def build_new_shards_sensor(dataset: Dataset) -> SensorDefinition:
         if not refs and not changed:
             return SensorResult(skip_reason=SkipReason(f"no new complete tar at {config.input_tars}"),
                                 cursor=cursor.dumps())
-        register_shards(context.instance, dataset, refs, changed)
-        found = f"{len(refs)} new shard(s) registered" + (f": {refs[0].stem} .. {refs[-1].stem}" if refs else "")
+        done = register_shards(context.instance, dataset, refs, changed, budget_s=REGISTER_BUDGET_S)
+        found = f"{len(done)} new shard(s) registered" + (f": {done[0].stem} .. {done[-1].stem}" if done else "")
+        if len(done) < len(refs):  # the next evaluation lists from here again and skips those now registered
+            found += f" ({len(refs) - len(done)} more found, registered next)"
+            cursor = replace(DiscoveryCursor.loads(context.cursor), recheck=cursor.recheck)
         context.log.info(found)
         return SensorResult(cursor=cursor.dumps(), skip_reason=SkipReason(
             f"{found}, {len(changed)} changed tar(s) reported; automation materializes them"))

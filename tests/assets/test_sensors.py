@@ -47,9 +47,29 @@ def test_sensor_registers_complete_tars_once(shard_dir: Path, write_config, tmp_
     assert [p for p, _ in _raw_shards(instance, ds)] == ["00000", "00001"]
 
 
+def test_an_evaluation_past_its_budget_registers_the_rest_next_time(shard_dir: Path, write_config, monkeypatch) -> None:
+    """One batch per evaluation (budget 0): the first registers 00000 and keeps its cursor, the next 00001."""
+    from d2m_assets import sensors
+
+    monkeypatch.setattr(sensors, "STORE_BATCH", 1)
+    monkeypatch.setattr(sensors, "REGISTER_BUDGET_S", 0.0)
+    path = write_config(shard_dir, input_tars=str(shard_dir))
+    defs, ds = build_definitions(path), dataset_of(path)
+    instance = DagsterInstance.ephemeral()
+    first = _evaluate(defs, ds, instance, None)
+    assert instance.get_dynamic_partitions(ds.partitions_name) == ["00000"]
+    assert "1 new shard(s) registered: 00000 .. 00000 (1 more found, registered next)" in first.skip_reason.skip_message
+    second = _evaluate(defs, ds, instance, first.cursor)
+    assert instance.get_dynamic_partitions(ds.partitions_name) == ["00000", "00001"]
+    assert "1 new shard(s) registered: 00001 .. 00001," in second.skip_reason.skip_message
+    third = _evaluate(defs, ds, instance, second.cursor)
+    assert third.skip_reason.skip_message.startswith("no new complete tar")
+    assert [p for p, _ in _raw_shards(instance, ds)] == ["00000", "00001"]  # each reported once
+
+
 def test_register_shards_stores_events_in_batches_then_adds_partitions(monkeypatch) -> None:
-    """More shards than one batch: every event stored, in order, each batch one store_event_batch call; the
-    partitions added after the events (a tick that dies in between finds those shards again)."""
+    """More shards than one batch: the changed tars' events first, then per batch one store_event_batch call and
+    then its partitions (a tick that dies in between finds those shards again); every event once, in order."""
     from d2m_assets import sensors
     from d2m_assets.datasets import Dataset
     from d2m_core import ShardRef
@@ -66,9 +86,13 @@ def test_register_shards_stores_events_in_batches_then_adds_partitions(monkeypat
     monkeypatch.setattr(instance, "add_dynamic_partitions", lambda name, keys: (
         calls.append(("partitions", len(keys), len(_raw_shards(instance, ds)))), add(name, keys)))
     refs = [ShardRef(f"{i:05d}", f"/nowhere/{i:05d}.tar") for i in range(5)]
-    events = sensors.register_shards(instance, ds, refs)
-    assert calls == [("events", 2, 0), ("events", 2, 0), ("events", 1, 0), ("partitions", 5, 5)]
-    assert [p for p, _ in _raw_shards(instance, ds)] == [e.partition for e in events] == [r.stem for r in refs]
+    changed = [sensors.raw_shard_event(ds, ShardRef("00009", "/nowhere/00009.tar"), None)]
+    done = sensors.register_shards(instance, ds, refs, changed)
+    # (what, how many, partitions (events) already stored when called): each batch's events before its partitions
+    assert calls == [("events", 1, 0), ("events", 2, 0), ("partitions", 2, 3), ("events", 2, 2),
+                     ("partitions", 2, 5), ("events", 1, 4), ("partitions", 1, 6)]
+    assert done == refs
+    assert [p for p, _ in _raw_shards(instance, ds)] == ["00009", *[r.stem for r in refs]]
     assert instance.get_dynamic_partitions(ds.partitions_name) == [r.stem for r in refs]
 
 
