@@ -33,7 +33,8 @@ def test_sensor_registers_complete_tars_once(shard_dir: Path, write_config, tmp_
     assert instance.get_dynamic_partitions(ds.partitions_name) == ["00000"]
     assert _raw_shards(instance, ds) == [("00000", str(incoming / "00000.tar"))]
     event = instance.fetch_materializations(ds.key("raw_shards"), limit=1).records[0].event_log_entry
-    assert event.run_id == "" and event.dagster_event.event_type_value == "ASSET_MATERIALIZATION"  # runless, as reported by the daemon
+    # runless, as the daemon reports a SensorResult's events
+    assert event.run_id == "" and event.dagster_event.event_type_value == "ASSET_MATERIALIZATION"
     assert not result.run_requests and not result.asset_events and not result.dynamic_partitions_requests
     assert "1 new shard(s) registered: 00000 .. 00000" in result.skip_reason.skip_message
 
