@@ -1,5 +1,6 @@
 """Per-shard materialization events and check results, shared by the asset bodies."""
 
+import weakref
 from collections.abc import Iterator, Sequence
 
 from dagster import (AssetCheckEvaluation, AssetKey, AssetMaterialization, AssetRecordsFilter,
@@ -11,6 +12,19 @@ from d2m_assets.datasets import Dataset
 from d2m_core import ShardOutcome
 from d2m_core.identity import PARTS, Identity
 from d2m_core.validation import CheckOutcome
+
+
+_HELD: "weakref.WeakSet[DagsterInstance]" = weakref.WeakSet()
+
+
+def hold_connections(instance: DagsterInstance) -> None:
+    """Keep the event log's PostgreSQL connection open between events for the rest of this process (as
+    dagster-webserver does: Dagster's `optimize_for_webserver`, without a statement timeout). Dagster's
+    PostgreSQL storage otherwise opens a new connection for each statement: 3 per recorded event. One held
+    connection per process (one per running run); nothing changes on SQLite. Once per instance."""
+    if instance not in _HELD:
+        instance.event_log_storage.optimize_for_webserver(statement_timeout=0, pool_recycle=3600, max_overflow=4)
+        _HELD.add(instance)
 
 
 def outcome_metadata(outcome: ShardOutcome, asset: str) -> dict[str, object]:

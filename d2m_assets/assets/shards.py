@@ -17,7 +17,7 @@ from d2m_assets.automation import shard_condition
 from d2m_assets.datasets import Dataset
 from d2m_assets.partitions import GPU_POOL, RAW_SHARDS
 from d2m_assets.progress import RunLogReporter
-from d2m_assets.reporting import check_evaluations, materializations
+from d2m_assets.reporting import check_evaluations, hold_connections, materializations
 from d2m_core import catalog
 from d2m_core.gpus import claim_device
 from d2m_core.identity import asset_identity, tar_identities, weights_by_model
@@ -75,6 +75,7 @@ def build_shard_assets(dataset: Dataset, assets: Sequence[str], backfill_policy:
         """Per shard: one pass over the tar for the selected features, then scores, then DataComp's files.
         Each shard's materializations and check results are recorded as soon as its files are written."""
         config = dataset.load()
+        hold_connections(context.instance)  # each shard's events: one held connection, not 3 new ones per event
         selected = [a for a in assets if dataset.key(a) in context.selected_asset_keys]  # parents first
         shards = dataset.source.shards(config, context.partition_keys)
         tars = tar_identities(shards)  # what produced each shard, recorded with it

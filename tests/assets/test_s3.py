@@ -20,10 +20,11 @@ def test_sensor_finds_tars_on_s3_and_outputs_land_in_the_bucket(s3_server, shard
     instance = DagsterInstance.ephemeral()
     sensor = defs.get_sensor_def(f"{ds.name}__new_shards_sensor")
     result = sensor(build_sensor_context(instance=instance, resources=defs.resources, definitions=defs))
-    assert result.dynamic_partitions_requests[0].partition_keys == ["00000", "00001"]
-    assert [e.metadata["url"].value for e in result.asset_events] == ["s3://pool/tars/00000.tar", "s3://pool/tars/00001.tar"]
-
-    instance.add_dynamic_partitions(ds.partitions_name, ["00000", "00001"])
+    assert instance.get_dynamic_partitions(ds.partitions_name) == ["00000", "00001"]  # stored by the sensor itself
+    raw = instance.fetch_materializations(ds.key("raw_shards"), limit=10, ascending=True).records
+    assert [r.asset_materialization.metadata["url"].value for r in raw] == ["s3://pool/tars/00000.tar",
+                                                                           "s3://pool/tars/00001.tar"]
+    assert all(r.asset_materialization.metadata["tar"].value["etag"] for r in raw)  # the listing's ETag
     selection = [ds.key(a) for a in ("clip_b32_features", "clip_b32_scores", "shard_metadata")]
     ranged = materialize(list(defs.assets), instance=instance, resources=defs.resources, selection=selection,
                          tags={"dagster/asset_partition_range_start": "00000", "dagster/asset_partition_range_end": "00001"})
@@ -39,5 +40,5 @@ def test_sensor_finds_tars_on_s3_and_outputs_land_in_the_bucket(s3_server, shard
     assert not [k for k in fs.find("pool") if k.endswith(".tmp")]
 
     s3_server.upload_file(str(shard_dir / "00001_stats.json"), "pool", "tars/00002_stats.json")
-    later = sensor(build_sensor_context(instance=instance, cursor=result.cursor, resources=defs.resources, definitions=defs))
-    assert later.dynamic_partitions_requests[0].partition_keys == ["00002"]
+    sensor(build_sensor_context(instance=instance, cursor=result.cursor, resources=defs.resources, definitions=defs))
+    assert instance.get_dynamic_partitions(ds.partitions_name) == ["00000", "00001", "00002"]
