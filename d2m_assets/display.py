@@ -182,7 +182,11 @@ class RunDisplay:
         for shard in summary.failed_shards:
             reason = self.failed.get(shard)
             lines.append(f"  failed: {shard}" + (f": {reason}" if reason else ""))
-        if summary.failed_runs:
+        if summary.failed_runs and summary.failed_shards:
             lines.append(f"  failed run(s): {', '.join(summary.failed_runs)} (tracebacks in their Dagster run logs; "
                          "rerun `d2m run` to retry what is missing)")
+        elif summary.failed_runs:  # every shard written and recorded; the run failed after them (a blocking check)
+            lines.append(f"  failed run(s): {', '.join(summary.failed_runs)}: every shard was written and recorded, "
+                         "the run failed after them (its `[run i/n]` line above says why; details in its Dagster "
+                         "run log)")
         print("\n".join(lines), file=self.stream, flush=True)

@@ -27,3 +27,16 @@ def test_failures_once_status_and_summary() -> None:
     summary = out.getvalue().splitlines()[1:]
     assert summary[0].startswith("d2m run: 2 shard(s) processed, 1 skipped (already materialized), 1 failed; 12 samples")
     assert summary[1] == "  failed: 00002: not a readable tar" and "r1" in summary[2]
+
+
+def test_a_run_that_failed_after_writing_every_shard_says_so() -> None:
+    """A blocking check failing the run after each shard was written: no shard is called missing."""
+    out = io.StringIO()
+    with RunDisplay(out, interval_s=0, tty=False) as display:
+        publish(RunPlan(todo=1, skipped=0))
+        publish(SimpleNamespace(shard="00000", samples=8, finished=True, error=None))
+        display.print_summary(RunSummary(shards=["00000"], processed=["00000"], failed_runs=["r1"]))
+    summary = out.getvalue().splitlines()
+    assert summary[0].startswith("d2m run: 1 shard(s) processed, 0 skipped (already materialized), 0 failed; 8 samples")
+    assert summary[1] == ("  failed run(s): r1: every shard was written and recorded, the run failed after them "
+                          "(its `[run i/n]` line above says why; details in its Dagster run log)")
