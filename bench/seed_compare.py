@@ -2,7 +2,7 @@
 shards and the same weights, timed as a user times them (each command's wall time, start-up included), and
 how far their outputs agree. Run on purpose; prints one JSON line.
 
-    python bench/seed_compare.py --seed-python SEED_VENV/bin/python --shards DIR --out DIR
+    .venv/bin/python bench/seed_compare.py --seed-python SEED_VENV/bin/python --shards DIR --out DIR
 
 SEED_VENV is an interpreter with the seed installed as its README says (dataset2metadata, OpenAI's `clip`,
 `isc_feature_extractor`, detoxify, wandb, fire, pysimdjson). No model hub is reachable here, so both run
