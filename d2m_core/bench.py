@@ -14,7 +14,8 @@ import torch
 from d2m_core import catalog
 from d2m_core.config import D2MConfig
 from d2m_core.loader import Batch, Loader
-from d2m_core.pipeline import build_engine, process_shards, selected_assets, store_reference
+from d2m_core.pipeline import build_engine, process_shards, store_reference
+from d2m_core.selection import selected_assets
 from d2m_core.shards import ShardRef
 from d2m_core.weights import random_weights_enabled
 
