@@ -5,6 +5,13 @@ shards, shards still missing after a crash, and scores made stale by a new dedup
 backfills follow each asset's BackfillPolicy (several shards per run, models loaded once per run).
 Failed runs are retried by the daemon's run retries (dagster.yaml, bounded); the condition never requests a
 partition whose last run failed, or one already requested or running, so nothing is requested twice.
+
+Why no `any_deps_updated` on shard assets: what a shard asset's output depends on is its identity (its tar,
+output location and weights; the dedup reference set is a weights file), which `identity_changed` compares
+directly. A parent recomputed with the same identity gives the same bytes, so its children need no rerun; and
+Dagster's dependency-update trigger races with the status of multi-asset runs (a parent's materialization
+seen in one evaluation, the child's only in the next, the run already over): a finished shard was requested
+a second time under load.
 """
 
 import os
@@ -24,16 +31,16 @@ _never_attempted_missing = AutomationCondition.missing() & ~AutomationCondition.
 
 
 def shard_condition(dataset: Dataset) -> AutomationCondition:
-    """A shard asset is requested when it is missing, its inputs were updated (a parent recomputed, or its tar
-    reported again because it changed), or its recorded identity no longer matches: materialized from another
-    tar, output location or weights than a run would use now (see d2m_assets.staleness)."""
+    """A shard asset is requested when it is missing or its recorded identity no longer matches: materialized
+    from another tar (reported again by the sensor as it changed), output location or weights (the dedup
+    reference set included) than a run would use now (see d2m_assets.staleness)."""
     changed = IdentityChanged(dataset) & ~AutomationCondition.execution_failed()
     return (
-        (_never_attempted_missing | AutomationCondition.any_deps_updated().since_last_handled() | changed)
+        (_never_attempted_missing | changed)
         & ~AutomationCondition.any_deps_missing()
         & ~AutomationCondition.any_deps_in_progress()
         & ~AutomationCondition.in_progress()
-    ).with_label("shard missing, its inputs updated, or its identity changed")
+    ).with_label("shard missing, or its identity changed")
 
 REFERENCE_CONDITION = (_never_attempted_missing & ~AutomationCondition.in_progress()).with_label("missing")
 

@@ -136,6 +136,9 @@ def test_daemon_processes_new_shards_by_itself(tmp_path: Path, monkeypatch) -> N
             time.sleep(3)
         time.sleep(15)  # more automation ticks: nothing is requested again
     events = instance.fetch_materializations(metadata, limit=50).records
-    assert sorted(e.asset_materialization.partition for e in events) == ["00000", "00001"]
-    assert {r.status for r in instance.get_runs()} == {DagsterRunStatus.SUCCESS}
+    runs = [(r.run_id[:8], r.status.value, {k: v for k, v in r.tags.items() if "partition" in k or "retry" in k
+                                            or "backfill" in k}) for r in instance.get_runs()]
+    why = f"runs: {runs}\ndaemon log:\n{(tmp_path / 'daemon.log').read_text()[-6000:]}"
+    assert sorted(e.asset_materialization.partition for e in events) == ["00000", "00001"], why
+    assert {r.status for r in instance.get_runs()} == {DagsterRunStatus.SUCCESS}, why
     assert instance.get_dynamic_partitions(dataset_of(config).partitions_name) == ["00000", "00001"]

@@ -402,6 +402,13 @@ def test_automation_requests_exactly_the_shards_whose_identity_changed(shard_dir
     instance.report_runless_asset_event(AssetMaterialization(key, partition="00001", tags=original))
     assert requested() == {}  # recorded again with the config's identity (read incrementally)
 
+    # features of 00001 materialized again with the same identity: same bytes, so its children are not requested
+    features = ds.key("clip_b32_features")
+    same = next(r for r in instance.fetch_materializations(features, limit=10).records if r.partition_key == "00001")
+    instance.report_runless_asset_event(AssetMaterialization(features, partition="00001",
+                                                             tags=same.asset_materialization.tags))
+    assert requested() == {}
+
     # 00000.tar rewritten after registration: the sensor reports it again, and that shard is requested
     (tars / "00000.tar").write_bytes((tars / "00000.tar").read_bytes() + b"\0" * 1024)
     changed = tick()
