@@ -191,7 +191,7 @@ def run_d2m(yml: Path, case_name: str, case: dict, save: Path) -> dict:
     """d2m's side in this process: `filter_pool`, what the filter asset (and `d2m filter`) runs; the yml's
     entry for the case gives the data files."""
     from d2m_core.config import FilterSpec, load_config
-    from d2m_core.filters import filter_pool
+    from d2m_core.subsets.filters import filter_pool
 
     config = load_config(yml)
     known = next((f for f in config.filters if f.asset_name == case_name), None)
@@ -238,7 +238,7 @@ def cases_for(meta: Path) -> dict[str, dict]:
 
 def with_filters(yml: Path, cases: dict[str, dict], data_files: dict) -> None:
     """The yml's `filters`: one entry per case (its asset name), with the stand-in data files it reads."""
-    from d2m_core.filter_files import files_for
+    from d2m_core.subsets.filter_files import files_for
 
     config = yaml.safe_load(yml.read_text())
     config["filters"] = []

@@ -110,9 +110,9 @@ def peak_rss_mb() -> float:
 
 def run_case(root: Path, case: str, files: dict, image_shards: int) -> dict:
     """In this (child) process: one baseline over the pool."""
-    from d2m_core import pool
     from d2m_core.config import FilterSpec
-    from d2m_core.filters import run_filter
+    from d2m_core.subsets import pool
+    from d2m_core.subsets.filters import run_filter
 
     shards = pool.list_pool(str(root / "metadata"))
     imported = peak_rss_mb()

@@ -51,7 +51,7 @@ if [ -n "${WHEELS:-}" ]; then
     chmod +x "$SCRATCH/bin/d2m"
     export PATH="$SCRATCH/bin:$PATH"
     D2M="$SCRATCH/bin/d2m"
-    "$PY" -c 'import d2m_assets.definitions, d2m_core.pipeline, open_clip, torch; print("imports ok, torch", torch.__version__)' || exit 1
+    "$PY" -c 'import d2m_assets.definitions, d2m_core.compute.pipeline, open_clip, torch; print("imports ok, torch", torch.__version__)' || exit 1
 else
     if [ ! -x .venv/bin/d2m ]; then
         if command -v python3.11 >/dev/null 2>&1; then
@@ -147,7 +147,7 @@ EOF2
 
 stage_fastpath() {
     say "device preprocessing path (fidelity vs PIL, images/s) -> $RESULTS/$SLUG-fastpath.jsonl"
-    step "$PY" -m d2m_core.fastpath --shards "$SHARD_DIR" --device "$DEVICE" --precision "$PRECISION" \
+    step "$PY" -m d2m_core.reading.fastpath --shards "$SHARD_DIR" --device "$DEVICE" --precision "$PRECISION" \
         --images 2048 --batch-size 256 | tee "$RESULTS/$SLUG-fastpath.jsonl" || status=1
 }
 

@@ -13,7 +13,7 @@ import time
 from dagster import AssetKey, AssetMaterialization, DagsterInstance
 
 from d2m_assets.staleness import StaleShards
-from d2m_core.identity import version_of
+from d2m_core.outputs.identity import version_of
 
 
 def main() -> None:

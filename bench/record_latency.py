@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from d2m_core.synth import make_shards
+from d2m_core.testdata.synth import make_shards
 
 BIN = Path(sys.executable).parent
 

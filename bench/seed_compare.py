@@ -48,9 +48,9 @@ def _yml(shards: list[Path], out: Path, batch_size: int, nworkers: int) -> dict:
 
 
 def _save_random_b32(path: Path) -> None:
-    from d2m_core.models.clip import OaiClipVitB32
-    from d2m_core.records import WeightsRecord
-    from d2m_core.weights import ResolvedWeights
+    from d2m_core.compute.models.clip import OaiClipVitB32
+    from d2m_core.compute.weights import ResolvedWeights
+    from d2m_core.outputs.records import WeightsRecord
 
     model = OaiClipVitB32("cpu", weights=ResolvedWeights(WeightsRecord(model=OaiClipVitB32.name, kind="random")))
     import torch

@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from d2m_core.discovery import DiscoveryCursor, discover
+from d2m_core.reading.discovery import DiscoveryCursor, discover
 
 
 def main() -> None:

@@ -43,7 +43,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from d2m_core.config import load_config
 
     config = load_config(args.yml)  # a config error answers before torch and dagster are imported
-    from d2m_core.weights_files import check_builtin_weights
+    from d2m_core.compute.weights_files import check_builtin_weights
 
     check_builtin_weights(config)  # a missing or corrupt weights file too (custom models: below)
     from d2m_core.selection import selected_assets, verify_weights
@@ -139,13 +139,13 @@ def _cmd_reshard(args: argparse.Namespace) -> int:
 
 def _cmd_make_shards(args: argparse.Namespace) -> int:
     if args.faults:
-        from d2m_core.faults import MANIFEST, make_fault_shards
+        from d2m_core.testdata.faults import MANIFEST, make_fault_shards
 
         for case in make_fault_shards(args.out, seed=args.seed).values():
             print(f"{case.path}\t{case.what}")
         print(f"expected outcomes per sample: {Path(args.out) / MANIFEST}")
         return 0
-    from d2m_core.synth import make_shards
+    from d2m_core.testdata.synth import make_shards
 
     paths = make_shards(args.out, shards=args.shards, samples=args.samples, seed=args.seed, start=args.start,
                         max_side=args.max_side, jpeg_quality=args.jpeg_quality, workers=args.workers)
@@ -158,7 +158,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from d2m_assets.display import RunDisplay
     from d2m_assets.runner import run_config_file
     from d2m_core.config import load_config
-    from d2m_core.synth import make_shards
+    from d2m_core.testdata.synth import make_shards
 
     os.chdir(REPO)  # the demo yml's relative paths are relative to the repo root, as the seed resolves them
     config_file = REPO / "configs" / "demo.yml"
@@ -184,7 +184,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if args.stage == "loader":
         from d2m_core.bench import loader_stage
-        from d2m_core.shards import expand_shards
+        from d2m_core.reading.shards import expand_shards
 
         batch_size = load_config(args.yml).batch_size if args.yml else 512
         print(json.dumps(loader_stage(expand_shards(args.shards), processes=args.processes, batch_size=batch_size)))
@@ -195,12 +195,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     config = load_config(args.yml)
     if args.stage == "run-overhead":
         from d2m_assets.overhead import run_overhead
-        from d2m_core.shards import expand_shards
+        from d2m_core.reading.shards import expand_shards
 
         print(json.dumps(run_overhead(args.yml, expand_shards(_bench_shards(args)), Path(args.yml).name)))
         return 0
     from d2m_core.bench import run_benchmark, writer_stage
-    from d2m_core.shards import expand_shards
+    from d2m_core.reading.shards import expand_shards
 
     if args.stage == "writer":
         print(json.dumps(writer_stage(config, expand_shards(args.shards), Path(args.yml).name, args.samples)))
@@ -217,7 +217,7 @@ def _bench_shards(args: argparse.Namespace) -> str:
     """--shards, made with make-shards first when it holds no tar."""
     shard_dir = Path(args.shards)
     if not any(shard_dir.glob("*.tar")):
-        from d2m_core.synth import make_shards
+        from d2m_core.testdata.synth import make_shards
 
         make_shards(shard_dir, shards=args.make_shards, samples=args.make_samples)
     return str(shard_dir)
@@ -229,11 +229,11 @@ def _cmd_weights(args: argparse.Namespace) -> int:
     config = load_config(args.yml) if args.yml else None
     directory = args.dir or (config.weights_dir if config else None)
     if args.action == "download":
-        from d2m_core.download import download_missing
+        from d2m_core.compute.download import download_missing
 
         return 1 if download_missing(config, directory, base_url=args.base_url) else 0
-    from d2m_core.weights import WeightsError, random_weights_enabled, resolve_weights, weights_dir
-    from d2m_core.weights_files import DEDUP_REFERENCE_FILES, MODEL_FILES, REFERENCE_MODEL, weights_inventory
+    from d2m_core.compute.weights import WeightsError, random_weights_enabled, resolve_weights, weights_dir
+    from d2m_core.compute.weights_files import DEDUP_REFERENCE_FILES, MODEL_FILES, REFERENCE_MODEL, weights_inventory
 
     if args.action == "list":
         print(f"weights folder: {weights_dir(directory)} (weights_dir in the yml, or $D2M_WEIGHTS_DIR)")
@@ -254,7 +254,7 @@ def _cmd_weights(args: argparse.Namespace) -> int:
     if "dedup-isc-ft-v107" in models:
         checks[REFERENCE_MODEL] = lambda: resolve_weights(REFERENCE_MODEL, DEDUP_REFERENCE_FILES, weights_dir(directory))
     if config is not None:  # the data files of the yml's filters (fastText, WordNet, centroids, ...)
-        from d2m_core.filter_files import files_for, resolve_data_file
+        from d2m_core.subsets.filter_files import files_for, resolve_data_file
 
         for spec in config.filters:
             for name in files_for(spec.name, spec.image_based_scale):
@@ -273,12 +273,12 @@ def _cmd_weights(args: argparse.Namespace) -> int:
 
 def _model_weights(model: str, directory: str | None):
     """A model's weights, verified: built-in ones without importing torch, custom ones through their plugin."""
-    from d2m_core.weights import weights_dir
-    from d2m_core.weights_files import MODEL_FILES, resolve_builtin_weights
+    from d2m_core.compute.weights import weights_dir
+    from d2m_core.compute.weights_files import MODEL_FILES, resolve_builtin_weights
 
     if model in MODEL_FILES:
         return resolve_builtin_weights(model, weights_dir(directory))
-    from d2m_core.models import resolve_model_weights
+    from d2m_core.compute.models import resolve_model_weights
 
     return resolve_model_weights(model, directory)
 
@@ -405,19 +405,19 @@ def build_parser() -> argparse.ArgumentParser:
 # A class whose module was never imported cannot have been raised, so only loaded modules are consulted.
 USER_ERRORS = (
     ("d2m_core.config", "ConfigError"),
-    ("d2m_core.shards", "ShardListError"),
-    ("d2m_core.weights", "WeightsError"),
+    ("d2m_core.reading.shards", "ShardListError"),
+    ("d2m_core.compute.weights", "WeightsError"),
     ("d2m_core.catalog", "UnknownOutputError"),
-    ("d2m_core.models", "UnknownModelError"),
-    ("d2m_core.plugins", "PluginError"),
-    ("d2m_core.storage", "StorageError"),
-    ("d2m_core.download", "DownloadError"),
+    ("d2m_core.compute.models", "UnknownModelError"),
+    ("d2m_core.compute.plugins", "PluginError"),
+    ("d2m_core.outputs.storage", "StorageError"),
+    ("d2m_core.compute.download", "DownloadError"),
     ("d2m_core.preflight", "PreflightError"),
     ("d2m_assets.resources", "PartitionNotInInputError"),
     ("d2m_assets.registration", "InstanceError"),
-    ("d2m_core.pool", "PoolError"),
-    ("d2m_core.uids", "UidError"),
-    ("d2m_core.reshard", "ReshardError"),
+    ("d2m_core.subsets.pool", "PoolError"),
+    ("d2m_core.subsets.uids", "UidError"),
+    ("d2m_core.subsets.reshard", "ReshardError"),
 )
 
 

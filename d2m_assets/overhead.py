@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from d2m_core.engine import FIRST_BATCH, MODEL_BUILD_DONE, MODEL_BUILD_START
-from d2m_core.shards import ShardRef
+from d2m_core.compute.engine import FIRST_BATCH, MODEL_BUILD_DONE, MODEL_BUILD_START
+from d2m_core.reading.shards import ShardRef
 
 REPO = Path(__file__).resolve().parent.parent
 ASSET_JOB = "__ASSET_JOB"  # Dagster's implicit job of every asset: runs of asset selections are its subsets

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
 if TYPE_CHECKING:
-    from d2m_core.engine import Progress
+    from d2m_core.compute.engine import Progress
 
 PROGRESS_INTERVAL_ENV = "D2M_PROGRESS_INTERVAL_S"
 DEFAULT_INTERVAL_S = 30.0

@@ -19,12 +19,12 @@ from d2m_assets.partitions import GPU_POOL
 from d2m_assets.progress import RunPlan, publish, run_failure_line
 from d2m_assets.recovery import mark_abandoned_runs, owner_tags
 from d2m_assets.yml_paths import record_base_dir
-from d2m_core.gpus import gpu_count
+from d2m_core.compute.gpus import gpu_count
 from d2m_assets.reporting import latest_versions, recorded_identity
 from d2m_core import D2MConfig, catalog, load_config
-from d2m_core.identity import REASONS, asset_identity, weights_by_model
-from d2m_core.selection import selected_assets, shard_stats
+from d2m_core.outputs.identity import REASONS, asset_identity, weights_by_model
 from d2m_core.preflight import preflight
+from d2m_core.selection import selected_assets, shard_stats
 
 REPO_DAGSTER_YAML = Path(__file__).resolve().parent.parent / "deploy" / "dagster.yaml"
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"

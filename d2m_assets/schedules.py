@@ -8,8 +8,8 @@ from dagster_aws.s3 import S3Resource
 
 from d2m_assets.datasets import Dataset
 from d2m_assets.sensors import find_new_shards, raw_shard_event
-from d2m_core.discovery import DiscoveryCursor
-from d2m_core.identity import tar_identities
+from d2m_core.outputs.identity import tar_identities
+from d2m_core.reading.discovery import DiscoveryCursor
 
 
 def build_discovery(dataset: Dataset) -> tuple[JobDefinition, ScheduleDefinition]:

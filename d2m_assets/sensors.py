@@ -27,8 +27,8 @@ from d2m_assets.partitions import RAW_SHARDS
 from d2m_assets.reporting import DATA_VERSION_TAG
 from d2m_core import ShardRef
 from d2m_core.config import D2MConfig
-from d2m_core.discovery import DiscoveryCursor, discover
-from d2m_core.identity import tar_digest, tar_identities
+from d2m_core.outputs.identity import tar_digest, tar_identities
+from d2m_core.reading.discovery import DiscoveryCursor, discover
 
 RECHECK_ENV = "D2M_RECHECK_PER_TICK"  # registered tars whose identity each tick re-checks (default 500)
 STORE_BATCH = 1000  # raw_shards events per write

@@ -23,7 +23,7 @@ from d2m_assets.recovery import owner_tags
 from d2m_core.config import D2MConfig, FilterSpec, ReshardSpec
 
 if TYPE_CHECKING:
-    from d2m_core.reshard import ReshardPlan
+    from d2m_core.subsets.reshard import ReshardPlan
 
 
 @dataclass
@@ -67,7 +67,7 @@ class ReshardRun:
 
 def _upstream_filter(config: D2MConfig, subset_file: str) -> str:
     """The yml's filter asset whose uid file (or save_path) is `subset_file`, for the lineage; "" if none."""
-    from d2m_core.filters import uid_file_url
+    from d2m_core.subsets.filters import uid_file_url
 
     target = Path(subset_file).expanduser().resolve()
     for spec in config.filters:
@@ -82,15 +82,15 @@ def reshard_config_file(yml: str | Path, subset_file: str, output_dir: str, *, s
                         echo: Callable[[str], None] = print) -> ReshardRun:
     """Materialize the yml's dataset's reshard assets for this subset and folder: the plan, then the output
     shards not yet written, a few per run (each shard is a partition, materialized as soon as it is written)."""
-    from d2m_core import uids
-    from d2m_core.reshard import ReshardError, check_folder, read_plan, shard_done
+    from d2m_core.subsets import uids
+    from d2m_core.subsets.reshard import ReshardError, check_folder, read_plan, shard_done
 
     instance = ensure_instance(echo)
     dataset = Dataset.from_yml(yml)
     config = dataset.load()
     subset = uids.load_uid_file(subset_file)  # a bad uid file, another plan, no face boxes: stop before any run
     if apply_blur or inject_blur_metadata:  # blurring needs the face boxes: say so before any run
-        from d2m_core import pool
+        from d2m_core.subsets import pool
 
         shards = pool.list_pool(config.output_metadata_dir)
         if shards:

@@ -13,22 +13,22 @@ _EXPORTS = {
     "D2MConfig": "d2m_core.config",
     "load_config": "d2m_core.config",
     "parse_config": "d2m_core.config",
-    "create_model": "d2m_core.models",
-    "list_models": "d2m_core.models",
-    "ShardOutcome": "d2m_core.records",
-    "process_shards": "d2m_core.pipeline",
-    "ShardRef": "d2m_core.shards",
-    "expand_shards": "d2m_core.shards",
+    "create_model": "d2m_core.compute.models",
+    "list_models": "d2m_core.compute.models",
+    "ShardOutcome": "d2m_core.outputs.records",
+    "process_shards": "d2m_core.compute.pipeline",
+    "ShardRef": "d2m_core.reading.shards",
+    "expand_shards": "d2m_core.reading.shards",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
+    from d2m_core.compute.models import create_model, list_models
+    from d2m_core.compute.pipeline import process_shards
     from d2m_core.config import ConfigError, D2MConfig, load_config, parse_config
-    from d2m_core.models import create_model, list_models
-    from d2m_core.pipeline import process_shards
-    from d2m_core.records import ShardOutcome
-    from d2m_core.shards import ShardRef, expand_shards
+    from d2m_core.outputs.records import ShardOutcome
+    from d2m_core.reading.shards import ShardRef, expand_shards
 
 
 def __getattr__(name: str) -> Any:

@@ -12,12 +12,12 @@ import numpy as np
 import torch
 
 from d2m_core import catalog
+from d2m_core.compute.pipeline import build_engine, process_shards, store_reference
+from d2m_core.compute.weights import random_weights_enabled
 from d2m_core.config import D2MConfig
-from d2m_core.loader import Batch, Loader
-from d2m_core.pipeline import build_engine, process_shards, store_reference
+from d2m_core.reading.loader import Batch, Loader
+from d2m_core.reading.shards import ShardRef
 from d2m_core.selection import selected_assets
-from d2m_core.shards import ShardRef
-from d2m_core.weights import random_weights_enabled
 
 
 def machine_load() -> dict[str, Any]:
@@ -63,11 +63,11 @@ def writer_stage(config: D2MConfig, shards: Sequence[ShardRef], config_name: str
     import os
     import uuid
 
-    from d2m_core.engine import RAGGED, ShardResult
-    from d2m_core.models import model_class
-    from d2m_core.pipeline import build_scorer, computed_features, finish_shard, write_feature_pass
-    from d2m_core.reading import iter_samples
-    from d2m_core.records import ShardStats
+    from d2m_core.compute.engine import RAGGED, ShardResult
+    from d2m_core.compute.models import model_class
+    from d2m_core.compute.pipeline import build_scorer, computed_features, finish_shard, write_feature_pass
+    from d2m_core.outputs.records import ShardStats
+    from d2m_core.reading.reading import iter_samples
 
     names = selected_assets(config)
     features = [a for a in names if a in catalog.FEATURE_ASSETS]
@@ -198,7 +198,7 @@ def fidelity(config: D2MConfig, shards: Sequence[ShardRef], samples: int = 64) -
 
 
 def run_benchmark(config: D2MConfig, shards: Sequence[ShardRef], config_name: str, repeats: int = 3) -> list[dict[str, Any]]:
-    from d2m_core.device import resolve_device, resolve_dtype
+    from d2m_core.compute.device import resolve_device, resolve_dtype
 
     device = resolve_device(config.device)
     common = {

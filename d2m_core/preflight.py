@@ -8,12 +8,12 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from d2m_core import storage
 from d2m_core.config import D2MConfig
-from d2m_core.identity import tar_identities
-from d2m_core.records import WeightsRecord
+from d2m_core.outputs import storage
+from d2m_core.outputs.identity import tar_identities
+from d2m_core.outputs.records import WeightsRecord
+from d2m_core.reading.shards import ShardRef, expand_shards
 from d2m_core.selection import verify_weights
-from d2m_core.shards import ShardRef, expand_shards
 
 PROBE_PREFIX = ".d2m-write-probe-"
 

@@ -5,17 +5,18 @@ torch) here, since the plugin decides which assets and weights exist."""
 
 from __future__ import annotations
 
-from d2m_core import catalog, storage
+from d2m_core import catalog
+from d2m_core.compute.weights import resolve_weights, weights_dir
+from d2m_core.compute.weights_files import DEDUP_REFERENCE_FILES, MODEL_FILES, REFERENCE_MODEL, resolve_builtin_weights
 from d2m_core.config import D2MConfig
-from d2m_core.records import ShardStats, WeightsRecord
-from d2m_core.weights import resolve_weights, weights_dir
-from d2m_core.weights_files import DEDUP_REFERENCE_FILES, MODEL_FILES, REFERENCE_MODEL, resolve_builtin_weights
+from d2m_core.outputs import storage
+from d2m_core.outputs.records import ShardStats, WeightsRecord
 
 
 def selected_assets(config: D2MConfig) -> list[str]:
     """Validate what the config asks for against the catalog; returns the asset names it selects."""
     if config.custom_pypath:
-        from d2m_core.plugins import install_plugin
+        from d2m_core.compute.plugins import install_plugin
 
         install_plugin(config.custom_pypath)
     return catalog.assets_for_config(config.models, config.postprocess_columns, config.postprocess_features)
@@ -32,7 +33,7 @@ def verify_weights(config: D2MConfig) -> list[WeightsRecord]:
         if model in MODEL_FILES and not config.custom_pypath:
             records.append(resolve_builtin_weights(model, directory).record)
         else:
-            from d2m_core.models import resolve_model_weights
+            from d2m_core.compute.models import resolve_model_weights
 
             records.append(resolve_model_weights(model, config.weights_dir).record)
     if catalog.REFERENCE_ASSET in assets:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from d2m_core.synth import make_shards
+from d2m_core.testdata.synth import make_shards
 
 os.environ["D2M_RANDOM_WEIGHTS"] = "1"  # tests always use random weights of the real architectures
 os.environ.setdefault("D2M_AUTOMATION", "off")  # sensors start stopped unless a test turns them on

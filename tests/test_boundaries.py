@@ -37,7 +37,7 @@ def test_definitions_load_without_the_compute_stack(tmp_path: Path) -> None:
     or torchvision (only a run's step does, when it computes)."""
     code = ("import sys, d2m_assets\n"
             "assert d2m_assets.defs.resolve_asset_graph().get_all_asset_keys()\n"
-            "print(sorted(m for m in ('torch', 'torchvision', 'open_clip', 'd2m_core.pipeline') if m in sys.modules))\n")
+            "print(sorted(m for m in ('torch', 'torchvision', 'open_clip', 'd2m_core.compute.pipeline') if m in sys.modules))\n")
     for yml in ("basic.yml", "datacomp.yml"):
         env = {**os.environ, "D2M_CONFIG": str(REPO / "configs" / yml), "DAGSTER_HOME": str(tmp_path)}
         out = subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=env, capture_output=True,

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import REPO, run_cli, tar_samples
-from d2m_core.synth import make_shards
+from d2m_core.testdata.synth import make_shards
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import yaml
 from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
 
 from conftest import BASIC, REPO, dataset_of, run_cli
-from d2m_core.synth import make_shards
+from d2m_core.testdata.synth import make_shards
 from services import dagster_process, free_port, graphql, postgres_server
 
 ASSETS = ["clip_b32_features", "clip_b32_scores", "shard_metadata"]

@@ -26,9 +26,9 @@ from conftest import BASIC, VENV_BIN, dataset_of, run_cli
 from services import tmpfs
 from d2m_assets.partitions import GPU_POOL
 from d2m_assets.recovery import HOST_TAG, PID_TAG, mark_abandoned_runs, owner_tags
-from d2m_core.engine import RAGGED, DeviceOutOfMemoryError, Engine
-from d2m_core.shards import ShardRef
-from d2m_core.synth import make_shards
+from d2m_core.compute.engine import RAGGED, DeviceOutOfMemoryError, Engine
+from d2m_core.reading.shards import ShardRef
+from d2m_core.testdata.synth import make_shards
 
 TIMING_KEYS = {"sample time (s)", "loader time (s)", "timings"}
 
@@ -340,7 +340,7 @@ def reference_rows(shard_dir: Path) -> np.ndarray:
 @pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError, RuntimeError])
 def test_out_of_memory_splits_the_batch_and_keeps_rows_in_order(shard_dir: Path, reference_rows, error, caplog) -> None:
     model = _Limited(limit=2, error=error)
-    with caplog.at_level(logging.WARNING, logger="d2m_core.engine"):
+    with caplog.at_level(logging.WARNING, logger="d2m_core.compute.engine"):
         (result,) = _engine(model).run([ShardRef("00001", str(shard_dir / "00001.tar"))])
     assert np.array_equal(result.outputs["m"]["x"], reference_rows) and result.stats.samples_written == 9
     assert model.sizes == [8, 4, 2, 2, 4, 2, 2, 1]

@@ -18,7 +18,7 @@ from conftest import BASIC, REPO, hold_plugin, run_cli
 from d2m_assets.datasets import Dataset
 from d2m_assets.slurm_launcher import JOB_ID_TAG
 from d2m_core import slurm
-from d2m_core.synth import make_shards
+from d2m_core.testdata.synth import make_shards
 from services import dagster_process, free_port, graphql, postgres_server, slurm_cluster, slurm_installed
 
 pytestmark = [pytest.mark.slurm,

@@ -18,9 +18,9 @@ import yaml
 from dagster import DagsterInstance
 
 from conftest import BASIC, REPO, dataset_of, run_cli
-from d2m_core.validation import CHECKS
-from d2m_core.pausepoints import PAUSE_DIR_ENV, PAUSE_ENV
-from d2m_core.synth import make_shards
+from d2m_core.outputs.validation import CHECKS
+from d2m_core.testdata.pausepoints import PAUSE_DIR_ENV, PAUSE_ENV
+from d2m_core.testdata.synth import make_shards
 
 
 def _yml(path: Path, tars: str | list[str], out: Path, **extra) -> Path:
@@ -64,8 +64,8 @@ def test_a_changed_tar_output_folder_or_weights_forces_a_recompute(shard_dir: Pa
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from d2m_assets.runner import reasons_to_run
     from d2m_core import load_config
+    from d2m_core.outputs.identity import weights_by_model
     from d2m_core.preflight import preflight
-    from d2m_core.identity import weights_by_model
 
     tars = tmp_path / "tars"
     shutil.copytree(shard_dir, tars)
@@ -210,7 +210,7 @@ def _run_in_child(config: Path, home: Path, log: Path, pause: str | None) -> Non
 
 
 def _start(config: Path, home: Path, log: Path, pause: str | None = None):
-    """`d2m run` in its own process; `pause` ("<point>:<stem>", d2m_core.pausepoints) holds it at that point."""
+    """`d2m run` in its own process; `pause` ("<point>:<stem>", d2m_core.testdata.pausepoints) holds it at that point."""
     log.touch()
     proc = _forks().Process(target=_run_in_child, args=(config, home, log, pause))
     proc.start()
@@ -242,7 +242,7 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 def test_kill_9_at_three_points_loses_only_the_shard_in_flight(tmp_path: Path) -> None:
-    """SIGKILL lands provably at each point: the process is held there (d2m_core.pausepoints) until killed."""
+    """SIGKILL lands provably at each point: the process is held there (d2m_core.testdata.pausepoints) until killed."""
     shards = tmp_path / "shards"
     make_shards(shards, shards=4, samples=8, max_side=64)
     plugin = tmp_path / "plugin.py"

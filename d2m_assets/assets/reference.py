@@ -13,7 +13,7 @@ def build_reference_asset(dataset: Dataset) -> AssetsDefinition:
            automation_condition=REFERENCE_CONDITION)
     def dedup_reference(context: AssetExecutionContext) -> MaterializeResult:
         """DataComp's eval_dedup_embeddings.pt, verified and stored; a new set recomputes dedup_scores only."""
-        from d2m_core.pipeline import store_reference  # torch: imported by runs, not by the definitions
+        from d2m_core.compute.pipeline import store_reference  # torch: imported by runs, not by the definitions
 
         outcome = store_reference(dataset.load())
         return MaterializeResult(metadata=outcome_metadata(outcome, catalog.REFERENCE_ASSET))

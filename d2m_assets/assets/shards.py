@@ -19,10 +19,10 @@ from d2m_assets.partitions import GPU_POOL, RAW_SHARDS
 from d2m_assets.progress import RunLogReporter
 from d2m_assets.reporting import check_evaluations, hold_connections, materializations
 from d2m_core import catalog
-from d2m_core.gpus import claim_device
-from d2m_core.identity import asset_identity, tar_identities, weights_by_model
+from d2m_core.compute.gpus import claim_device
+from d2m_core.outputs.identity import asset_identity, tar_identities, weights_by_model
+from d2m_core.outputs.validation import CHECKS
 from d2m_core.selection import verify_weights
-from d2m_core.validation import CHECKS
 
 
 def raw_shards_spec(dataset: Dataset) -> AssetSpec:
@@ -80,7 +80,7 @@ def build_shard_assets(dataset: Dataset, assets: Sequence[str], backfill_policy:
         shards = dataset.source.shards(config, context.partition_keys)
         tars = tar_identities(shards)  # what produced each shard, recorded with it
         with ThreadPoolExecutor(1) as pool:  # torch and the models' code load while the weights are hashed
-            compute = pool.submit(import_module, "d2m_core.pipeline")
+            compute = pool.submit(import_module, "d2m_core.compute.pipeline")
             weights = weights_by_model(verify_weights(config))
             process_shards = compute.result().process_shards
         checked = bool(context.selected_asset_check_keys) and catalog.METADATA_ASSET in selected

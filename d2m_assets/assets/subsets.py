@@ -64,7 +64,7 @@ def build_filter_asset(dataset: Dataset, spec: FilterSpec, cron: str) -> AssetsD
            kinds={"numpy"}, automation_condition=filter_condition(cron),
            description=f"DataComp's `{spec.name}` baseline over every shard's metadata: its uid file (.npy, u8,u8, sorted)")
     def _filter(context: AssetExecutionContext) -> MaterializeResult:
-        from d2m_core.filters import filter_pool
+        from d2m_core.subsets.filters import filter_pool
 
         result, paths = filter_pool(dataset.load(), spec, progress=context.log.info)
         context.log.info(f"{spec.asset_name}: kept {result.kept} of {result.pool_size} samples -> {paths[0]}")
@@ -85,8 +85,8 @@ def build_reshard_assets(dataset: Dataset, spec: ReshardSpec, *, subset_url: str
     @asset(key=plan_key, deps=deps, group_name=dataset.group, kinds={"webdataset"},
            description="Which kept samples go to which output shard (reshard_plan.json), and the output partitions")
     def reshard_plan(context: AssetExecutionContext) -> MaterializeResult:
-        from d2m_core.filters import uid_file_url
-        from d2m_core.reshard import plan_for
+        from d2m_core.subsets.filters import uid_file_url
+        from d2m_core.subsets.reshard import plan_for
 
         config = dataset.load()
         url = subset_url or uid_file_url(config, spec.subset)
@@ -110,7 +110,7 @@ def build_reshard_assets(dataset: Dataset, spec: ReshardSpec, *, subset_url: str
                                               "faces blurred")],
                  backfill_policy=BackfillPolicy.multi_run(RESHARD_PER_RUN))
     def resharded_shards(context: AssetExecutionContext):
-        from d2m_core.reshard import write_shards
+        from d2m_core.subsets.reshard import write_shards
 
         failed = {}
         for outcome in write_shards(spec.output_dir, context.partition_keys):

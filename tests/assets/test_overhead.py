@@ -4,7 +4,7 @@ run worker process) executes its step in that process and reports its timeline f
 from pathlib import Path
 
 from d2m_assets.overhead import run_overhead
-from d2m_core.shards import expand_shards
+from d2m_core.reading.shards import expand_shards
 
 
 def test_a_launched_run_executes_in_its_worker_and_reports_its_timeline(shard_dir: Path, write_config) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from d2m_core.decoding import DecodeError, decode_image
+from d2m_core.reading.decoding import DecodeError, decode_image
 
 
 def _encode(mode: str, fmt: str) -> bytes:

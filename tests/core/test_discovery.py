@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from d2m_core.discovery import DiscoveryCursor, discover
+from d2m_core.reading.discovery import DiscoveryCursor, discover
 
 
 def _tar(folder: Path, stem: str, stats: bool = True) -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from d2m_core.compute.download import Download, DownloadError, download_missing, fetch, planned_downloads
 from d2m_core.config import parse_config
-from d2m_core.download import Download, DownloadError, download_missing, fetch, planned_downloads
 
 
 class FileServer:

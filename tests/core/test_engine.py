@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from conftest import tar_samples
+from d2m_core.compute.engine import Engine
+from d2m_core.compute.pipeline import build_engine
 from d2m_core.config import parse_config
-from d2m_core.engine import Engine
-from d2m_core.loader import Batch, Loader, ShardEnd, ShardStart
-from d2m_core.pipeline import build_engine
-from d2m_core.shards import ShardRef
-from d2m_core.transforms import ClipImageTransform
+from d2m_core.reading.loader import Batch, Loader, ShardEnd, ShardStart
+from d2m_core.reading.shards import ShardRef
+from d2m_core.reading.transforms import ClipImageTransform
 
 
 def _refs(shard_dir: Path) -> list[ShardRef]:
@@ -88,7 +88,7 @@ class _Stub:
 
 
 def test_one_decode_and_one_preprocessing_per_distinct_transform(shard_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import d2m_core.loader as loader
+    import d2m_core.reading.loader as loader
 
     decodes = []
     real = loader.decode_image

@@ -15,11 +15,11 @@ import torch
 from PIL import Image, ImageDraw
 from torchvision.ops import nms
 
-from d2m_core.models import faces
-from d2m_core.models.faces import Scrfd10G
-from d2m_core.models.scrfd_net import STRIDES, ScrfdNet, random_scrfd_net
-from d2m_core.transforms import FacesImageTransform
-from d2m_core.weights import ResolvedWeights, WeightsError, WeightsFile, resolve_weights, sha256_of
+from d2m_core.compute.models import faces
+from d2m_core.compute.models.faces import Scrfd10G
+from d2m_core.compute.models.scrfd_net import STRIDES, ScrfdNet, random_scrfd_net
+from d2m_core.compute.weights import ResolvedWeights, WeightsError, WeightsFile, resolve_weights, sha256_of
+from d2m_core.reading.transforms import FacesImageTransform
 
 SIZE = 224
 PINNED = Scrfd10G.weights_files[0]

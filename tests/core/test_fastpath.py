@@ -1,4 +1,4 @@
-"""The device preprocessing path (d2m_core.fastpath) against the loader's PIL path, on the CPU.
+"""The device preprocessing path (d2m_core.reading.fastpath) against the loader's PIL path, on the CPU.
 
 Tolerances asserted (uint8 levels of the prepared pixels, before normalisation; 1 level is 1/255/std in
 model-input units: 0.0150 for clip-aug's smallest std, 0.0078 for mean/std 0.5):
@@ -20,10 +20,10 @@ import pytest
 import torch
 from PIL import Image
 
-from d2m_core import fastpath
-from d2m_core.decoding import decode_image
-from d2m_core.synth import make_shards
-from d2m_core.transforms import CLIP_STD, IMAGE_TRANSFORMS, pil_to_uint8
+from d2m_core.reading import fastpath
+from d2m_core.reading.decoding import decode_image
+from d2m_core.reading.transforms import CLIP_STD, IMAGE_TRANSFORMS, pil_to_uint8
+from d2m_core.testdata.synth import make_shards
 
 NAMES = ["clip-aug", "dedup-aug", "faces-aug"]
 MAX_LEVELS = 2

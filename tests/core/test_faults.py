@@ -14,16 +14,16 @@ import pyarrow as pa
 import pytest
 from PIL import Image, ImageOps
 
-from d2m_core import decoding
+from d2m_core.compute.engine import Engine, ShardResult
+from d2m_core.compute.pipeline import build_engine
 from d2m_core.config import parse_config
-from d2m_core.decoding import DecodeError, decode_image
-from d2m_core.engine import Engine, ShardResult
-from d2m_core.faults import HUGE_SIZE, MANIFEST, FaultCase, make_fault_shards
-from d2m_core.loader import prepare_batch
-from d2m_core.pipeline import build_engine
-from d2m_core.reading import TRUNCATED, RawSample, count_samples, iter_samples
-from d2m_core.shards import ShardRef
-from d2m_core.transforms import IMAGE_TRANSFORMS, ClipImageTransform
+from d2m_core.reading import decoding
+from d2m_core.reading.decoding import DecodeError, decode_image
+from d2m_core.reading.loader import prepare_batch
+from d2m_core.reading.reading import TRUNCATED, RawSample, count_samples, iter_samples
+from d2m_core.reading.shards import ShardRef
+from d2m_core.reading.transforms import IMAGE_TRANSFORMS, ClipImageTransform
+from d2m_core.testdata.faults import HUGE_SIZE, MANIFEST, FaultCase, make_fault_shards
 
 CASES = ["undecodable", "odd-images", "bombs", "huge", "metadata", "captions", "layout", "truncated-mid-member",
          "truncated-between-members", "truncated-between-samples", "truncated-first-member", "corrupt-header",
@@ -228,7 +228,7 @@ def test_bombs_are_refused_before_allocating(corpus: dict[str, FaultCase], tmp_p
 
 
 def test_unreadable_tars_raise_shard_read_error_naming_the_file(corpus: dict[str, FaultCase]) -> None:
-    from d2m_core.reading import ShardReadError
+    from d2m_core.reading.reading import ShardReadError
 
     for name in UNREADABLE:
         with pytest.raises(ShardReadError, match=corpus[name].path.name):

@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from d2m_core import pool
+from d2m_core.compute.weights import WeightsError
 from d2m_core.config import FilterSpec
-from d2m_core.filters import run_filter
-from d2m_core.weights import WeightsError
+from d2m_core.subsets import pool
+from d2m_core.subsets.filters import run_filter
 
 EN = ["a dog runs on the green grass", "the red car parked near the house", "a small cat sleeps on the sofa",
       "two people walk along the beach", "the old bridge over the river", "a bird sits on the tree branch"]

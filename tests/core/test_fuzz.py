@@ -18,11 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from d2m_core.decoding import DecodeError, decode_image
-from d2m_core import reading
-from d2m_core.reading import TRUNCATED, ReadReport, ShardReadError, iter_samples
-from d2m_core.shards import ShardRef
-from d2m_core.synth import make_shards
+from d2m_core.reading import reading
+from d2m_core.reading.decoding import DecodeError, decode_image
+from d2m_core.reading.reading import TRUNCATED, ReadReport, ShardReadError, iter_samples
+from d2m_core.reading.shards import ShardRef
+from d2m_core.testdata.synth import make_shards
 
 FUZZ = settings(max_examples=150, deadline=2000, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

@@ -10,9 +10,9 @@ import sentencepiece as spm
 import torch
 import transformers
 
-from d2m_core.models import detoxify as dtx
-from d2m_core.records import WeightsRecord
-from d2m_core.weights import RANDOM_WEIGHTS_ENV, ResolvedWeights, WeightsError, WeightsFile, resolve_weights, sha256_of
+from d2m_core.compute.models import detoxify as dtx
+from d2m_core.compute.weights import RANDOM_WEIGHTS_ENV, ResolvedWeights, WeightsError, WeightsFile, resolve_weights, sha256_of
+from d2m_core.outputs.records import WeightsRecord
 
 WORDS = "the quick brown fox jumps over lazy dog photo of a red car shut up you liar beautiful sunset sea".split()
 TEXTS = ["shut up, you liar", "a photo of a red car", "Beautiful sunset over the sea, the quick brown fox jumps", "dog"]

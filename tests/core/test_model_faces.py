@@ -18,9 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
-from d2m_core.models.faces import Scrfd10G, ScrfdGraph
-from d2m_core.transforms import HALF, FacesImageTransform, normalize_uint8
-from d2m_core.weights import resolve_weights
+from d2m_core.compute.models.faces import Scrfd10G, ScrfdGraph
+from d2m_core.compute.weights import resolve_weights
+from d2m_core.reading.transforms import HALF, FacesImageTransform, normalize_uint8
 
 SIZE = 224
 GAIN, BIAS = 10.0, -5.0

@@ -9,15 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d2m_core.models.isc import (
+from d2m_core.compute.models.isc import (
     IscFtV107,
     dedup_scores,
     reference_norms,
     load_reference_embeddings,
     stable_random_init,
 )
-from d2m_core.weights import WeightsError, WeightsFile, resolve_weights, sha256_of
-from d2m_core.weights_files import DEDUP_REFERENCE_FILES
+from d2m_core.compute.weights import WeightsError, WeightsFile, resolve_weights, sha256_of
+from d2m_core.compute.weights_files import DEDUP_REFERENCE_FILES
 
 NAME = IscFtV107.name
 
@@ -176,7 +176,7 @@ def test_dedup_scores_edge_cases() -> None:
 
 def test_dedup_reference_records_whether_rows_are_unit_norm(real_weights: None, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    from d2m_core import pipeline
+    from d2m_core.compute import pipeline
     from d2m_core.config import D2MConfig
 
     rng = np.random.default_rng(2)

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d2m_core.models.nsfw import NsfwImageHead, ZeroEpsBatchNorm1d, build_nsfw_head
-from d2m_core.weights import ResolvedWeights, WeightsError, WeightsFile, resolve_weights, sha256_of
+from d2m_core.compute.models.nsfw import NsfwImageHead, ZeroEpsBatchNorm1d, build_nsfw_head
+from d2m_core.compute.weights import ResolvedWeights, WeightsError, WeightsFile, resolve_weights, sha256_of
 
 NAME = NsfwImageHead.name
 

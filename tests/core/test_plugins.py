@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from conftest import run_cli, tar_samples
-from d2m_core.plugins import PluginError, load_plugin
+from d2m_core.compute.plugins import PluginError, load_plugin
 
 PLUGIN = textwrap.dedent('''
     import numpy as np
@@ -161,7 +161,7 @@ def test_seed_plugin_unchanged_with_string_int_bool_list_outputs(shard_dir: Path
 
 def test_real_dataset2metadata_package_is_left_alone(tmp_path: Path) -> None:
     """Where the seed itself is installed, its module is the one plugins import."""
-    code = ("from d2m_core.postprocessors import seed_helpers_importable\n"
+    code = ("from d2m_core.compute.postprocessors import seed_helpers_importable\n"
             "seed_helpers_importable()\nimport dataset2metadata.postprocessors as q\nprint(q.__name__, q.MARK)\n")
     real = tmp_path / "site" / "dataset2metadata"
     real.mkdir(parents=True)
@@ -170,7 +170,7 @@ def test_real_dataset2metadata_package_is_left_alone(tmp_path: Path) -> None:
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "dataset2metadata.postprocessors the real seed", done.stderr
-    shim = subprocess.run([sys.executable, "-c", "from d2m_core.postprocessors import seed_helpers_importable as s\n"
+    shim = subprocess.run([sys.executable, "-c", "from d2m_core.compute.postprocessors import seed_helpers_importable as s\n"
                            "s()\nfrom dataset2metadata.postprocessors import select\nprint(select.__module__)"],
                           capture_output=True, text=True, timeout=300)
-    assert shim.returncode == 0 and shim.stdout.strip() == "d2m_core.postprocessors", shim.stderr
+    assert shim.returncode == 0 and shim.stdout.strip() == "d2m_core.compute.postprocessors", shim.stderr

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from d2m_core.bench import fidelity
 from d2m_core.config import parse_config
-from d2m_core.shards import ShardRef
+from d2m_core.reading.shards import ShardRef
 
 
 def test_bf16_features_stay_within_cosine_099_of_fp32(shard_dir: Path) -> None:

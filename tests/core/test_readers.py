@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from d2m_core.loader import Batch, Loader, ShardStart
-from d2m_core.readers import RawBatch, ReaderError, ReaderPool
-from d2m_core.reading import iter_samples
-from d2m_core.shards import ShardRef
+from d2m_core.reading.loader import Batch, Loader, ShardStart
+from d2m_core.reading.readers import RawBatch, ReaderError, ReaderPool
+from d2m_core.reading.reading import iter_samples
+from d2m_core.reading.shards import ShardRef
 
 
 def _refs(shard_dir: Path) -> list[ShardRef]:
@@ -109,8 +109,8 @@ def test_a_crashed_reader_fails_the_loop_instead_of_hanging(shard_dir: Path) -> 
 
 CTRL_C_SCRIPT = """
 import sys, time
-from d2m_core.loader import Loader
-from d2m_core.shards import ShardRef
+from d2m_core.reading.loader import Loader
+from d2m_core.reading.shards import ShardRef
 refs = [ShardRef(p.split("/")[-1][:-4], p) for p in sys.argv[1:]]
 loader = Loader(refs * 50, batch_size=1, transforms=[], needs_text=True, nworkers=1, readers=2)
 for i, item in enumerate(loader):

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from conftest import replace_member, tar_samples
-from d2m_core import reading
-from d2m_core.reading import TRUNCATED, ReadReport, ShardReadError, count_samples, iter_samples, split_name
-from d2m_core.shards import ShardRef
+from d2m_core.reading import reading
+from d2m_core.reading.reading import TRUNCATED, ReadReport, ShardReadError, count_samples, iter_samples, split_name
+from d2m_core.reading.shards import ShardRef
 
 
 def _ref(path: Path) -> ShardRef:

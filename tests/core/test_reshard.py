@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from d2m_core import reshard, uids
-from d2m_core.reading import iter_samples
-from d2m_core.shards import expand_shards
-from d2m_core.synth import make_shards
+from d2m_core.reading.reading import iter_samples
+from d2m_core.reading.shards import expand_shards
+from d2m_core.subsets import reshard, uids
+from d2m_core.testdata.synth import make_shards
 
 BOX = [0.25, 0.25, 0.5, 0.5]
 

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from d2m_core.reading import iter_samples
-from d2m_core.shards import ShardListError, ShardRef, expand_shards, shard_stem
+from d2m_core.reading.reading import iter_samples
+from d2m_core.reading.shards import ShardListError, ShardRef, expand_shards, shard_stem
 
 
 @pytest.fixture

@@ -22,8 +22,8 @@ import pyarrow as pa
 import pytest
 
 from services import tmpfs
-from d2m_core import storage
-from d2m_core.storage import RetryPolicy, StorageError, sweep_partial_files, write_bytes_atomic
+from d2m_core.outputs import storage
+from d2m_core.outputs.storage import RetryPolicy, StorageError, sweep_partial_files, write_bytes_atomic
 
 FAST = RetryPolicy(attempts=8, backoff_s=0.1, max_backoff_s=0.4, deadline_s=10.0)
 
@@ -68,7 +68,7 @@ def test_a_writer_killed_before_the_rename_leaves_no_file_and_its_leftover_is_sw
     (leftover,) = target.parent.iterdir()
     assert leftover.name.startswith(".00001_npz.") and leftover.name.endswith(".tmp") and not target.exists()
     assert ".npz" not in leftover.name and ".parquet" not in leftover.name  # no reader takes it for an output
-    with caplog.at_level(logging.WARNING, logger="d2m_core.storage"):
+    with caplog.at_level(logging.WARNING, logger="d2m_core.outputs.storage"):
         write_bytes_atomic(str(target.parent / "00002.npz"), b"next")  # the next write into the folder sweeps it
     assert sorted(p.name for p in target.parent.iterdir()) == ["00002.npz"]
     assert "removed 1 partial file(s)" in caplog.text and leftover.name in caplog.text
@@ -245,7 +245,7 @@ def test_s3_write_waits_out_an_outage_within_the_retry_window(s3: S3, caplog) ->
         except BaseException as err:  # noqa: BLE001
             errors.append(err)
 
-    with caplog.at_level(logging.WARNING, logger="d2m_core.storage"):
+    with caplog.at_level(logging.WARNING, logger="d2m_core.outputs.storage"):
         writer = threading.Thread(target=write)
         writer.start()
         time.sleep(1.0)
@@ -352,7 +352,7 @@ def flaky(s3: S3, monkeypatch: pytest.MonkeyPatch) -> Iterator[FlakyProxy]:
 
 def test_s3_503s_are_retried_for_writes_and_reads(flaky: FlakyProxy, caplog) -> None:
     flaky.failures = 2
-    with caplog.at_level(logging.WARNING, logger="d2m_core.storage"):
+    with caplog.at_level(logging.WARNING, logger="d2m_core.outputs.storage"):
         write_bytes_atomic("s3://meta/00003.parquet", b"rows", retry=FAST)
         flaky.failures = 2
         assert storage.read_bytes("s3://meta/00003.parquet", retry=FAST) == b"rows"

@@ -1,4 +1,4 @@
-"""Tests for d2m_core.synth: synthetic img2dataset-format webdataset shards."""
+"""Tests for d2m_core.testdata.synth: synthetic img2dataset-format webdataset shards."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from d2m_core.synth import make_shards
+from d2m_core.testdata.synth import make_shards
 
 SHARDS = 2
 SAMPLES = 100
@@ -248,5 +248,5 @@ def test_invalid_arguments(tmp_path: Path, kwargs: dict[str, int]) -> None:
 
 
 def test_does_not_import_dagster() -> None:
-    code = "import sys, d2m_core.synth; assert 'dagster' not in sys.modules"
+    code = "import sys, d2m_core.testdata.synth; assert 'dagster' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from d2m_core import threshold
+from d2m_core.subsets import threshold
 
 
 def _datacomp(columns: list[np.ndarray], fraction: float) -> float:

@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from d2m_core.decoding import decode_image
-from d2m_core.transforms import (CLIP_MEAN, CLIP_STD, ClipImageTransform, ClipTokenizer, DedupImageTransform,
+from d2m_core.reading.decoding import decode_image
+from d2m_core.reading.transforms import (CLIP_MEAN, CLIP_STD, ClipImageTransform, ClipTokenizer, DedupImageTransform,
                                  FacesImageTransform, IdentityText, square_padding)
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from d2m_core import uids
+from d2m_core.subsets import uids
 
 
 def _random_uids(n: int, seed: int = 0) -> list[str]:

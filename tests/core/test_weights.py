@@ -4,9 +4,9 @@ import open_clip
 import pytest
 import torch
 
-from d2m_core.models import create_model, resolve_model_weights
-from d2m_core.models.clip import OaiClipVitB32
-from d2m_core.weights import WeightsError, WeightsFile, resolve_weights, sha256_of
+from d2m_core.compute.models import create_model, resolve_model_weights
+from d2m_core.compute.models.clip import OaiClipVitB32
+from d2m_core.compute.weights import WeightsError, WeightsFile, resolve_weights, sha256_of
 
 
 @pytest.fixture
@@ -107,9 +107,9 @@ def test_weight_records_say_what_is_known(real_weights: None, tmp_path: Path, mo
 
 def test_builtin_weights_check_matches_the_models_and_finds_the_dedup_reference(real_weights: None, tmp_path: Path) -> None:
     """The torch-free check `d2m run` makes first: the same files the model classes load, each gap named."""
+    from d2m_core.compute.models import BUILTIN_MODELS
+    from d2m_core.compute.weights_files import MODEL_FILES, check_builtin_weights
     from d2m_core.config import parse_config
-    from d2m_core.models import BUILTIN_MODELS
-    from d2m_core.weights_files import MODEL_FILES, check_builtin_weights
 
     assert {cls.name: cls.weights_files for cls in BUILTIN_MODELS} == MODEL_FILES
     base = {"nworkers": 1, "batch_size": 1, "device": "cpu", "input_tars": "x.tar", "weights_dir": str(tmp_path),

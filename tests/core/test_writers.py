@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from d2m_core.config import parse_config
-from d2m_core.storage import write_bytes_atomic
-from d2m_core.writers import write_datacomp_files
+from d2m_core.outputs.storage import write_bytes_atomic
+from d2m_core.outputs.writers import write_datacomp_files
 
 SAMPLES = pa.table({
     "key": ["a", "b"],

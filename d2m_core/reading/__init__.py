@@ -1,0 +1,1 @@
+"""Reading: listing and discovering img2dataset tars, parsing them, and the loader that feeds batches."""

@@ -1,0 +1,260 @@
+"""The loader: reads tars in reader processes (`d2m_core.reading.readers`) and prepares image batches in a thread pool.
+
+It hands the device stage each shard's `Batch`es in tar order, bracketed by `ShardStart`/`ShardEnd`; with N
+reader processes N shards are read at once and their items interleave. Reading ahead never stops at a shard
+boundary, so the device does not wait there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+
+from d2m_core.outputs.records import SampleFailure
+from d2m_core.reading.decoding import DecodeError, decode_image
+from d2m_core.reading.readers import RawBatch, ReaderPool, ShardBegins, ShardDone
+from d2m_core.reading.reading import RawSample
+from d2m_core.reading.shards import ShardRef
+from d2m_core.reading.transforms import ImageTransform
+
+
+@dataclass
+class Batch:
+    """Up to batch_size usable samples of one shard, with per-transform uint8 image tensors."""
+
+    shard: str
+    keys: list[str] = field(default_factory=list)
+    uids: list[str | None] = field(default_factory=list)
+    jsons: list[dict[str, Any] | None] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    text_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # preprocessed by the readers (B, ...)
+    images: dict[str, torch.Tensor] = field(default_factory=dict)  # transform -> uint8 (B,3,H,W)
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)  # transform -> per-image side data (B,...)
+    failures: list[SampleFailure] = field(default_factory=list)
+    samples_read: int = 0
+    decode_s: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+@dataclass
+class ShardStart:
+    shard: ShardRef
+
+
+@dataclass
+class ShardEnd:
+    shard: ShardRef
+    error: str | None = None  # the shard could not be read at all
+
+
+Item = Union[ShardStart, Batch, ShardEnd]
+_DONE = object()
+DEFAULT_READERS = 2  # reader processes
+
+
+def _keep_text_rows(batch: Batch, texts: dict[str, Any], rows: list[int]) -> None:
+    """The readers' preprocessed text rows of the samples kept, in batch order."""
+    for name, array in texts.items():
+        batch.text_inputs[name] = torch.from_numpy(array[rows])
+
+
+def prepare_batch(
+    shard: str, samples: Sequence[RawSample], transforms: Sequence[ImageTransform], needs_text: bool, pin: bool,
+    texts: dict[str, Any] | None = None,
+) -> Batch:
+    """Decode and prepare one batch on the CPU; samples that fail are recorded, never dropped. `texts`: the
+    readers' preprocessed captions, one row per sample read."""
+    start = time.perf_counter()
+    batch = Batch(shard=shard, samples_read=len(samples))
+    pixels: dict[str, list[torch.Tensor]] = {t.name: [] for t in transforms}
+    aux: dict[str, list[torch.Tensor]] = {t.name: [] for t in transforms}
+    rows: list[int] = []
+    for row, raw in enumerate(samples):
+        if raw.problem is not None:
+            batch.failures.append(SampleFailure(raw.key, raw.uid, raw.problem))
+            continue
+        if needs_text and raw.text is None:
+            batch.failures.append(SampleFailure(raw.key, raw.uid, "no txt member"))
+            continue
+        try:
+            image = decode_image(raw.image) if transforms else None
+            prepared = {t.name: t.prepare(image) for t in transforms}
+        except DecodeError as err:
+            batch.failures.append(SampleFailure(raw.key, raw.uid, str(err)))
+            continue
+        except Exception as err:  # a preprocessing bug on one odd image must not lose the shard
+            batch.failures.append(SampleFailure(raw.key, raw.uid, f"preprocessing failed: {type(err).__name__}: {err}"))
+            continue
+        for name, (tensor, side) in prepared.items():
+            pixels[name].append(tensor)
+            if side is not None:
+                aux[name].append(side)
+        batch.keys.append(raw.key)
+        batch.uids.append(raw.uid)
+        batch.jsons.append(raw.json)
+        batch.texts.append(raw.text or "")
+        rows.append(row)
+    _keep_text_rows(batch, texts or {}, rows)
+    for name, tensors in pixels.items():
+        if tensors:
+            stacked = torch.stack(tensors)
+            batch.images[name] = stacked.pin_memory() if pin else stacked
+        if aux[name]:
+            batch.aux[name] = torch.stack(aux[name])
+    batch.decode_s = time.perf_counter() - start
+    return batch
+
+
+def prepare_batch_on_device(
+    shard: str, samples: Sequence[RawSample], transforms: Sequence[ImageTransform], needs_text: bool,
+    device: torch.device, texts: dict[str, Any] | None = None,
+) -> Batch:
+    """Like prepare_batch, but decoding (nvJPEG on CUDA, PIL fallback) and resizing run batched on `device`."""
+    from d2m_core.reading.fastpath import preprocess_batch
+
+    start = time.perf_counter()
+    batch = Batch(shard=shard, samples_read=len(samples))
+    failures: list[tuple[int, SampleFailure]] = []
+    usable: list[tuple[int, RawSample]] = []
+    for index, raw in enumerate(samples):
+        if raw.problem is not None:
+            failures.append((index, SampleFailure(raw.key, raw.uid, raw.problem)))
+        elif needs_text and raw.text is None:
+            failures.append((index, SampleFailure(raw.key, raw.uid, "no txt member")))
+        else:
+            usable.append((index, raw))
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        result = preprocess_batch([raw.image for _, raw in usable], [t.name for t in transforms], device)
+    if stream is not None:
+        stream.synchronize()
+    for position, reason in result.failures.items():
+        index, raw = usable[position]
+        failures.append((index, SampleFailure(raw.key, raw.uid, reason)))
+    rows = []
+    for position in result.kept:
+        row, raw = usable[position]
+        batch.keys.append(raw.key)
+        batch.uids.append(raw.uid)
+        batch.jsons.append(raw.json)
+        batch.texts.append(raw.text or "")
+        rows.append(row)
+    _keep_text_rows(batch, texts or {}, rows)
+    batch.failures = [f for _, f in sorted(failures, key=lambda pair: pair[0])]
+    batch.images, batch.aux = result.pixels, result.aux
+    batch.decode_s = time.perf_counter() - start
+    return batch
+
+
+class Loader:
+    """Iterate `ShardStart, Batch..., ShardEnd` for each shard (shards interleaved when `readers` > 1), with
+    bounded read-ahead.
+
+    With `decode_device` set, workers decode and resize on that device (the GPU fast path); otherwise
+    with PIL on the CPU, handing uint8 batches (pinned for a CUDA device) to the device stage. With no
+    transforms the images are not decoded at all (batches carry the samples' keys, texts and json).
+    """
+
+    def __init__(
+        self,
+        shards: Sequence[ShardRef],
+        *,
+        batch_size: int,
+        transforms: Sequence[ImageTransform],
+        needs_text: bool,
+        nworkers: int = 2,
+        pin_memory: bool = False,
+        prefetch_batches: int | None = None,
+        decode_device: torch.device | None = None,
+        readers: int = DEFAULT_READERS,
+        text_preprocessors: Sequence[str] = (),
+    ) -> None:
+        self.shards = list(shards)
+        self.batch_size = batch_size
+        self.transforms = list(transforms)
+        self.needs_text = needs_text
+        self.nworkers = max(1, nworkers)
+        self.pin_memory = pin_memory
+        self.prefetch = prefetch_batches or 2 * self.nworkers + 2
+        self.decode_device = decode_device
+        self.readers = max(1, readers)
+        self.text_preprocessors = tuple(text_preprocessors)  # run by the readers (READER_TEXT_PREPROCESSORS)
+        self.reader_pids: list[int] = []  # of the current iteration (tests check that none outlives it)
+
+    def __iter__(self) -> Iterator[Item]:
+        out: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        pool = ThreadPoolExecutor(max_workers=self.nworkers, thread_name_prefix="d2m-decode")
+        readers = ReaderPool(self.shards, batch_size=self.batch_size, processes=self.readers,
+                             text_preprocessors=self.text_preprocessors)
+        self.reader_pids = readers.pids
+        dispatcher = threading.Thread(target=self._dispatch, args=(readers, out, pool, stop), name="d2m-dispatch",
+                                      daemon=True)
+        dispatcher.start()
+        try:
+            while True:
+                item = out.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, tuple):
+                    future, raw = item
+                    batch = future.result()
+                    readers.release(raw)  # prepared: its encoded images are no longer needed
+                    yield batch
+                else:
+                    yield item
+        finally:
+            stop.set()
+            readers.stop()
+            while dispatcher.is_alive():  # unblock a dispatcher waiting on a full queue
+                try:
+                    out.get_nowait()
+                except queue.Empty:
+                    dispatcher.join(timeout=0.05)
+            pool.shutdown(wait=True, cancel_futures=True)
+            readers.close()
+
+    def _put(self, out: queue.Queue[Any], item: Any, stop: threading.Event) -> bool:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _dispatch(self, readers: ReaderPool, out: queue.Queue[Any], pool: ThreadPoolExecutor, stop: threading.Event) -> None:
+        try:
+            for item in readers:
+                if isinstance(item, RawBatch):
+                    item = (self._submit(pool, item), item)
+                elif isinstance(item, ShardBegins):
+                    item = ShardStart(item.shard)
+                elif isinstance(item, ShardDone):
+                    item = ShardEnd(item.shard, item.error)
+                if not self._put(out, item, stop):
+                    return
+            self._put(out, _DONE, stop)
+        except BaseException as err:  # surfaced to the consumer, never swallowed (unless it stopped us)
+            if not stop.is_set():
+                self._put(out, err, stop)
+
+    def _submit(self, pool: ThreadPoolExecutor, raw: RawBatch) -> Future[Batch]:
+        stem = raw.shard.stem
+        if self.decode_device is not None:
+            return pool.submit(prepare_batch_on_device, stem, raw.samples, self.transforms, self.needs_text,
+                               self.decode_device, raw.texts)
+        return pool.submit(prepare_batch, stem, raw.samples, self.transforms, self.needs_text, self.pin_memory,
+                           raw.texts)

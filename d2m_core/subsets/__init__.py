@@ -1,0 +1,1 @@
+"""Subsets: DataComp's filtering baselines, uid files, and resharding to a subset."""
