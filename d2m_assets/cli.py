@@ -129,7 +129,7 @@ def _cmd_reshard(args: argparse.Namespace) -> int:
     plan = run.plan
     print(f"selected {plan.total} samples of the subset's {plan.subset_size} ({plan.not_found} not in the metadata) "
           f"from {len(plan.inputs)} input shard(s) into {plan.num_shards} shard(s) in {args.output_dir}"
-          + (f"; {len(run.skipped)} were already written" if run.skipped else ""))
+          + (f"; {len(run.skipped)} {'was' if len(run.skipped) == 1 else 'were'} already written" if run.skipped else ""))
     if not run.ok:
         print(f"d2m: {len(run.failed)} output shard(s) failed: {', '.join(run.failed)} "
               f"({next(iter(run.failed.values()))}); run it again to retry them", file=sys.stderr)

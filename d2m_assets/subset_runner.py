@@ -3,7 +3,9 @@
 `d2m filter` materializes the dataset's filter asset (in the instance at $DAGSTER_HOME, so the UI shows the run,
 its counts and histogram) with the baseline the flags describe, and writes the uid file to --save_path.
 `d2m reshard` materializes the dataset's `reshard_plan` and `resharded_shards` assets (the UI shows the runs and
-one partition per output shard) for the flags' subset and folder; output shards already written are skipped.
+one partition per output shard) for the flags' subset and folder; an output shard is skipped only when its files
+are there and the instance recorded it for this plan and folder (a shard written by a killed process but never
+recorded is written again). Both first mark failed the runs a killed `d2m` process left unfinished.
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dagster import materialize
+from dagster import DagsterEventType, DagsterInstance, materialize
 
-from d2m_assets.assets.subsets import RESHARD_PER_RUN, build_filter_asset, build_reshard_assets, reshard_partitions
+from d2m_assets.assets.subsets import (RESHARD_PER_RUN, RESHARDED, build_filter_asset, build_reshard_assets,
+                                       recorded_plan, reshard_partitions)
 from d2m_assets.datasets import Dataset
 from d2m_assets.progress import run_failure_line
 from d2m_assets.runner import LOG_CONFIG, RANGE_END, RANGE_START, contiguous_chunks, ensure_instance
-from d2m_assets.recovery import owner_tags
+from d2m_assets.recovery import mark_abandoned_runs, owner_tags
+from d2m_assets.reporting import DATA_VERSION_TAG
 from d2m_core.config import D2MConfig, FilterSpec, ReshardSpec
 
 if TYPE_CHECKING:
@@ -37,6 +41,7 @@ class FilterRun:
 def filter_config_file(yml: str | Path, spec: FilterSpec, *, echo: Callable[[str], None] = print) -> FilterRun:
     """Materialize the yml's dataset's filter asset `spec.asset_name` with this baseline; returns its metadata."""
     instance = ensure_instance(echo)  # first: it sets a default DAGSTER_HOME, where the yml's folder is recorded
+    _mark_abandoned(instance, echo)
     dataset = Dataset.from_yml(yml)
     config = dataset.load()
     known = next((f for f in config.filters if f.asset_name == spec.asset_name), None)
@@ -51,12 +56,17 @@ def filter_config_file(yml: str | Path, spec: FilterSpec, *, echo: Callable[[str
     return FilterRun(result.success, result.run_id, key.to_user_string(), metadata)
 
 
+def _mark_abandoned(instance: DagsterInstance, echo: Callable[[str], None]) -> None:
+    for run_id in mark_abandoned_runs(instance):
+        echo(f"run {run_id} was left unfinished by a process that is gone: marked failed")
+
+
 @dataclass
 class ReshardRun:
     plan: ReshardPlan
     output_dir: str
     written: list[str]  # output shards written now
-    skipped: list[str]  # already written (their stats file exists)
+    skipped: list[str]  # already written for this plan (files there, recorded with the plan's data version)
     failed: dict[str, str]  # output shard -> why
     run_ids: list[str]
 
@@ -65,16 +75,32 @@ class ReshardRun:
         return not self.failed
 
 
-def _upstream_filter(config: D2MConfig, subset_file: str) -> str:
-    """The yml's filter asset whose uid file (or save_path) is `subset_file`, for the lineage; "" if none."""
+def _upstream_filter(instance: DagsterInstance, dataset: Dataset, config: D2MConfig, subset_file: str) -> str:
+    """The filter asset whose uid file or save_path is `subset_file`, for the lineage: one of the yml's filters,
+    or one `d2m filter` recorded with that --save_path (its latest materialization); "" if none."""
     from d2m_core.subsets.filters import uid_file_url
 
-    target = Path(subset_file).expanduser().resolve()
+    def local(url: str | None) -> Path | None:
+        return Path(url).expanduser().resolve() if url and "://" not in url else None
+
+    target = local(subset_file)
     for spec in config.filters:
-        for url in (uid_file_url(config, spec.asset_name), spec.save_path):
-            if url and "://" not in url and Path(url).expanduser().resolve() == target:
-                return spec.asset_name
+        if target in (local(uid_file_url(config, spec.asset_name)), local(spec.save_path)):
+            return spec.asset_name
+    prefix = dataset.key(RESHARDED).path[:-1]
+    for key in instance.get_asset_keys(prefix=prefix):
+        event = instance.get_latest_materialization_event(key)
+        meta = event.asset_materialization.metadata if event and event.asset_materialization else {}
+        if "baseline" in meta and target in {local(str(meta[k].value)) for k in ("uid_file", "save_path") if k in meta}:
+            return key.path[-1]
     return ""
+
+
+def _recorded_for(instance: DagsterInstance, dataset: Dataset, names: list[str], version: str) -> set[str]:
+    """The output shards whose latest record carries the plan's data version."""
+    tags = instance.event_log_storage.get_latest_tags_by_partition(
+        dataset.key(RESHARDED), DagsterEventType.ASSET_MATERIALIZATION, [DATA_VERSION_TAG], asset_partitions=names)
+    return {n for n, t in tags.items() if t.get(DATA_VERSION_TAG) == version}
 
 
 def reshard_config_file(yml: str | Path, subset_file: str, output_dir: str, *, shard_size: int = 10_000,
@@ -86,8 +112,12 @@ def reshard_config_file(yml: str | Path, subset_file: str, output_dir: str, *, s
     from d2m_core.subsets.reshard import ReshardError, check_folder, read_plan, shard_done
 
     instance = ensure_instance(echo)
+    _mark_abandoned(instance, echo)
     dataset = Dataset.from_yml(yml)
     config = dataset.load()
+    given = output_dir  # shown as the user typed it
+    if "://" not in output_dir:  # the plan records it: the UI's backfills resume it from any working directory
+        output_dir = str(Path(output_dir).expanduser().resolve())
     subset = uids.load_uid_file(subset_file)  # a bad uid file, another plan, no face boxes: stop before any run
     if apply_blur or inject_blur_metadata:  # blurring needs the face boxes: say so before any run
         from d2m_core.subsets import pool
@@ -97,24 +127,27 @@ def reshard_config_file(yml: str | Path, subset_file: str, output_dir: str, *, s
             pool.resolve_columns(shards[0], ["face_bboxes"])
     check_folder(output_dir, subset, shard_size=shard_size, apply_blur=apply_blur,
                  inject_blur_metadata=inject_blur_metadata)
-    spec = ReshardSpec(subset=_upstream_filter(config, subset_file), output_dir=output_dir, shard_size=shard_size,
-                       apply_blur=apply_blur, inject_blur_metadata=inject_blur_metadata)
+    spec = ReshardSpec(subset=_upstream_filter(instance, dataset, config, subset_file), output_dir=output_dir,
+                       shard_size=shard_size, apply_blur=apply_blur, inject_blur_metadata=inject_blur_metadata)
 
     def shown(shard) -> None:
         if shard.error is None:
-            echo(f"wrote {shard.tar}: {shard.samples} samples" + (f" ({shard.blurred} blurred)" if shard.blurred else ""))
+            samples = f"{shard.samples} sample" + ("" if shard.samples == 1 else "s")
+            echo(f"wrote {given.rstrip('/')}/{shard.tar.rsplit('/', 1)[-1]}: {samples}" + (f" ({shard.blurred} blurred)" if shard.blurred else ""))
         else:
             echo(f"output shard {shard.name} failed: {shard.error}")
 
     plan_asset, shards_asset = build_reshard_assets(dataset, spec, subset_url=subset_file, replace=False, progress=shown)
-    echo(f"dataset {dataset.name}: reshard of {subset_file} -> {output_dir} as assets "
+    echo(f"dataset {dataset.name}: reshard of {subset_file} -> {given} as assets "
          f"{plan_asset.key.to_user_string()}, {dataset.key('resharded_shards').to_user_string()}")
     result = materialize([plan_asset], instance=instance, tags=owner_tags(), run_config=LOG_CONFIG, raise_on_error=False)
     if not result.success:
         raise ReshardError(f"the reshard plan failed (run {result.run_id}): {run_failure_line(result)}")
     plan = read_plan(output_dir)
     names = plan.shard_names()
-    skipped = [n for i, n in enumerate(names) if shard_done(output_dir, i)]
+    _, version = recorded_plan(instance, plan_asset.key)
+    recorded = _recorded_for(instance, dataset, names, version)
+    skipped = [n for i, n in enumerate(names) if n in recorded and shard_done(output_dir, i)]
     todo = [n for n in names if n not in set(skipped)]
     run = ReshardRun(plan, output_dir, [], skipped, {}, [result.run_id])
     order = instance.get_dynamic_partitions(reshard_partitions(dataset).name)

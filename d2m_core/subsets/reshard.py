@@ -34,6 +34,7 @@ from d2m_core.reading.reading import ShardReadError, iter_samples
 from d2m_core.reading.shards import ShardRef
 from d2m_core.subsets import pool, uids
 from d2m_core.subsets.blur import BlurError, blur_encoded
+from d2m_core.testdata.pausepoints import pause_at
 
 PLAN_FILE = "reshard_plan.json"
 SUBSET_COPY = "sample_ids.npy"
@@ -157,6 +158,13 @@ def write_plan(output_dir: str, plan: ReshardPlan, subset: np.ndarray) -> None:
 
 def read_plan(output_dir: str) -> ReshardPlan:
     return ReshardPlan.from_dict(storage.read_json(storage.join(output_dir, PLAN_FILE)))
+
+
+def plan_version(plan: ReshardPlan, output_dir: str) -> str:
+    """What a plan's output shards are: the plan (subset, shard size, blur, inputs) and the folder they go to.
+    Recorded as the data version of `reshard_plan` and of each output shard it writes."""
+    raw = json.dumps({"plan": plan.as_dict(), "output_dir": output_dir}, sort_keys=True, default=str)
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
 def shard_done(output_dir: str, index: int) -> bool:
@@ -352,6 +360,8 @@ def write_shards(output_dir: str, names: Sequence[str]) -> Iterator[OutputShard]
     subset = uids.load_uid_file(storage.join(output_dir, SUBSET_COPY))
     for name in names:
         try:
-            yield write_output_shard(plan, subset, output_dir, int(name))
+            shard = write_output_shard(plan, subset, output_dir, int(name))
         except (ReshardError, ShardReadError, pool.PoolError, OSError, ValueError) as err:
-            yield OutputShard(name, error=f"{type(err).__name__}: {err}")
+            shard = OutputShard(name, error=f"{type(err).__name__}: {err}")
+        pause_at("reshard-shard-written", name)
+        yield shard

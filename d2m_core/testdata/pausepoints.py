@@ -10,6 +10,8 @@ Points (each reached once per shard):
 - `between-writes`: the shard's `{stem}.parquet` is written, its `{stem}.json` (and `.npz`) not yet.
 - `shard-complete`: every file of the shard is written (by the writer thread); nothing of it recorded in
   Dagster yet, and no later shard written.
+- `reshard-shard-written`: output shard `<stem>` of a reshard (`00000001`) is written, tar and stats file;
+  not yet recorded in Dagster.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 PAUSE_ENV = "D2M_TEST_PAUSE"
 PAUSE_DIR_ENV = "D2M_TEST_PAUSE_DIR"
-POINTS = ("shard-computing", "between-writes", "shard-complete")
+POINTS = ("shard-computing", "between-writes", "shard-complete", "reshard-shard-written")
 
 
 def pause_at(point: str, stem: str) -> None:

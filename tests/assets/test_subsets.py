@@ -209,3 +209,71 @@ def test_d2m_run_over_the_resharded_folder_gives_exactly_the_subset(processed: d
     captions = dict(zip(frame["uid"], frame["text"]))
     assert rows["text"].tolist() == [captions[u] for u in rows["uid"]]
     assert rows["clip_b32_similarity_score"].between(-1, 1).all()
+
+
+def test_d2m_reshard_killed_after_writing_a_shard_rewrites_it_and_a_new_plan_owns_the_partitions(
+        processed: dict, tmp_path: Path, capsys) -> None:
+    """kill -9 lands (held at a pause point) after output shard 1's files are written, before Dagster records it.
+    The rerun marks the dead run failed, writes shard 1 again (its files alone do not count) and shard 2; every
+    record carries the plan's data version. A reshard to another folder then owns the partitions: the older
+    plan's records are wiped, and a materialization from the UI's definitions writes to the recorded folder."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dagster import DagsterRunStatus
+
+    from d2m_core.testdata.pausepoints import PAUSE_DIR_ENV, PAUSE_ENV
+
+    raw = yaml.safe_load(processed["config"].read_text())
+    yml = tmp_path / "kill.yml"
+    yml.write_text(yaml.safe_dump(raw | {"dataset": "subsets_kill"}))
+    ds = dataset_of(yml)
+    frame = processed["frame"]
+    subset_file = tmp_path / "subset.npy"
+    np.save(subset_file, keys_of([frame["uid"][i] for i in (0, 1, 3, 5, 6, 8)]))
+    out = tmp_path / "resharded"
+    args = ["reshard", "--yml", str(yml), "--subset-file", str(subset_file), "--output-dir", str(out), "--shard-size", "2"]
+    log = (tmp_path / "killed.log").open("w")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "d2m"), *args], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, env=os.environ | {
+                                PAUSE_ENV: "reshard-shard-written:00000001", PAUSE_DIR_ENV: str(tmp_path)})
+    held = tmp_path / "reshard-shard-written-00000001"
+    deadline = time.monotonic() + 300
+    while not held.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()[-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    instance = DagsterInstance.get()
+    names = ["00000000", "00000001", "00000002"]
+    assert (out / "00000001_stats.json").exists() and not (out / "00000002.tar").exists()
+    assert instance.get_materialized_partitions(ds.key("resharded_shards")) == {"00000000"}
+    (killed,) = [r for r in instance.get_runs() if r.status == DagsterRunStatus.STARTED]
+
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert f"run {killed.run_id} was left unfinished by a process that is gone: marked failed" in printed
+    assert f"wrote {out}/00000001.tar: 2 samples" in printed and f"wrote {out}/00000002.tar: 2 samples" in printed
+    assert "00000000.tar" not in printed and printed.rstrip().endswith("; 1 was already written")
+    assert instance.get_run_by_id(killed.run_id).status == DagsterRunStatus.FAILURE
+    version = instance.get_latest_materialization_event(ds.key("reshard_plan")).asset_materialization.tags[
+        "dagster/data_version"]
+    records = {r.partition_key: r.asset_materialization for r in instance.fetch_materializations(
+        ds.key("resharded_shards"), limit=20).records[::-1]}
+    assert sorted(records) == names and {m.tags["dagster/data_version"] for m in records.values()} == {version}
+
+    other = tmp_path / "other"
+    assert main([*args[:6], str(other), "--shard-size", "3"]) == 0
+    assert f"wrote {other}/00000001.tar: 3 samples" in capsys.readouterr().out
+    assert instance.get_dynamic_partitions("subsets_kill__reshard") == names[:2]
+    latest = {r.partition_key: r.asset_materialization for r in instance.fetch_materializations(
+        ds.key("resharded_shards"), limit=20).records[::-1]}
+    assert {p: str(m.metadata["tar"].value) for p, m in latest.items()} == {
+        n: f"{other}/{n}.tar" for n in names[:2]}  # shard 00000002 of the older plan: wiped
+    before = (other / "00000001.tar").stat().st_mtime_ns
+    assert materialize(list(build_definitions(yml).assets), instance=instance, selection=[ds.key("resharded_shards")],
+                       partition_key="00000001").success  # the yml's `reshard` section names another folder
+    assert (other / "00000001.tar").stat().st_mtime_ns > before and not (processed["root"] / "resharded_kill").exists()
