@@ -63,7 +63,8 @@ from d2m_assets.datasets import Dataset  # noqa: E402
 from d2m_core import ShardRef, catalog, load_config  # noqa: E402
 from d2m_core.outputs.identity import asset_identity  # noqa: E402
 from d2m_core.outputs.records import ShardOutcome, ShardStats  # noqa: E402
-from d2m_core.outputs.validation import CHECKS, CheckOutcome  # noqa: E402
+from d2m_core.outputs.records import CheckOutcome  # noqa: E402
+from d2m_core.outputs.validation import CHECKS  # noqa: E402
 from d2m_core.selection import selected_assets  # noqa: E402
 
 PER_EVALUATION = 25_000  # the sensor's cap on partition adds per evaluation

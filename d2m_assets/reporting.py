@@ -11,7 +11,7 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import AssetC
 from d2m_assets.datasets import Dataset
 from d2m_core import ShardOutcome
 from d2m_core.outputs.identity import PARTS, Identity
-from d2m_core.outputs.validation import CheckOutcome
+from d2m_core.outputs.records import CheckOutcome
 
 
 _HELD: "weakref.WeakSet[DagsterInstance]" = weakref.WeakSet()

@@ -29,6 +29,7 @@ from d2m_core.compute.weights_files import DEDUP_REFERENCE_FILES, REFERENCE_MODE
 from d2m_core.config import D2MConfig
 from d2m_core.outputs import storage
 from d2m_core.outputs.records import ShardOutcome, ShardStats, WeightsRecord
+from d2m_core.outputs.reference import reference_record, reference_url
 from d2m_core.outputs.validation import inspect_shard
 from d2m_core.outputs.writers import write_datacomp_files
 from d2m_core.reading.fastpath import supports
@@ -247,10 +248,6 @@ def _computed_and_written(engine: Engine, shards: Sequence[ShardRef], writer: Th
         stop.set()  # the caller stopped early: no further shard is started
 
 
-def reference_url(config: D2MConfig) -> str:
-    return storage.join(config.artifacts_root, catalog.REFERENCE_ASSET, "reference.npz")
-
-
 def store_reference(config: D2MConfig) -> ShardOutcome:
     """Copy the dedup reference embeddings (DataComp's eval_dedup_embeddings.pt) into the artifacts, verified,
     recording whether its rows are unit norm (dedup scores use them as stored, as the seed does)."""
@@ -269,17 +266,6 @@ def store_reference(config: D2MConfig) -> ShardOutcome:
     stats = ShardStats(shard=catalog.REFERENCE_ASSET, samples_read=len(reference), samples_written=len(reference))
     return ShardOutcome(stem=catalog.REFERENCE_ASSET, stats=stats, paths={catalog.REFERENCE_ASSET: url},
                         weights=[resolved.record], metadata=norms)
-
-
-def reference_info(config: D2MConfig) -> dict[str, Any]:
-    """The stored dedup reference's record: weights fields, rows, unit_norm, min_norm, max_norm."""
-    url = reference_url(config)
-    return storage.read_json(url[: -len(".npz")] + ".json")
-
-
-def reference_record(config: D2MConfig) -> WeightsRecord:
-    fields = set(WeightsRecord.__dataclass_fields__)
-    return WeightsRecord(**{k: v for k, v in reference_info(config).items() if k in fields})
 
 
 def build_scorer(config: D2MConfig, score_asset: str) -> Scorer:

@@ -25,7 +25,6 @@ from d2m_core import catalog
 from d2m_core.compute.engine import RAGGED
 from d2m_core.compute.postprocessors import seed_helpers_importable
 from d2m_core.compute.weights import ResolvedWeights
-from d2m_core.outputs.records import WeightsRecord
 from d2m_core.reading.transforms import IMAGE_TRANSFORMS, TEXT_PREPROCESSORS
 
 LOOKUPS = ("model_lookup", "preprocessor_lookup", "postprocess_parquet_lookup", "postprocess_feature_lookup")
@@ -142,10 +141,6 @@ def _text_factory(fn: Callable[[str], Any]) -> Callable[[], Callable[[list[str]]
         return values
 
     return lambda: batch
-
-
-def plugin_weights(model: str, path: str) -> ResolvedWeights:
-    return ResolvedWeights(WeightsRecord(model=model, kind="custom", source=path))
 
 
 def install_plugin(path: str | Path) -> Plugin:

@@ -136,3 +136,8 @@ def resolve_weights(model: str, accepted: list[WeightsFile], directory: Path) ->
         f"missing file; sources: {sources}), set weights_dir / ${WEIGHTS_DIR_ENV} to the folder holding them, "
         f"or set {RANDOM_WEIGHTS_ENV}=1 to run with random weights (tests, demos)"
     )
+
+
+def plugin_weights(model: str, path: str) -> ResolvedWeights:
+    """A custom_pypath model's weights record: it loads its own weights."""
+    return ResolvedWeights(WeightsRecord(model=model, kind="custom", source=path))

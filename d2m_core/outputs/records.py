@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from d2m_core.outputs.validation import CheckOutcome
+
+@dataclass
+class CheckOutcome:
+    """One per-shard check's result (d2m_core.outputs.validation), recorded as a Dagster check evaluation."""
+
+    name: str
+    passed: bool
+    description: str
+    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -12,6 +10,8 @@ import pyarrow as pa
 from d2m_core import catalog
 from d2m_core.config import D2MConfig
 from d2m_core.outputs import storage
+from d2m_core.outputs.records import CheckOutcome
+from d2m_core.outputs.reference import reference_info
 
 # Allowed range of each score column; features are checked for finite values and unit norm.
 SCORE_RANGES = {
@@ -23,14 +23,6 @@ NORM_TOLERANCE = 1e-2  # fp16/bf16 features, re-normalised in float32, stay well
 CHECKS = ("row_count", "uids", "features", "scores_in_range", "failure_rate")
 
 
-@dataclass
-class CheckOutcome:
-    name: str
-    passed: bool
-    description: str
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-
 def _score_columns(config: D2MConfig) -> dict[str, str]:
     """postprocess column name -> its column in the parquet, for columns with a known range."""
     return {n: catalog.output_name(n, feature=False).column(config.use_datacomp_keys)
@@ -40,8 +32,6 @@ def _score_columns(config: D2MConfig) -> dict[str, str]:
 def _score_range(config: D2MConfig, name: str) -> tuple[float, float]:
     low, high = SCORE_RANGES[name]
     if name == DEDUP_SCORE:
-        from d2m_core.compute.pipeline import reference_info  # pipeline imports this module
-
         bound = max(1.0, float(reference_info(config).get("max_norm", 1.0)))
         return -bound, bound
     return low, high

@@ -178,6 +178,7 @@ def test_dedup_reference_records_whether_rows_are_unit_norm(real_weights: None, 
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     from d2m_core.compute import pipeline
     from d2m_core.config import D2MConfig
+    from d2m_core.outputs.reference import reference_info
 
     rng = np.random.default_rng(2)
     ref = torch.from_numpy(rng.normal(size=(20, 256)).astype(np.float32))
@@ -193,5 +194,5 @@ def test_dedup_reference_records_whether_rows_are_unit_norm(real_weights: None, 
     assert outcome.weights[0].kind == "official"
     assert outcome.metadata == {"unit_norm": False, "min_norm": pytest.approx(0.5, abs=1e-5),
                                 "max_norm": pytest.approx(1.5, abs=1e-5)}
-    info = pipeline.reference_info(config)
+    info = reference_info(config)
     assert info["rows"] == 20 and info["max_norm"] == outcome.metadata["max_norm"] and info["unit_norm"] is False

@@ -12,7 +12,7 @@ from d2m_core.compute.models.detoxify import DetoxifyMultilingual
 from d2m_core.compute.models.faces import Scrfd10G
 from d2m_core.compute.models.isc import IscFtV107
 from d2m_core.compute.models.nsfw import NsfwImageHead
-from d2m_core.compute.weights import ResolvedWeights, WeightsFile, resolve_weights, weights_dir
+from d2m_core.compute.weights import ResolvedWeights, WeightsFile, plugin_weights, resolve_weights, weights_dir
 from d2m_core.reading.transforms import IMAGE_TRANSFORMS, TEXT_PREPROCESSORS
 
 
@@ -53,8 +53,6 @@ def resolve_model_weights(name: str, configured_dir: str | None = None) -> Resol
     """Locate and verify a model's weights (or random weights when enabled), without loading them."""
     cls = model_class(name)
     if getattr(cls, "plugin_path", False):  # custom models load their own weights
-        from d2m_core.compute.plugins import plugin_weights
-
         return plugin_weights(name, "custom_pypath")
     resolved = resolve_weights(name, list(cls.weights_files), weights_dir(configured_dir))
     if not resolved.is_random and hasattr(cls, "verify"):
