@@ -47,7 +47,6 @@ sys.path.insert(0, str(REPO / "tests"))  # the PostgreSQL server the platform te
 from services import postgres_server  # noqa: E402
 
 import logging  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
 
 import sqlalchemy as sa  # noqa: E402
 from dagster import DagsterEvent, DagsterEventType, DagsterInstance, RunsFilter  # noqa: E402

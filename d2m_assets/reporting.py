@@ -10,7 +10,7 @@ from dagster._core.definitions.asset_checks.asset_check_evaluation import AssetC
 
 from d2m_assets.datasets import Dataset
 from d2m_core import ShardOutcome
-from d2m_core.outputs.identity import PARTS, Identity
+from d2m_core.outputs.identity import Identity
 from d2m_core.outputs.records import CheckOutcome
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from conftest import dataset_of, hold_plugin, run_cli, tar_samples
+from conftest import hold_plugin, run_cli, tar_samples
 
 
 def test_d2m_run_outputs_and_reprocess(shard_dir: Path, write_config, tmp_path: Path) -> None:
