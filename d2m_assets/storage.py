@@ -1,11 +1,11 @@
 """d2m's PostgreSQL event log storage: Dagster's own, with a run's planned events written in batches.
 
 Why: when Dagster creates a run of N shards (the backfill daemon, `dagster asset materialize`, `d2m run`), it
-first stores one ASSET_MATERIALIZATION_PLANNED event per asset and per shard (11 x N for DataComp; per-shard
-"materializing" and "failed" statuses and automation's in_progress / execution_failed are computed from
-them). Dagster's PostgreSQL storage writes each with two new connections and three statements: about 43 ms
-an event on the bench machine (bench/backfill_submit.py), about 8 minutes for the run of 1,024 shards, all
-in the daemon's backfill iteration, before the next run is submitted. Dagster already hands these events to
+first stores one ASSET_MATERIALIZATION_PLANNED event per asset and per shard (per-shard "materializing" and
+"failed" statuses and automation's in_progress / execution_failed are computed from them). Dagster's
+PostgreSQL storage writes each with two new connections and three statements: 43 ms an event on the bench
+machine (bench/backfill_submit.py), about 6 minutes for a run of 1,024 shards and 8 assets, all in the
+daemon's backfill iteration, before the next run is submitted. Dagster already hands these events to
 the storage in batches when DAGSTER_EVENT_BATCH_SIZE is set, but its PostgreSQL storage writes only batches
 of materializations or observations at once and the others one at a time. Here a batch's planned
 materializations are one INSERT, and each asset's row is updated once (from its last planned event, as
