@@ -12,7 +12,7 @@ from dagster import (AssetKey, AssetMaterialization, AssetSpec, BackfillPolicy, 
 from dagster._core.storage.partition_status_cache import get_and_update_asset_status_cache_value
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from conftest import REPO
+from conftest import REPO, run_cli
 from d2m_assets.storage import BATCH_ENV, BatchedPostgresEventLogStorage
 from services import postgres_server
 
@@ -80,3 +80,23 @@ def test_a_runs_planned_events_are_batched_and_statuses_stay_per_shard(pg_instan
         assert not list(status.deserialize_in_progress_partition_subsets(PARTS).get_partition_keys())
         assert sorted(status.deserialize_materialized_partition_subsets(PARTS).get_partition_keys()) == \
             [k for k in KEYS if k != BROKEN]
+
+
+def test_dagster_cli_materializes_a_shard_on_the_production_instance(pg_instance: DagsterInstance, shard_dir: Path,
+                                                                      write_config, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dagster asset materialize` of a shard on deploy/dagster-postgres.yaml (d2m's event log storage in the
+    CLI's own process, which sets the batch size itself): the shard is planned once per asset and materialized."""
+    config = write_config(shard_dir, dataset="pool")
+    monkeypatch.delenv(BATCH_ENV, raising=False)  # the CLI's process sets it itself
+    env = {"D2M_CONFIG": str(config)}
+    assert run_cli(["d2m", "register", "--yml", str(config)], env, tmp_path).returncode == 0
+    result = run_cli(["dagster", "asset", "materialize", "-m", "d2m_assets", "--select",
+                      "pool/clip_b32_features,pool/clip_b32_scores", "--partition", "00001"], env, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for asset in ("clip_b32_features", "clip_b32_scores"):
+        key = AssetKey(["pool", asset])
+        planned = pg_instance.get_event_records(EventRecordsFilter(DagsterEventType.ASSET_MATERIALIZATION_PLANNED, key))
+        assert [r.partition_key for r in planned] == ["00001"]
+        done = pg_instance.fetch_materializations(key, limit=10).records
+        assert [(r.partition_key, r.run_id) for r in done] == [("00001", planned[0].run_id)]
