@@ -238,7 +238,7 @@ def db_sizes(instance: DagsterInstance, run_events: float) -> dict:
 
 def tick(env: dict, seconds: float, instance: DagsterInstance, log: Path) -> dict:
     with log.open("w") as out:
-        proc = subprocess.Popen([str(REPO / ".venv" / "bin" / "dagster-daemon"), "run", "-w", "workspace.yaml"], cwd=REPO,
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", "workspace.yaml"], cwd=REPO,
                                 env=os.environ | env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     start = time.time()
     first = None
