@@ -45,7 +45,7 @@ from dagster._core.workspace.context import WorkspaceProcessContext  # noqa: E40
 from dagster._core.workspace.load_target import WorkspaceFileTarget  # noqa: E402
 
 import instance_scale as scale  # noqa: E402  (register, graphql, LAUNCH, synthetic tars)
-from d2m_assets import sensors  # noqa: E402
+from d2m_assets.daemon import sensors  # noqa: E402
 from d2m_core import load_config  # noqa: E402
 from d2m_core.selection import selected_assets  # noqa: E402
 

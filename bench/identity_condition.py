@@ -12,7 +12,7 @@ import time
 
 from dagster import AssetKey, AssetMaterialization, DagsterInstance
 
-from d2m_assets.staleness import StaleShards
+from d2m_assets.daemon.staleness import StaleShards
 from d2m_core.outputs.identity import version_of
 
 

@@ -57,7 +57,8 @@ from dagster._core.workspace.context import WorkspaceProcessContext  # noqa: E40
 from dagster._core.workspace.load_target import WorkspaceFileTarget  # noqa: E402
 from dagster_graphql.test.utils import execute_dagster_graphql  # noqa: E402
 
-from d2m_assets import reporting, sensors  # noqa: E402
+from d2m_assets.assets import reporting
+from d2m_assets.daemon import sensors  # noqa: E402
 from d2m_assets.datasets import Dataset  # noqa: E402
 from d2m_core import ShardRef, catalog, load_config  # noqa: E402
 from d2m_core.outputs.identity import asset_identity  # noqa: E402

@@ -50,8 +50,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     selected_assets(config)  # unknown names, custom_pypath plugins: before dagster is imported
     verify_weights(config)  # and every weights file (the runner checks again: hashes are cached)
-    from d2m_assets.display import RunDisplay
-    from d2m_assets.runner import run_config_file
+    from d2m_assets.commands.display import RunDisplay
+    from d2m_assets.commands.runner import run_config_file
 
     with RunDisplay(sys.stdout, interval_s=args.progress_every) as display:
         summary = run_config_file(args.yml, echo=display.echo)
@@ -63,7 +63,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
     from d2m_core.config import load_config
 
     load_config(args.yml)
-    from d2m_assets.registration import register_config_shards
+    from d2m_assets.commands.registration import register_config_shards
 
     registered = register_config_shards(args.yml)
     print(f"{len(registered.stems)} shard(s) of {args.yml} registered as partitions of '{registered.partitions}' "
@@ -105,7 +105,7 @@ def _cmd_filter(args: argparse.Namespace) -> int:
 
     load_config(args.yml)
     spec = _filter_spec(args)
-    from d2m_assets.subset_runner import filter_config_file
+    from d2m_assets.commands.subset_runner import filter_config_file
 
     run = filter_config_file(args.yml, spec)
     if not run.ok:
@@ -122,7 +122,7 @@ def _cmd_reshard(args: argparse.Namespace) -> int:
     from d2m_core.config import load_config
 
     load_config(args.yml)
-    from d2m_assets.subset_runner import reshard_config_file
+    from d2m_assets.commands.subset_runner import reshard_config_file
 
     run = reshard_config_file(args.yml, args.subset_file, args.output_dir, shard_size=args.shard_size,
                               apply_blur=args.apply_blur, inject_blur_metadata=args.inject_blur_metadata)
@@ -155,8 +155,8 @@ def _cmd_make_shards(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from d2m_assets.display import RunDisplay
-    from d2m_assets.runner import run_config_file
+    from d2m_assets.commands.display import RunDisplay
+    from d2m_assets.commands.runner import run_config_file
     from d2m_core.config import load_config
     from d2m_core.testdata.synth import make_shards
 
@@ -194,7 +194,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return 2
     config = load_config(args.yml)
     if args.stage == "run-overhead":
-        from d2m_assets.overhead import run_overhead
+        from d2m_assets.commands.overhead import run_overhead
         from d2m_core.reading.shards import expand_shards
 
         print(json.dumps(run_overhead(args.yml, expand_shards(_bench_shards(args)), Path(args.yml).name)))
@@ -414,7 +414,7 @@ USER_ERRORS = (
     ("d2m_core.compute.download", "DownloadError"),
     ("d2m_core.preflight", "PreflightError"),
     ("d2m_assets.resources", "PartitionNotInInputError"),
-    ("d2m_assets.registration", "InstanceError"),
+    ("d2m_assets.commands.registration", "InstanceError"),
     ("d2m_core.subsets.pool", "PoolError"),
     ("d2m_core.subsets.uids", "UidError"),
     ("d2m_core.subsets.reshard", "ReshardError"),
@@ -429,7 +429,7 @@ def user_error_message(err: BaseException) -> str | None:
             return str(err)
     dagster_errors = sys.modules.get("dagster._core.errors")
     if dagster_errors is not None:
-        from d2m_assets.registration import dagster_error_message
+        from d2m_assets.commands.registration import dagster_error_message
 
         return dagster_error_message(err)
     return None

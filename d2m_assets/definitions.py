@@ -23,10 +23,10 @@ from dagster_aws.s3 import S3Resource
 from d2m_assets.assets.reference import build_reference_asset
 from d2m_assets.assets.shards import build_shard_assets, raw_shards_spec
 from d2m_assets.assets.subsets import RESHARD_PLAN, RESHARDED, build_subset_assets
-from d2m_assets.automation import build_automation_sensor
+from d2m_assets.daemon.automation import build_automation_sensor
 from d2m_assets.datasets import Dataset
-from d2m_assets.schedules import build_discovery
-from d2m_assets.sensors import build_new_shards_sensor
+from d2m_assets.daemon.schedules import build_discovery
+from d2m_assets.daemon.sensors import build_new_shards_sensor
 from d2m_assets.yml_paths import load_recorded_config
 from d2m_core import D2MConfig, catalog
 from d2m_core.config import ConfigError

@@ -25,7 +25,7 @@ from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus
 from conftest import BASIC, VENV_BIN, dataset_of, run_cli
 from services import tmpfs
 from d2m_assets.partitions import GPU_POOL
-from d2m_assets.recovery import HOST_TAG, PID_TAG, mark_abandoned_runs, owner_tags
+from d2m_assets.commands.recovery import HOST_TAG, PID_TAG, mark_abandoned_runs, owner_tags
 from d2m_core.compute.engine import RAGGED, DeviceOutOfMemoryError, Engine
 from d2m_core.reading.shards import ShardRef
 from d2m_core.testdata.synth import make_shards
@@ -221,7 +221,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 def test_disk_full_fails_the_shard_naming_the_file_and_keeps_earlier_outputs(
     shard_dir: Path, small_disk: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from d2m_assets.runner import run_config_file
+    from d2m_assets.commands.runner import run_config_file
 
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
     out = small_disk / "metadata"
@@ -286,7 +286,7 @@ def test_s3_credentials_never_appear_in_logs_errors_metadata_or_outputs(
         monkeypatch.setenv("D2M_IO_ATTEMPTS", "2")
         monkeypatch.setenv("D2M_IO_BACKOFF_S", "0.1")
         s3fs.S3FileSystem.clear_instance_cache()
-        from d2m_assets.runner import run_config_file
+        from d2m_assets.commands.runner import run_config_file
         from d2m_core.preflight import PreflightError
 
         with pytest.raises(PreflightError) as failed:  # the output probe: before any state or compute

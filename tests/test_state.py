@@ -29,7 +29,7 @@ def _yml(path: Path, tars: str | list[str], out: Path, **extra) -> Path:
 
 
 def _run(config: Path, home: Path, monkeypatch: pytest.MonkeyPatch):
-    from d2m_assets.runner import run_config_file
+    from d2m_assets.commands.runner import run_config_file
 
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     lines: list[str] = []
@@ -62,7 +62,7 @@ def test_two_datasets_with_the_same_tar_names_share_no_state(shard_dir: Path, tm
 
 def test_a_changed_tar_output_folder_or_weights_forces_a_recompute(shard_dir: Path, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from d2m_assets.runner import reasons_to_run
+    from d2m_assets.commands.runner import reasons_to_run
     from d2m_core import load_config
     from d2m_core.outputs.identity import weights_by_model
     from d2m_core.preflight import preflight
@@ -187,7 +187,7 @@ def _forks():
         import multiprocessing
 
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["d2m_assets.runner"])
+        context.set_forkserver_preload(["d2m_assets.commands.runner"])
         _FORKS.append(context)
     return _FORKS[0]
 
@@ -198,7 +198,7 @@ def _run_in_child(config: Path, home: Path, log: Path, pause: str | None) -> Non
     os.environ |= {"DAGSTER_HOME": str(home), "D2M_RANDOM_WEIGHTS": "1", "D2M_AUTOMATION": "off"}
     if pause:
         os.environ |= {PAUSE_ENV: pause, PAUSE_DIR_ENV: str(log.parent)}
-    from d2m_assets.runner import run_config_file
+    from d2m_assets.commands.runner import run_config_file
 
     with log.open("w") as sink:
         def echo(line: str) -> None:
@@ -361,7 +361,7 @@ def test_automation_requests_exactly_the_shards_whose_identity_changed(shard_dir
     config = _yml(tmp_path / "c.yml", str(tars), tmp_path / "out", tars_per_wds=2, dataset="pool")
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     monkeypatch.setenv("D2M_CONFIG", str(config))
-    from d2m_assets.runner import ensure_instance
+    from d2m_assets.commands.runner import ensure_instance
 
     instance = ensure_instance()
     defs, ds = build_definitions(config), dataset_of(config)

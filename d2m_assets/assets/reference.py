@@ -2,9 +2,9 @@
 
 from dagster import AssetExecutionContext, AssetsDefinition, MaterializeResult, asset
 
-from d2m_assets.automation import REFERENCE_CONDITION
+from d2m_assets.daemon.automation import REFERENCE_CONDITION
 from d2m_assets.datasets import Dataset
-from d2m_assets.reporting import outcome_metadata
+from d2m_assets.assets.reporting import outcome_metadata
 from d2m_core import catalog
 
 

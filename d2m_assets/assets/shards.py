@@ -13,11 +13,11 @@ from collections.abc import Sequence
 from dagster import (AssetCheckSpec, AssetExecutionContext, AssetsDefinition, AssetSpec, BackfillPolicy, Failure,
                      MetadataValue, multi_asset)
 
-from d2m_assets.automation import shard_condition
+from d2m_assets.daemon.automation import shard_condition
 from d2m_assets.datasets import Dataset
 from d2m_assets.partitions import GPU_POOL, RAW_SHARDS
-from d2m_assets.progress import RunLogReporter
-from d2m_assets.reporting import check_evaluations, hold_connections, materializations
+from d2m_assets.assets.progress import RunLogReporter
+from d2m_assets.assets.reporting import check_evaluations, hold_connections, materializations
 from d2m_core import catalog
 from d2m_core.compute.gpus import claim_device
 from d2m_core.outputs.identity import asset_identity, tar_identities, weights_by_model

@@ -21,9 +21,9 @@ from dagster import (AssetExecutionContext, AssetKey, AssetMaterialization, Asse
                      BackfillPolicy, DagsterInstance, DataVersion, DynamicPartitionsDefinition, Failure,
                      MaterializeResult, MetadataValue, TableColumn, TableRecord, TableSchema, asset, multi_asset)
 
-from d2m_assets.automation import filter_condition
+from d2m_assets.daemon.automation import filter_condition
 from d2m_assets.datasets import Dataset
-from d2m_assets.reporting import DATA_VERSION_TAG
+from d2m_assets.assets.reporting import DATA_VERSION_TAG
 from d2m_core import catalog
 from d2m_core.config import D2MConfig, FilterSpec, ReshardSpec
 

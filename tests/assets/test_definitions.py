@@ -5,7 +5,7 @@ from dagster import AssetKey, DagsterInstance, materialize
 
 from conftest import dataset_of
 from d2m_assets import build_definitions
-from d2m_assets.runner import contiguous_chunks
+from d2m_assets.commands.runner import contiguous_chunks
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

@@ -3,9 +3,9 @@
 import io
 from types import SimpleNamespace
 
-from d2m_assets.display import RunDisplay
-from d2m_assets.progress import RunPlan, ShardFailed, publish
-from d2m_assets.runner import RunSummary
+from d2m_assets.commands.display import RunDisplay
+from d2m_assets.assets.progress import RunPlan, ShardFailed, publish
+from d2m_assets.commands.runner import RunSummary
 
 
 def test_failures_once_status_and_summary() -> None:

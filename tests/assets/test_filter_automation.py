@@ -5,7 +5,7 @@ import datetime as dt
 from dagster import (AssetKey, DagsterInstance, DynamicPartitionsDefinition, MaterializeResult, asset,
                      evaluate_automation_conditions, materialize)
 
-from d2m_assets.automation import filter_condition
+from d2m_assets.daemon.automation import filter_condition
 
 PARTS = DynamicPartitionsDefinition(name="demo__shards")
 

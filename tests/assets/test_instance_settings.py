@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from d2m_assets.runner import REPO_DAGSTER_YAML, ensure_instance, log_level_hint
+from d2m_assets.commands.runner import REPO_DAGSTER_YAML, ensure_instance, log_level_hint
 
 
 def test_an_instance_that_hides_progress_lines_is_named_with_its_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -16,9 +16,9 @@ def test_an_instance_that_hides_progress_lines_is_named_with_its_line(tmp_path: 
     (home / "dagster.yaml").write_text(old)
     line = 1 + [row.strip().startswith("python_log_level:") for row in old.splitlines()].index(True)
     monkeypatch.setenv("DAGSTER_HOME", str(home))
-    with caplog.at_level(logging.WARNING, logger="d2m_assets.runner"):
+    with caplog.at_level(logging.WARNING, logger="d2m_assets.commands.runner"):
         ensure_instance(echo=lambda _: None).dispose()
-    assert [r.getMessage() for r in caplog.records if r.name == "d2m_assets.runner"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "d2m_assets.commands.runner"] == [
         f"{home / 'dagster.yaml'} line {line} sets python_log_level: WARNING, which keeps d2m's progress lines out of "
         "the run logs in the Dagster UI: change it to 'python_log_level: INFO' (as deploy/dagster.yaml has it) and "
         "restart dagster dev / the daemon"]

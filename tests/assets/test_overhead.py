@@ -3,7 +3,7 @@ run worker process) executes its step in that process and reports its timeline f
 
 from pathlib import Path
 
-from d2m_assets.overhead import run_overhead
+from d2m_assets.commands.overhead import run_overhead
 from d2m_core.reading.shards import expand_shards
 
 

@@ -50,7 +50,7 @@ def test_sensor_registers_complete_tars_once(shard_dir: Path, write_config, tmp_
 
 def test_an_evaluation_past_its_budget_registers_the_rest_next_time(shard_dir: Path, write_config, monkeypatch) -> None:
     """One batch per evaluation (budget 0): the first registers 00000 and keeps its cursor, the next 00001."""
-    from d2m_assets import sensors
+    from d2m_assets.daemon import sensors
 
     monkeypatch.setattr(sensors, "STORE_BATCH", 1)
     monkeypatch.setattr(sensors, "REGISTER_BUDGET_S", 0.0)
@@ -71,7 +71,7 @@ def test_an_evaluation_past_its_budget_registers_the_rest_next_time(shard_dir: P
 def test_register_shards_stores_events_in_batches_then_adds_partitions(monkeypatch) -> None:
     """More shards than one batch: the changed tars' events first, then per batch one store_event_batch call and
     then its partitions (a tick that dies in between finds those shards again); every event once, in order."""
-    from d2m_assets import sensors
+    from d2m_assets.daemon import sensors
     from d2m_assets.datasets import Dataset
     from d2m_core import ShardRef
 

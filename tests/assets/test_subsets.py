@@ -16,7 +16,7 @@ from dagster import AssetRecordsFilter, DagsterInstance, materialize
 from conftest import dataset_of, replace_member, tar_samples
 from d2m_assets import build_definitions
 from d2m_assets.cli import main
-from d2m_assets.runner import run_config_file
+from d2m_assets.commands.runner import run_config_file
 from d2m_core.testdata.synth import make_shards
 
 CAPTIONS = ["a dog runs on the green grass", "le chien court", "two people walk along the beach at sunset"]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from d2m_assets.datasets import Dataset
-from d2m_assets.runner import ensure_instance
+from d2m_assets.commands.runner import ensure_instance
 from d2m_assets.yml_paths import record_base_dir
 from d2m_core.config import load_config
 from d2m_core.preflight import check_inputs

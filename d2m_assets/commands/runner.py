@@ -16,11 +16,11 @@ from dagster import DagsterInstance, ExecuteInProcessResult, materialize
 from d2m_assets.datasets import Dataset
 from d2m_assets.definitions import DEFAULT_TARS_PER_RUN, build_definitions
 from d2m_assets.partitions import GPU_POOL
-from d2m_assets.progress import RunPlan, publish, run_failure_line
-from d2m_assets.recovery import mark_abandoned_runs, owner_tags
+from d2m_assets.assets.progress import RunPlan, publish, run_failure_line
+from d2m_assets.commands.recovery import mark_abandoned_runs, owner_tags
 from d2m_assets.yml_paths import record_base_dir
 from d2m_core.compute.gpus import gpu_count
-from d2m_assets.reporting import latest_versions, recorded_identity
+from d2m_assets.assets.reporting import latest_versions, recorded_identity
 from d2m_core import D2MConfig, catalog, load_config
 from d2m_core.outputs.identity import REASONS, asset_identity, weights_by_model
 from d2m_core.preflight import preflight

@@ -24,7 +24,7 @@ from dagster import (AssetKey, AutomationCondition, AutomationContext, Automatio
 
 from d2m_assets.datasets import Dataset
 from d2m_assets.partitions import RAW_SHARDS
-from d2m_assets.reporting import DATA_VERSION_TAG
+from d2m_assets.assets.reporting import DATA_VERSION_TAG
 from d2m_core.outputs.identity import asset_identity, version_of, weights_by_model
 from d2m_core.selection import verify_weights
 

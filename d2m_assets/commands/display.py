@@ -10,11 +10,11 @@ import time
 from contextlib import ExitStack
 from typing import IO, TYPE_CHECKING, Any
 
-from d2m_assets import progress
-from d2m_assets.progress import RunPlan, ShardFailed
+from d2m_assets.assets import progress
+from d2m_assets.assets.progress import RunPlan, ShardFailed
 
 if TYPE_CHECKING:
-    from d2m_assets.runner import RunSummary
+    from d2m_assets.commands.runner import RunSummary
 
 
 def _duration(seconds: float) -> str:

@@ -70,7 +70,7 @@ def run_overhead(yml: str | Path, shards: Sequence[ShardRef], config_name: str) 
 
     from d2m_assets.datasets import Dataset
     from d2m_assets.definitions import build_definitions
-    from d2m_assets.runner import RANGE_END, RANGE_START
+    from d2m_assets.commands.runner import RANGE_END, RANGE_START
     from d2m_assets.yml_paths import record_base_dir
     from d2m_core import catalog
     from d2m_core.bench import machine_load

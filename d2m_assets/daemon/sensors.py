@@ -21,10 +21,10 @@ from dagster._core.events import StepMaterializationData
 from dagster._core.instance.utils import RUNLESS_JOB_NAME, RUNLESS_RUN_ID
 from dagster_aws.s3 import S3Resource
 
-from d2m_assets.automation import default_status, sensor_interval
+from d2m_assets.daemon.automation import default_status, sensor_interval
 from d2m_assets.datasets import Dataset
 from d2m_assets.partitions import RAW_SHARDS
-from d2m_assets.reporting import DATA_VERSION_TAG
+from d2m_assets.assets.reporting import DATA_VERSION_TAG
 from d2m_core import ShardRef
 from d2m_core.config import D2MConfig
 from d2m_core.outputs.identity import tar_digest, tar_identities

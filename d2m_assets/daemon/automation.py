@@ -22,7 +22,7 @@ from dagster import (AssetKey, AssetSelection, AutomationCondition, AutomationCo
                      DefaultSensorStatus)
 
 from d2m_assets.datasets import Dataset
-from d2m_assets.staleness import IdentityChanged
+from d2m_assets.daemon.staleness import IdentityChanged
 
 AUTOMATION_ENV = "D2M_AUTOMATION"  # "off" leaves the sensors stopped until turned on in the UI
 INTERVAL_ENV = "D2M_SENSOR_INTERVAL_S"  # seconds between evaluations of both sensors (default 30)
@@ -33,7 +33,7 @@ _never_attempted_missing = AutomationCondition.missing() & ~AutomationCondition.
 def shard_condition(dataset: Dataset) -> AutomationCondition:
     """A shard asset is requested when it is missing or its recorded identity no longer matches: materialized
     from another tar (reported again by the sensor as it changed), output location or weights (the dedup
-    reference set included) than a run would use now (see d2m_assets.staleness)."""
+    reference set included) than a run would use now (see d2m_assets.daemon.staleness)."""
     changed = IdentityChanged(dataset) & ~AutomationCondition.execution_failed()
     return (
         (_never_attempted_missing | changed)

@@ -20,10 +20,10 @@ from dagster import DagsterEventType, DagsterInstance, materialize
 from d2m_assets.assets.subsets import (RESHARD_PER_RUN, RESHARDED, build_filter_asset, build_reshard_assets,
                                        recorded_plan, reshard_partitions)
 from d2m_assets.datasets import Dataset
-from d2m_assets.progress import run_failure_line
-from d2m_assets.runner import LOG_CONFIG, RANGE_END, RANGE_START, contiguous_chunks, ensure_instance
-from d2m_assets.recovery import mark_abandoned_runs, owner_tags
-from d2m_assets.reporting import DATA_VERSION_TAG
+from d2m_assets.assets.progress import run_failure_line
+from d2m_assets.commands.runner import LOG_CONFIG, RANGE_END, RANGE_START, contiguous_chunks, ensure_instance
+from d2m_assets.commands.recovery import mark_abandoned_runs, owner_tags
+from d2m_assets.assets.reporting import DATA_VERSION_TAG
 from d2m_core.config import D2MConfig, FilterSpec, ReshardSpec
 
 if TYPE_CHECKING:

@@ -7,7 +7,7 @@ from dagster import (DefaultScheduleStatus, JobDefinition, OpExecutionContext, R
 from dagster_aws.s3 import S3Resource
 
 from d2m_assets.datasets import Dataset
-from d2m_assets.sensors import find_new_shards, raw_shard_event
+from d2m_assets.daemon.sensors import find_new_shards, raw_shard_event
 from d2m_core.outputs.identity import tar_identities
 from d2m_core.reading.discovery import DiscoveryCursor
 
