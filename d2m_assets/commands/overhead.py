@@ -23,7 +23,7 @@ import yaml
 from d2m_core.compute.engine import FIRST_BATCH, MODEL_BUILD_DONE, MODEL_BUILD_START
 from d2m_core.reading.shards import ShardRef
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ASSET_JOB = "__ASSET_JOB"  # Dagster's implicit job of every asset: runs of asset selections are its subsets
 WORKER_START = "Started process for run"  # the run worker's first event: Python and dagster are imported
 

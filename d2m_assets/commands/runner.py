@@ -26,7 +26,7 @@ from d2m_core.outputs.identity import REASONS, asset_identity, weights_by_model
 from d2m_core.preflight import preflight
 from d2m_core.selection import selected_assets, shard_stats
 
-REPO_DAGSTER_YAML = Path(__file__).resolve().parent.parent / "deploy" / "dagster.yaml"
+REPO_DAGSTER_YAML = Path(__file__).resolve().parents[2] / "deploy" / "dagster.yaml"
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 # The run log (event storage) keeps everything; the terminal shows d2m's display, and Dagster's console
 # logger only what is critical (D2M_CONSOLE_LOG_LEVEL=INFO shows Dagster's events too; `--debug` sets it).
