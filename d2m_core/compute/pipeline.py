@@ -146,10 +146,12 @@ def computed_features(result: ShardResult, feature_assets: Sequence[str]) -> dic
 
 
 def finish_shard(config: D2MConfig, outcome: ShardOutcome, scorers: dict[str, Scorer], metadata: bool,
-                 computed: dict[str, dict[str, np.ndarray]] | None = None) -> ShardOutcome:
+                 computed: dict[str, dict[str, np.ndarray]] | None = None,
+                 jsons: Sequence[dict[str, Any] | None] | None = None) -> ShardOutcome:
     """After a shard's features are stored: its scores (from `computed`, the features the pass just stored,
-    else read back), then DataComp's files and their checks (the writer thread's work). A failure is recorded
-    on the outcome; the other shards go on."""
+    else read back), then DataComp's files (additional_fields from `jsons`, the samples' parsed jsons the pass
+    just stored, else parsed from the stored samples table) and their checks (the writer thread's work). A
+    failure is recorded on the outcome; the other shards go on."""
     if outcome.error is not None:
         return outcome
     try:
@@ -157,7 +159,7 @@ def finish_shard(config: D2MConfig, outcome: ShardOutcome, scorers: dict[str, Sc
             outcome.paths[asset] = score_shard(config, outcome.stem, asset, scorer, computed)
             outcome.weights += scorer.weights
         if metadata:
-            outcome.paths |= write_shard_metadata(config, outcome.stem)
+            outcome.paths |= write_shard_metadata(config, outcome.stem, jsons)
             outcome.checks, outcome.quantiles = inspect_shard(config, outcome.stem)
     except Exception as err:  # this shard fails with its reason; the others go on
         log.exception("shard %s failed", outcome.stem)
@@ -195,7 +197,7 @@ def process_shards(
             return
         engine, weights = build_engine(config, features, device)
         write = lambda r: finish_shard(config, write_feature_pass(config, r, features, weights), scorers,  # noqa: E731
-                                       metadata, computed_features(r, features))
+                                       metadata, computed_features(r, features), r.jsons)
         yield from _computed_and_written(engine, shards, writer, write, progress, progress_every_s)
 
 
@@ -325,8 +327,9 @@ def _as_tensor(value: np.ndarray | list) -> Any:
     return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
 
 
-def write_shard_metadata(config: D2MConfig, stem: str) -> dict[str, str]:
-    """The DataComp files of one shard, from the stored samples, features and scores."""
+def write_shard_metadata(config: D2MConfig, stem: str, jsons: Sequence[dict[str, Any] | None] | None = None) -> dict[str, str]:
+    """The DataComp files of one shard, from the stored samples, features and scores (and `jsons`, the
+    samples' parsed jsons when the caller holds them: as stored, without parsing them again)."""
     stats_record = storage.read_json(artifact_url(config, catalog.SAMPLES, stem, "json"))
     for asset in selected_assets(config):
         if asset in catalog.SCORE_ASSETS:
@@ -346,4 +349,4 @@ def write_shard_metadata(config: D2MConfig, stem: str) -> dict[str, str]:
         return {m: model_outputs(m, arrays(catalog.MODEL_ASSETS[m])) for m in config.models
                 if catalog.MODEL_ASSETS.get(m) in catalog.FEATURE_ASSETS}
 
-    return write_datacomp_files(config, stem, samples, stats_record, load, outputs)
+    return write_datacomp_files(config, stem, samples, stats_record, load, outputs, jsons)

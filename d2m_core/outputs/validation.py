@@ -47,6 +47,13 @@ def _score_range(config: D2MConfig, name: str) -> tuple[float, float]:
     return low, high
 
 
+def _row_norms(values: np.ndarray) -> np.ndarray:
+    """Each row's L2 norm, summed in float64 (as the norm of a float64 copy, without making the copy)."""
+    if not np.issubdtype(values.dtype, np.floating) or values.dtype.itemsize > 8:
+        return np.linalg.norm(values.astype(np.float64), axis=1)
+    return np.sqrt(np.einsum("ij,ij->i", values, values, dtype=np.float64))
+
+
 def inspect_shard(config: D2MConfig, stem: str) -> tuple[list[CheckOutcome], dict[str, float]]:
     """The checks (row count, uids, features, score ranges, failure rate) and score quantiles of one shard's
     written files, each file read once."""
@@ -77,7 +84,7 @@ def inspect_shard(config: D2MConfig, stem: str) -> tuple[list[CheckOutcome], dic
                  if n in catalog.FEATURES and catalog.FEATURES[n].compute is None}  # custom features: finite only
     for key, values in arrays.items():
         finite = bool(np.isfinite(values).all())
-        norms = np.linalg.norm(values.astype(np.float64), axis=1) if key in unit_norm and values.ndim == 2 and len(values) else np.ones(1)
+        norms = _row_norms(values) if key in unit_norm and values.ndim == 2 and len(values) else np.ones(1)
         worst = float(np.abs(norms - 1).max())
         if not finite or worst > NORM_TOLERANCE:
             bad_features[key] = {"finite": finite, "max_norm_error": worst}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,8 +32,10 @@ def _values(out: catalog.OutputName, load: LoadField, outputs: ModelOutputs | No
     return list(value)  # per-sample Python values (captions, ints, flags, lists): carried as they are
 
 
-def datacomp_table(config: D2MConfig, samples: pa.Table, load: LoadField, outputs: ModelOutputs | None = None) -> pa.Table | None:
-    """Columns: postprocess_columns (float32 scores), then additional_fields with their json types."""
+def datacomp_table(config: D2MConfig, samples: pa.Table, load: LoadField, outputs: ModelOutputs | None = None,
+                   jsons: Sequence[dict[str, Any] | None] | None = None) -> pa.Table | None:
+    """Columns: postprocess_columns (float32 scores), then additional_fields with their json types, taken from
+    `jsons` (the samples' parsed jsons, row for row, when the caller holds them) or parsed from `samples`."""
     rows = samples.num_rows
     names: list[str] = []
     columns: list[pa.Array] = []
@@ -50,7 +52,10 @@ def datacomp_table(config: D2MConfig, samples: pa.Table, load: LoadField, output
         else:
             columns.append(pa.array(values.astype(np.float32), pa.float32()))
     if config.additional_fields:
-        parsed = [json.loads(j) if j is not None else {} for j in samples.column("json").to_pylist()]
+        if jsons is not None and len(jsons) != rows:
+            raise ValueError(f"{len(jsons)} sample jsons for {rows} samples")
+        parsed = ([j if j is not None else {} for j in jsons] if jsons is not None
+                  else [json.loads(j) if j is not None else {} for j in samples.column("json").to_pylist()])
         for fieldname in config.additional_fields:
             column = catalog.DATACOMP_FIELD_RENAMES.get(fieldname, fieldname) if config.use_datacomp_keys else fieldname
             names.append(column)
@@ -95,11 +100,13 @@ def shard_log(config: D2MConfig, stats: dict[str, Any], rows: int) -> dict[str, 
 
 
 def write_datacomp_files(config: D2MConfig, stem: str, samples: pa.Table, stats: dict[str, Any], load: LoadField,
-                         outputs: ModelOutputs | None = None) -> dict[str, str]:
-    """Write the shard's files into output_metadata_dir (each complete or absent, json last)."""
+                         outputs: ModelOutputs | None = None,
+                         jsons: Sequence[dict[str, Any] | None] | None = None) -> dict[str, str]:
+    """Write the shard's files into output_metadata_dir (each complete or absent, json last); `jsons`: as
+    datacomp_table's."""
     rows = samples.num_rows
     paths: dict[str, str] = {}
-    table = datacomp_table(config, samples, load, outputs)
+    table = datacomp_table(config, samples, load, outputs, jsons)
     if table is not None:
         paths["parquet"] = storage.join(config.output_metadata_dir, f"{stem}.parquet")
         storage.write_parquet(paths["parquet"], table)
