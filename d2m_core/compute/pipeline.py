@@ -30,7 +30,7 @@ from d2m_core.config import D2MConfig
 from d2m_core.outputs import storage
 from d2m_core.outputs.records import ShardOutcome, ShardStats, WeightsRecord
 from d2m_core.outputs.validation import inspect_shard
-from d2m_core.outputs.writers import write_datacomp_files
+from d2m_core.outputs.writers import write_datacomp_files, writes_npz
 from d2m_core.reading.fastpath import supports
 from d2m_core.reading.shards import ShardRef
 from d2m_core.selection import artifact_url, selected_assets, stored_stats
@@ -155,12 +155,19 @@ def finish_shard(config: D2MConfig, outcome: ShardOutcome, scorers: dict[str, Sc
     if outcome.error is not None:
         return outcome
     try:
-        for asset, scorer in scorers.items():
-            outcome.paths[asset] = score_shard(config, outcome.stem, asset, scorer, computed)
-            outcome.weights += scorer.weights
-        if metadata:
-            outcome.paths |= write_shard_metadata(config, outcome.stem, jsons)
-            outcome.checks, outcome.quantiles = inspect_shard(config, outcome.stem)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="d2m-checks") as reader:
+            npz = datacomp_npz_url(config, outcome.stem)
+            # The checks read DataComp's npz as stored; when this shard's DataComp files leave it as it is,
+            # it is read (inflated, outside the GIL) while the scores and the parquet are written.
+            early = reader.submit(storage.read_npz, npz) if metadata and config.postprocess_features \
+                and not writes_npz(config, npz) else None
+            for asset, scorer in scorers.items():
+                outcome.paths[asset] = score_shard(config, outcome.stem, asset, scorer, computed)
+                outcome.weights += scorer.weights
+            if metadata:
+                outcome.paths |= write_shard_metadata(config, outcome.stem, jsons)
+                outcome.checks, outcome.quantiles = inspect_shard(config, outcome.stem,
+                                                                  early.result() if early else None)
     except Exception as err:  # this shard fails with its reason; the others go on
         log.exception("shard %s failed", outcome.stem)
         outcome.error = f"{type(err).__name__}: {err}"

@@ -54,15 +54,17 @@ def _row_norms(values: np.ndarray) -> np.ndarray:
     return np.sqrt(np.einsum("ij,ij->i", values, values, dtype=np.float64))
 
 
-def inspect_shard(config: D2MConfig, stem: str) -> tuple[list[CheckOutcome], dict[str, float]]:
+def inspect_shard(config: D2MConfig, stem: str,
+                  npz: dict[str, np.ndarray] | None = None) -> tuple[list[CheckOutcome], dict[str, float]]:
     """The checks (row count, uids, features, score ranges, failure rate) and score quantiles of one shard's
-    written files, each file read once."""
+    written files, each file read once (`npz`: the arrays of its DataComp npz, when the caller has read the
+    file already)."""
     out = config.output_metadata_dir
     log = storage.read_json(storage.join(out, f"{stem}.json"))
     samples = storage.read_parquet(storage.join(config.artifacts_root, catalog.SAMPLES, f"{stem}.parquet"))
     parquet_url, npz_url = storage.join(out, f"{stem}.parquet"), storage.join(out, f"{stem}.npz")
     table = storage.read_parquet(parquet_url) if storage.exists(parquet_url) else None
-    arrays = storage.read_npz(npz_url) if storage.exists(npz_url) else {}
+    arrays = npz if npz is not None else storage.read_npz(npz_url) if storage.exists(npz_url) else {}
     read, written, failed = log["samples_read"], log["samples_written"], log["samples_failed"]
     rows = {"samples": samples.num_rows} | ({"parquet": table.num_rows} if table is not None else {}) \
         | {f"npz:{k}": int(v.shape[0]) for k, v in arrays.items()}

@@ -99,6 +99,13 @@ def shard_log(config: D2MConfig, stats: dict[str, Any], rows: int) -> dict[str, 
     }
 
 
+def writes_npz(config: D2MConfig, url: str) -> bool:
+    """Whether write_datacomp_files (re)writes the npz at `url`: the feature pass already stored the features
+    there (each once); only plugin-computed ones are added, or the file written when it is missing."""
+    computed = any(catalog.output_name(n, feature=True).compute for n in config.postprocess_features)
+    return bool(config.postprocess_features) and (computed or not storage.exists(url))
+
+
 def write_datacomp_files(config: D2MConfig, stem: str, samples: pa.Table, stats: dict[str, Any], load: LoadField,
                          outputs: ModelOutputs | None = None,
                          jsons: Sequence[dict[str, Any] | None] | None = None) -> dict[str, str]:
@@ -112,10 +119,8 @@ def write_datacomp_files(config: D2MConfig, stem: str, samples: pa.Table, stats:
         storage.write_parquet(paths["parquet"], table)
         pause_at("between-writes", stem)  # test-only; returns at once unless a test set it
     if config.postprocess_features:
-        # The feature pass already stored the features there (each once); only plugin-computed ones are added.
         paths["npz"] = storage.join(config.output_metadata_dir, f"{stem}.npz")
-        computed = any(catalog.output_name(n, feature=True).compute for n in config.postprocess_features)
-        if computed or not storage.exists(paths["npz"]):
+        if writes_npz(config, paths["npz"]):
             storage.write_npz(paths["npz"], datacomp_arrays(config, rows, load, outputs))
     paths["json"] = storage.join(config.output_metadata_dir, f"{stem}.json")
     storage.write_json(paths["json"], shard_log(config, stats, rows))
