@@ -341,7 +341,9 @@ def write_shard_metadata(config: D2MConfig, stem: str, jsons: Sequence[dict[str,
     for asset in selected_assets(config):
         if asset in catalog.SCORE_ASSETS:
             stats_record["weights"] += storage.read_json(artifact_url(config, asset, stem, "json"))["weights"]
-    samples = storage.read_parquet(artifact_url(config, catalog.SAMPLES, stem, "parquet"))
+    # Its json column is parsed for DataComp's additional_fields unless the caller holds the parsed jsons.
+    samples = storage.read_parquet(artifact_url(config, catalog.SAMPLES, stem, "parquet"),
+                                   None if jsons is None else ["uid"])
 
     @functools.cache
     def arrays(asset: str) -> dict[str, np.ndarray]:  # each stored file read (and decompressed) once

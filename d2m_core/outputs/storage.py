@@ -100,8 +100,9 @@ def join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
 
-def write_bytes_atomic(url: str, data: bytes, *, retry: RetryPolicy | None = None) -> None:
-    """Write `data` to `url` so readers never see a partial file.
+def write_bytes_atomic(url: str, data: bytes | list[bytes], *, retry: RetryPolicy | None = None) -> None:
+    """Write `data` (the bytes, or the file's pieces in order: written one after the other locally, without
+    joining them) to `url` so readers never see a partial file.
 
     Local: a locked temporary file in the same folder, fsynced, then os.replace (the old file, if any,
     stays complete until then). Object stores: one PUT, retried on transient errors.
@@ -110,8 +111,9 @@ def write_bytes_atomic(url: str, data: bytes, *, retry: RetryPolicy | None = Non
     if _is_local(fs):
         _write_local(url, path, data)
         return
+    body = data if isinstance(data, bytes) else b"".join(data)
     put_options = {"chunksize": SINGLE_PUT_LIMIT} if _protocol(fs) in ("s3", "s3a") else {}
-    _with_retries("write", url, lambda: fs.pipe_file(path, data, **put_options), retry)
+    _with_retries("write", url, lambda: fs.pipe_file(path, body, **put_options), retry)
 
 
 def read_bytes(url: str, *, retry: RetryPolicy | None = None) -> bytes:
@@ -150,7 +152,7 @@ _swept: set[str] = set()
 _swept_lock = threading.Lock()
 
 
-def _write_local(url: str, path: str, data: bytes) -> None:
+def _write_local(url: str, path: str, data: bytes | list[bytes]) -> None:
     folder = os.path.dirname(path) or "."
     tmp = os.path.join(folder, temporary_name(os.path.basename(path)))
     try:
@@ -158,7 +160,8 @@ def _write_local(url: str, path: str, data: bytes) -> None:
         _sweep_once(folder)
         with open(tmp, "xb") as fh:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)  # held until closed: a sweeper leaves the file alone
-            fh.write(data)
+            for piece in [data] if isinstance(data, bytes) else data:
+                fh.write(piece)
             fh.flush()
             os.fsync(fh.fileno())
             os.replace(tmp, path)
@@ -407,7 +410,13 @@ def _npy_member(array: np.ndarray) -> tuple[bytes, memoryview]:
 
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    """The bytes of `np.savez_compressed(**arrays)` as numpy.load and zipfile read them (members `<key>.npy`,
+    """npz_pieces, joined."""
+    return b"".join(npz_pieces(arrays))
+
+
+def npz_pieces(arrays: dict[str, np.ndarray]) -> list[bytes]:
+    """The bytes of `np.savez_compressed(**arrays)`, in pieces to write one after the other (not joined: a
+    copy less), as numpy.load and zipfile read them (members `<key>.npy`,
     deflated, dated 1980-01-01), written here to choose the deflater (`codec`: ISA-L, else zlib's Huffman-only
     coding; zipfile has neither): each member's pieces are deflated in parallel threads (both release the
     GIL). The same arrays give the same bytes with the same deflater."""
@@ -434,7 +443,7 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
         offset += len(local) + packed
     out += central
     out.append(_zip_end(len(central), sum(len(c) for c in central), offset))
-    return b"".join(out)
+    return out
 
 
 _DOS_1980 = (0, (1980 - 1980) << 9 | 1 << 5 | 1)  # time, date of 1980-01-01 00:00:00
@@ -503,7 +512,7 @@ def unpack_field(arrays: dict[str, np.ndarray], name: str) -> np.ndarray | list:
 
 
 def write_npz(url: str, arrays: dict[str, np.ndarray | list]) -> None:
-    write_bytes_atomic(url, npz_bytes(pack_fields(arrays)))
+    write_bytes_atomic(url, npz_pieces(pack_fields(arrays)))
 
 
 def read_npz(url: str, keys: Collection[str] | None = None) -> dict[str, np.ndarray]:
@@ -552,8 +561,13 @@ def write_parquet(url: str, table: pa.Table, compression: str = "snappy") -> Non
     write_bytes_atomic(url, sink.getvalue().to_pybytes())
 
 
-def read_parquet(url: str) -> pa.Table:
-    return pq.read_table(io.BytesIO(read_bytes(url)))
+def read_parquet(url: str, columns: Collection[str] | None = None) -> pa.Table:
+    """The table of a parquet file; with `columns`, only those of them it has (in its order; the row count
+    stays), the others not decompressed."""
+    if columns is None:
+        return pq.read_table(io.BytesIO(read_bytes(url)))
+    source = pq.ParquetFile(io.BytesIO(read_bytes(url)))
+    return source.read(columns=[name for name in source.schema_arrow.names if name in columns])
 
 
 def write_json(url: str, obj: Any) -> None:

@@ -61,9 +61,10 @@ def inspect_shard(config: D2MConfig, stem: str,
     file already)."""
     out = config.output_metadata_dir
     log = storage.read_json(storage.join(out, f"{stem}.json"))
-    samples = storage.read_parquet(storage.join(config.artifacts_root, catalog.SAMPLES, f"{stem}.parquet"))
+    samples = storage.read_parquet(storage.join(config.artifacts_root, catalog.SAMPLES, f"{stem}.parquet"), ["uid"])
     parquet_url, npz_url = storage.join(out, f"{stem}.parquet"), storage.join(out, f"{stem}.npz")
-    table = storage.read_parquet(parquet_url) if storage.exists(parquet_url) else None
+    checked = {"uid", *_score_columns(config).values()}  # the parquet's columns the checks read
+    table = storage.read_parquet(parquet_url, checked) if storage.exists(parquet_url) else None
     arrays = npz if npz is not None else storage.read_npz(npz_url) if storage.exists(npz_url) else {}
     read, written, failed = log["samples_read"], log["samples_written"], log["samples_failed"]
     rows = {"samples": samples.num_rows} | ({"parquet": table.num_rows} if table is not None else {}) \

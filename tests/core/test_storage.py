@@ -181,6 +181,22 @@ def test_npz_and_parquet_bytes_are_deterministic(tmp_path: Path) -> None:
     assert (tmp_path / "1.parquet").read_bytes() == (tmp_path / "2.parquet").read_bytes()
 
 
+def test_pieces_are_written_as_the_joined_bytes(tmp_path: Path) -> None:
+    arrays = _npz_arrays()
+    write_bytes_atomic(str(tmp_path / "x.npz"), storage.npz_pieces(arrays))
+    assert (tmp_path / "x.npz").read_bytes() == storage.npz_bytes(arrays)
+    write_bytes_atomic(str(tmp_path / "y.bin"), [b"ab", b"", b"cde"])
+    assert (tmp_path / "y.bin").read_bytes() == b"abcde"
+
+
+def test_read_parquet_reads_the_columns_asked_for(tmp_path: Path) -> None:
+    table = pa.table({"key": ["a", "b", "c"], "uid": ["1", "2", None], "json": ['{"x": 1}', None, "{}"]})
+    storage.write_parquet(str(tmp_path / "t.parquet"), table)
+    assert storage.read_parquet(str(tmp_path / "t.parquet")).equals(table)
+    assert storage.read_parquet(str(tmp_path / "t.parquet"), {"json", "uid", "absent"}).equals(table.select(["uid", "json"]))
+    assert storage.read_parquet(str(tmp_path / "t.parquet"), ["absent"]).num_rows == 3  # no column: the rows stay
+
+
 # --- S3: outages and 5xx -------------------------------------------------------------------------------------
 
 
