@@ -5,7 +5,6 @@ and their checks (`process_shards`), and the dedup reference set (`store_referen
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import queue
 import threading
@@ -28,6 +27,7 @@ from d2m_core.compute.weights import resolve_weights, weights_dir
 from d2m_core.compute.weights_files import DEDUP_REFERENCE_FILES, REFERENCE_MODEL
 from d2m_core.config import D2MConfig
 from d2m_core.outputs import storage
+from d2m_core.outputs.jsontext import json_texts
 from d2m_core.outputs.records import ShardOutcome, ShardStats, WeightsRecord
 from d2m_core.outputs.validation import inspect_shard
 from d2m_core.outputs.writers import write_datacomp_files, writes_npz
@@ -130,7 +130,7 @@ def write_feature_pass(config: D2MConfig, result: ShardResult, feature_assets: S
     table = pa.table({
         "key": pa.array(result.keys, pa.string()),
         "uid": pa.array(result.uids, pa.string()),
-        "json": pa.array([json.dumps(j) if j is not None else None for j in result.jsons], pa.string()),
+        "json": pa.array(json_texts(result.jsons), pa.string()),
     })
     storage.write_parquet(artifact_url(config, catalog.SAMPLES, stem, "parquet"), table, compression="zstd")
     record = result.stats.as_dict() | {"url": result.shard.url, "weights": [w.as_dict() for w in weights]}
