@@ -101,7 +101,7 @@ def writer_stage(config: D2MConfig, shards: Sequence[ShardRef], config_name: str
             result = ShardResult(shard=ShardRef(stem, f"synthetic/{stem}.tar"), stats=stats, keys=[f"{stem}{k:05d}" for k in range(samples)],
                                  uids=uids, jsons=jsons, outputs=outputs)
             outcome = finish_shard(config, write_feature_pass(config, result, features, []), scorers,
-                                   catalog.METADATA_ASSET in names, computed_features(result, features))
+                                   catalog.METADATA_ASSET in names, computed_features(result, features), result.jsons)
             if outcome.error is not None:
                 raise RuntimeError(f"writer benchmark shard failed: {outcome.error}")
         seconds = time.perf_counter() - start

@@ -5,7 +5,6 @@ and their checks (`process_shards`), and the dedup reference set (`store_referen
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import queue
 import threading
@@ -28,10 +27,11 @@ from d2m_core.compute.weights import resolve_weights, weights_dir
 from d2m_core.compute.weights_files import DEDUP_REFERENCE_FILES, REFERENCE_MODEL
 from d2m_core.config import D2MConfig
 from d2m_core.outputs import storage
+from d2m_core.outputs.jsontext import json_texts
 from d2m_core.outputs.records import ShardOutcome, ShardStats, WeightsRecord
 from d2m_core.outputs.reference import reference_record, reference_url
 from d2m_core.outputs.validation import inspect_shard
-from d2m_core.outputs.writers import write_datacomp_files
+from d2m_core.outputs.writers import write_datacomp_files, writes_npz
 from d2m_core.reading.fastpath import supports
 from d2m_core.reading.shards import ShardRef
 from d2m_core.selection import artifact_url, selected_assets, stored_stats
@@ -131,7 +131,7 @@ def write_feature_pass(config: D2MConfig, result: ShardResult, feature_assets: S
     table = pa.table({
         "key": pa.array(result.keys, pa.string()),
         "uid": pa.array(result.uids, pa.string()),
-        "json": pa.array([json.dumps(j) if j is not None else None for j in result.jsons], pa.string()),
+        "json": pa.array(json_texts(result.jsons), pa.string()),
     })
     storage.write_parquet(artifact_url(config, catalog.SAMPLES, stem, "parquet"), table, compression="zstd")
     record = result.stats.as_dict() | {"url": result.shard.url, "weights": [w.as_dict() for w in weights]}
@@ -147,19 +147,28 @@ def computed_features(result: ShardResult, feature_assets: Sequence[str]) -> dic
 
 
 def finish_shard(config: D2MConfig, outcome: ShardOutcome, scorers: dict[str, Scorer], metadata: bool,
-                 computed: dict[str, dict[str, np.ndarray]] | None = None) -> ShardOutcome:
+                 computed: dict[str, dict[str, np.ndarray]] | None = None,
+                 jsons: Sequence[dict[str, Any] | None] | None = None) -> ShardOutcome:
     """After a shard's features are stored: its scores (from `computed`, the features the pass just stored,
-    else read back), then DataComp's files and their checks (the writer thread's work). A failure is recorded
-    on the outcome; the other shards go on."""
+    else read back), then DataComp's files (additional_fields from `jsons`, the samples' parsed jsons the pass
+    just stored, else parsed from the stored samples table) and their checks (the writer thread's work). A
+    failure is recorded on the outcome; the other shards go on."""
     if outcome.error is not None:
         return outcome
     try:
-        for asset, scorer in scorers.items():
-            outcome.paths[asset] = score_shard(config, outcome.stem, asset, scorer, computed)
-            outcome.weights += scorer.weights
-        if metadata:
-            outcome.paths |= write_shard_metadata(config, outcome.stem)
-            outcome.checks, outcome.quantiles = inspect_shard(config, outcome.stem)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="d2m-checks") as reader:
+            npz = datacomp_npz_url(config, outcome.stem)
+            # The checks read DataComp's npz as stored; when this shard's DataComp files leave it as it is,
+            # it is read (inflated, outside the GIL) while the scores and the parquet are written.
+            early = reader.submit(storage.read_npz, npz) if metadata and config.postprocess_features \
+                and not writes_npz(config, npz) else None
+            for asset, scorer in scorers.items():
+                outcome.paths[asset] = score_shard(config, outcome.stem, asset, scorer, computed)
+                outcome.weights += scorer.weights
+            if metadata:
+                outcome.paths |= write_shard_metadata(config, outcome.stem, jsons)
+                outcome.checks, outcome.quantiles = inspect_shard(config, outcome.stem,
+                                                                  early.result() if early else None)
     except Exception as err:  # this shard fails with its reason; the others go on
         log.exception("shard %s failed", outcome.stem)
         outcome.error = f"{type(err).__name__}: {err}"
@@ -196,7 +205,7 @@ def process_shards(
             return
         engine, weights = build_engine(config, features, device)
         write = lambda r: finish_shard(config, write_feature_pass(config, r, features, weights), scorers,  # noqa: E731
-                                       metadata, computed_features(r, features))
+                                       metadata, computed_features(r, features), r.jsons)
         yield from _computed_and_written(engine, shards, writer, write, progress, progress_every_s)
 
 
@@ -311,13 +320,16 @@ def _as_tensor(value: np.ndarray | list) -> Any:
     return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
 
 
-def write_shard_metadata(config: D2MConfig, stem: str) -> dict[str, str]:
-    """The DataComp files of one shard, from the stored samples, features and scores."""
+def write_shard_metadata(config: D2MConfig, stem: str, jsons: Sequence[dict[str, Any] | None] | None = None) -> dict[str, str]:
+    """The DataComp files of one shard, from the stored samples, features and scores (and `jsons`, the
+    samples' parsed jsons when the caller holds them: as stored, without parsing them again)."""
     stats_record = storage.read_json(artifact_url(config, catalog.SAMPLES, stem, "json"))
     for asset in selected_assets(config):
         if asset in catalog.SCORE_ASSETS:
             stats_record["weights"] += storage.read_json(artifact_url(config, asset, stem, "json"))["weights"]
-    samples = storage.read_parquet(artifact_url(config, catalog.SAMPLES, stem, "parquet"))
+    # Its json column is parsed for DataComp's additional_fields unless the caller holds the parsed jsons.
+    samples = storage.read_parquet(artifact_url(config, catalog.SAMPLES, stem, "parquet"),
+                                   None if jsons is None else ["uid"])
 
     @functools.cache
     def arrays(asset: str) -> dict[str, np.ndarray]:  # each stored file read (and decompressed) once
@@ -332,4 +344,4 @@ def write_shard_metadata(config: D2MConfig, stem: str) -> dict[str, str]:
         return {m: model_outputs(m, arrays(catalog.MODEL_ASSETS[m])) for m in config.models
                 if catalog.MODEL_ASSETS.get(m) in catalog.FEATURE_ASSETS}
 
-    return write_datacomp_files(config, stem, samples, stats_record, load, outputs)
+    return write_datacomp_files(config, stem, samples, stats_record, load, outputs, jsons)

@@ -23,7 +23,7 @@ def clip_similarity(image: np.ndarray, text: np.ndarray) -> np.ndarray:
     """Row-wise dot product of unit-norm image and text features (the seed's CLIP score), float32."""
     if image.shape != text.shape:
         raise ValueError(f"image features {image.shape} and text features {text.shape} are not aligned")
-    return np.einsum("bn,bn->b", image.astype(np.float32), text.astype(np.float32)).astype(np.float32)
+    return np.einsum("bn,bn->b", image.astype(np.float32, copy=False), text.astype(np.float32, copy=False)).astype(np.float32)
 
 
 @dataclass

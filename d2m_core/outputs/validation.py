@@ -37,15 +37,25 @@ def _score_range(config: D2MConfig, name: str) -> tuple[float, float]:
     return low, high
 
 
-def inspect_shard(config: D2MConfig, stem: str) -> tuple[list[CheckOutcome], dict[str, float]]:
+def _row_norms(values: np.ndarray) -> np.ndarray:
+    """Each row's L2 norm, summed in float64 (as the norm of a float64 copy, without making the copy)."""
+    if not np.issubdtype(values.dtype, np.floating) or values.dtype.itemsize > 8:
+        return np.linalg.norm(values.astype(np.float64), axis=1)
+    return np.sqrt(np.einsum("ij,ij->i", values, values, dtype=np.float64))
+
+
+def inspect_shard(config: D2MConfig, stem: str,
+                  npz: dict[str, np.ndarray] | None = None) -> tuple[list[CheckOutcome], dict[str, float]]:
     """The checks (row count, uids, features, score ranges, failure rate) and score quantiles of one shard's
-    written files, each file read once."""
+    written files, each file read once (`npz`: the arrays of its DataComp npz, when the caller has read the
+    file already)."""
     out = config.output_metadata_dir
     log = storage.read_json(storage.join(out, f"{stem}.json"))
-    samples = storage.read_parquet(storage.join(config.artifacts_root, catalog.SAMPLES, f"{stem}.parquet"))
+    samples = storage.read_parquet(storage.join(config.artifacts_root, catalog.SAMPLES, f"{stem}.parquet"), ["uid"])
     parquet_url, npz_url = storage.join(out, f"{stem}.parquet"), storage.join(out, f"{stem}.npz")
-    table = storage.read_parquet(parquet_url) if storage.exists(parquet_url) else None
-    arrays = storage.read_npz(npz_url) if storage.exists(npz_url) else {}
+    checked = {"uid", *_score_columns(config).values()}  # the parquet's columns the checks read
+    table = storage.read_parquet(parquet_url, checked) if storage.exists(parquet_url) else None
+    arrays = npz if npz is not None else storage.read_npz(npz_url) if storage.exists(npz_url) else {}
     read, written, failed = log["samples_read"], log["samples_written"], log["samples_failed"]
     rows = {"samples": samples.num_rows} | ({"parquet": table.num_rows} if table is not None else {}) \
         | {f"npz:{k}": int(v.shape[0]) for k, v in arrays.items()}
@@ -67,7 +77,7 @@ def inspect_shard(config: D2MConfig, stem: str) -> tuple[list[CheckOutcome], dic
                  if n in catalog.FEATURES and catalog.FEATURES[n].compute is None}  # custom features: finite only
     for key, values in arrays.items():
         finite = bool(np.isfinite(values).all())
-        norms = np.linalg.norm(values.astype(np.float64), axis=1) if key in unit_norm and values.ndim == 2 and len(values) else np.ones(1)
+        norms = _row_norms(values) if key in unit_norm and values.ndim == 2 and len(values) else np.ones(1)
         worst = float(np.abs(norms - 1).max())
         if not finite or worst > NORM_TOLERANCE:
             bad_features[key] = {"finite": finite, "max_norm_error": worst}

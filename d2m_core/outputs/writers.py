@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,8 +32,10 @@ def _values(out: catalog.OutputName, load: LoadField, outputs: ModelOutputs | No
     return list(value)  # per-sample Python values (captions, ints, flags, lists): carried as they are
 
 
-def datacomp_table(config: D2MConfig, samples: pa.Table, load: LoadField, outputs: ModelOutputs | None = None) -> pa.Table | None:
-    """Columns: postprocess_columns (float32 scores), then additional_fields with their json types."""
+def datacomp_table(config: D2MConfig, samples: pa.Table, load: LoadField, outputs: ModelOutputs | None = None,
+                   jsons: Sequence[dict[str, Any] | None] | None = None) -> pa.Table | None:
+    """Columns: postprocess_columns (float32 scores), then additional_fields with their json types, taken from
+    `jsons` (the samples' parsed jsons, row for row, when the caller holds them) or parsed from `samples`."""
     rows = samples.num_rows
     names: list[str] = []
     columns: list[pa.Array] = []
@@ -50,7 +52,10 @@ def datacomp_table(config: D2MConfig, samples: pa.Table, load: LoadField, output
         else:
             columns.append(pa.array(values.astype(np.float32), pa.float32()))
     if config.additional_fields:
-        parsed = [json.loads(j) if j is not None else {} for j in samples.column("json").to_pylist()]
+        if jsons is not None and len(jsons) != rows:
+            raise ValueError(f"{len(jsons)} sample jsons for {rows} samples")
+        parsed = ([j if j is not None else {} for j in jsons] if jsons is not None
+                  else [json.loads(j) if j is not None else {} for j in samples.column("json").to_pylist()])
         for fieldname in config.additional_fields:
             column = catalog.DATACOMP_FIELD_RENAMES.get(fieldname, fieldname) if config.use_datacomp_keys else fieldname
             names.append(column)
@@ -94,21 +99,28 @@ def shard_log(config: D2MConfig, stats: dict[str, Any], rows: int) -> dict[str, 
     }
 
 
+def writes_npz(config: D2MConfig, url: str) -> bool:
+    """Whether write_datacomp_files (re)writes the npz at `url`: the feature pass already stored the features
+    there (each once); only plugin-computed ones are added, or the file written when it is missing."""
+    computed = any(catalog.output_name(n, feature=True).compute for n in config.postprocess_features)
+    return bool(config.postprocess_features) and (computed or not storage.exists(url))
+
+
 def write_datacomp_files(config: D2MConfig, stem: str, samples: pa.Table, stats: dict[str, Any], load: LoadField,
-                         outputs: ModelOutputs | None = None) -> dict[str, str]:
-    """Write the shard's files into output_metadata_dir (each complete or absent, json last)."""
+                         outputs: ModelOutputs | None = None,
+                         jsons: Sequence[dict[str, Any] | None] | None = None) -> dict[str, str]:
+    """Write the shard's files into output_metadata_dir (each complete or absent, json last); `jsons`: as
+    datacomp_table's."""
     rows = samples.num_rows
     paths: dict[str, str] = {}
-    table = datacomp_table(config, samples, load, outputs)
+    table = datacomp_table(config, samples, load, outputs, jsons)
     if table is not None:
         paths["parquet"] = storage.join(config.output_metadata_dir, f"{stem}.parquet")
         storage.write_parquet(paths["parquet"], table)
         pause_at("between-writes", stem)  # test-only; returns at once unless a test set it
     if config.postprocess_features:
-        # The feature pass already stored the features there (each once); only plugin-computed ones are added.
         paths["npz"] = storage.join(config.output_metadata_dir, f"{stem}.npz")
-        computed = any(catalog.output_name(n, feature=True).compute for n in config.postprocess_features)
-        if computed or not storage.exists(paths["npz"]):
+        if writes_npz(config, paths["npz"]):
             storage.write_npz(paths["npz"], datacomp_arrays(config, rows, load, outputs))
     paths["json"] = storage.join(config.output_metadata_dir, f"{stem}.json")
     storage.write_json(paths["json"], shard_log(config, stats, rows))

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pytest
 
 from services import tmpfs
-from d2m_core.outputs import storage
+from d2m_core.outputs import codec, storage
 from d2m_core.outputs.storage import RetryPolicy, StorageError, sweep_partial_files, write_bytes_atomic
 
 FAST = RetryPolicy(attempts=8, backoff_s=0.1, max_backoff_s=0.4, deadline_s=10.0)
@@ -179,6 +179,22 @@ def test_npz_and_parquet_bytes_are_deterministic(tmp_path: Path) -> None:
     storage.write_parquet(str(tmp_path / "1.parquet"), table)
     storage.write_parquet(str(tmp_path / "2.parquet"), table)
     assert (tmp_path / "1.parquet").read_bytes() == (tmp_path / "2.parquet").read_bytes()
+
+
+def test_pieces_are_written_as_the_joined_bytes(tmp_path: Path) -> None:
+    arrays = _npz_arrays()
+    write_bytes_atomic(str(tmp_path / "x.npz"), storage.npz_pieces(arrays))
+    assert (tmp_path / "x.npz").read_bytes() == storage.npz_bytes(arrays)
+    write_bytes_atomic(str(tmp_path / "y.bin"), [b"ab", b"", b"cde"])
+    assert (tmp_path / "y.bin").read_bytes() == b"abcde"
+
+
+def test_read_parquet_reads_the_columns_asked_for(tmp_path: Path) -> None:
+    table = pa.table({"key": ["a", "b", "c"], "uid": ["1", "2", None], "json": ['{"x": 1}', None, "{}"]})
+    storage.write_parquet(str(tmp_path / "t.parquet"), table)
+    assert storage.read_parquet(str(tmp_path / "t.parquet")).equals(table)
+    assert storage.read_parquet(str(tmp_path / "t.parquet"), {"json", "uid", "absent"}).equals(table.select(["uid", "json"]))
+    assert storage.read_parquet(str(tmp_path / "t.parquet"), ["absent"]).num_rows == 3  # no column: the rows stay
 
 
 # --- S3: outages and 5xx -------------------------------------------------------------------------------------
@@ -411,7 +427,40 @@ def test_npz_bytes_are_what_numpy_load_reads_back(tmp_path: Path, monkeypatch: p
             assert np.array_equal(loaded[key], value)
     reference = io.BytesIO()
     np.savez_compressed(reference, **arrays)
-    assert len(data) <= 1.01 * len(reference.getvalue())  # Huffman-only deflate: about numpy's size
+    assert len(data) <= 1.01 * len(reference.getvalue())  # ISA-L or Huffman-only deflate: about numpy's size
+
+
+def test_npz_deflaters_give_the_same_arrays_and_isal_is_no_larger(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ISA-L (when installed) and zlib's Huffman-only fallback write different bytes that numpy.load and
+    read_npz read as the same arrays, each reading the other's; on unit float32 features ISA-L's file is no
+    larger than Huffman-only's, on bf16-valued ones smaller."""
+    pytest.importorskip("isal")
+    monkeypatch.setattr(storage, "NPZ_CHUNK", 1 << 16)  # several pieces per member
+    rng = np.random.default_rng(3)
+    unit = rng.standard_normal((2000, 64), dtype=np.float32)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    bf16 = (unit.view(np.uint32) & 0xFFFF0000).view(np.float32)
+    arrays = _npz_arrays() | {"unit": unit, "bf16": bf16}
+    fast = storage.npz_bytes(arrays)
+    fast_sizes = {k: _member_size(fast, k) for k in ("unit", "bf16")}
+    monkeypatch.setattr(codec, "_isal", None)
+    plain = storage.npz_bytes(arrays)
+    assert fast != plain
+    for data in (fast, plain):
+        with np.load(io.BytesIO(data)) as loaded:
+            assert loaded.files == list(arrays) and all(np.array_equal(loaded[k], v) for k, v in arrays.items())
+    for data in (fast, plain):  # read_npz inflates with zlib here (ISA-L is patched out), ISA-L below
+        assert all(np.array_equal(storage.read_npz_bytes(data)[k], v) for k, v in arrays.items())
+    monkeypatch.undo()
+    for data in (fast, plain):
+        assert all(np.array_equal(storage.read_npz_bytes(data)[k], v) for k, v in arrays.items())
+    assert fast_sizes["unit"] <= _member_size(plain, "unit")
+    assert fast_sizes["bf16"] < _member_size(plain, "bf16")
+
+
+def _member_size(data: bytes, key: str) -> int:
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        return zf.getinfo(f"{key}.npy").compress_size
 
 
 @pytest.mark.parametrize("writer", ["d2m", "savez_compressed", "savez"])

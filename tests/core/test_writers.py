@@ -57,6 +57,21 @@ def test_misaligned_rows_are_refused(tmp_path: Path) -> None:
         write_datacomp_files(_config(tmp_path, False), "00007", SAMPLES, STATS, lambda a, f: arrays[(a, f)])
 
 
+def test_parsed_jsons_in_memory_give_the_same_parquet(tmp_path: Path) -> None:
+    """The writer thread hands over the samples' parsed jsons (a None for a sample without one): DataComp's
+    parquet comes out byte for byte as when the stored json strings are parsed again."""
+    jsons = [json.loads(j) for j in SAMPLES.column("json").to_pylist()] + [None]
+    samples = pa.concat_tables([SAMPLES, pa.table({"key": ["c"], "uid": ["1" * 32], "json": pa.array([None], pa.string())})])
+    arrays = {k: np.concatenate([v, v[:1]]) for k, v in ARRAYS.items()}
+    parsed = write_datacomp_files(_config(tmp_path / "parsed", True), "00007", samples, STATS, lambda a, f: arrays[(a, f)])
+    held = write_datacomp_files(_config(tmp_path / "held", True), "00007", samples, STATS, lambda a, f: arrays[(a, f)],
+                                jsons=jsons)
+    assert Path(held["parquet"]).read_bytes() == Path(parsed["parquet"]).read_bytes()
+    with pytest.raises(ValueError, match="2 sample jsons for 3 samples"):
+        write_datacomp_files(_config(tmp_path / "short", True), "00007", samples, STATS, lambda a, f: arrays[(a, f)],
+                             jsons=jsons[:2])
+
+
 def test_atomic_write_leaves_no_temporary_file(tmp_path: Path) -> None:
     target = tmp_path / "sub" / "x.bin"
     write_bytes_atomic(str(target), b"one")
