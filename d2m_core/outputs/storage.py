@@ -137,15 +137,6 @@ def exists(url: str, *, retry: RetryPolicy | None = None) -> bool:
     return _with_retries("check", url, lambda: fs.exists(path), retry)
 
 
-def remove(url: str, *, retry: RetryPolicy | None = None) -> None:
-    """Delete a file or object (it must exist)."""
-    fs, path = _filesystem(url)
-    if _is_local(fs):
-        os.remove(path)
-        return
-    _with_retries("delete", url, lambda: fs.rm_file(path), retry)
-
-
 # --- local files -------------------------------------------------------------------------------------------
 
 _swept: set[str] = set()
