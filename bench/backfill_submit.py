@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import logging
 import os
 import pstats
@@ -45,7 +44,6 @@ from dagster._core.workspace.context import WorkspaceProcessContext  # noqa: E40
 from dagster._core.workspace.load_target import WorkspaceFileTarget  # noqa: E402
 
 import instance_scale as scale  # noqa: E402  (register, graphql, LAUNCH, synthetic tars)
-from d2m_assets.daemon import sensors  # noqa: E402
 from d2m_core import load_config  # noqa: E402
 from d2m_core.selection import selected_assets  # noqa: E402
 
@@ -155,7 +153,7 @@ def daemon_path(instance, context, stems, assets, args, tag) -> dict:
     start = time.time()
     watched = scale.tick(dict(os.environ), args.seconds, instance, Path(tempfile.mkdtemp()) / "daemon.log")
     runs = queued_runs(instance, stems)
-    first = runs.pop("first_run_created")
+    runs.pop("first_run_created")  # the tick above times the first run itself
     last = runs.pop("last_run_created")
     return {"path": "daemon", "backfill_create_s": round(create_s, 2), **watched, **runs,
             "last_run_after_s": last and round(last - start, 1), "top": []}
@@ -218,11 +216,7 @@ def main() -> None:
     for n in args.shards:
         for path in args.paths:
             with postgres_server() as pg:
-                line = json.dumps(measure(n, path, args, pg))
-            print(line, flush=True)
-            if args.out:
-                with args.out.open("a") as f:
-                    f.write(line + "\n")
+                scale.emit(measure(n, path, args, pg), args.out)
 
 
 if __name__ == "__main__":

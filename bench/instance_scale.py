@@ -349,11 +349,16 @@ def main() -> None:
     args = parser.parse_args()
     for n in args.shards:
         with postgres_server() as pg:
-            line = json.dumps(measure(n, args.yml.resolve(), args, pg))
-        print(line, flush=True)
-        if args.out:
-            with args.out.open("a") as f:
-                f.write(line + "\n")
+            emit(measure(n, args.yml.resolve(), args, pg), args.out)
+
+
+def emit(record: dict, out: Path | None) -> None:
+    """Print one JSON line, and append it to `out` when given."""
+    line = json.dumps(record)
+    print(line, flush=True)
+    if out:
+        with out.open("a") as f:
+            f.write(line + "\n")
 
 
 if __name__ == "__main__":
