@@ -166,9 +166,7 @@ def measure(n: int, path: str, args: argparse.Namespace, pg: dict) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="d2m-submit-"))
     home = tmp / "home"
     home.mkdir()
-    settings = yaml.safe_load((REPO / "deploy" / "dagster-postgres.yaml").read_text())
-    settings["concurrency"] = {"runs": {"max_concurrent_runs": 0}}  # queue the runs, never launch them
-    settings["run_retries"] = {"enabled": False}
+    settings = scale.queue_only_settings()
     if args.storage == "dagster":  # Dagster's own PostgreSQL storage for everything (d2m before)
         db = settings["event_log_storage"]["config"]
         for key in ("run_storage", "event_log_storage", "schedule_storage"):

@@ -268,14 +268,19 @@ def tick(env: dict, seconds: float, instance: DagsterInstance, log: Path) -> dic
             "daemon_peak_rss_mb": round(peak_kb / 1024)}
 
 
+def queue_only_settings() -> dict:
+    """deploy/dagster-postgres.yaml with runs queued, never launched, and never retried."""
+    settings = yaml.safe_load((REPO / "deploy" / "dagster-postgres.yaml").read_text())
+    settings["concurrency"] = {"runs": {"max_concurrent_runs": 0}}  # queue the runs, never launch them
+    settings["run_retries"] = {"enabled": False}
+    return settings
+
+
 def measure(n: int, yml: Path, args: argparse.Namespace, pg: dict) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="d2m-scale-"))
     home = tmp / "home"
     home.mkdir()
-    settings = yaml.safe_load((REPO / "deploy" / "dagster-postgres.yaml").read_text())
-    settings["concurrency"] = {"runs": {"max_concurrent_runs": 0}}  # queue the runs, never launch them
-    settings["run_retries"] = {"enabled": False}
-    (home / "dagster.yaml").write_text(yaml.safe_dump(settings))
+    (home / "dagster.yaml").write_text(yaml.safe_dump(queue_only_settings()))
     config = yaml.safe_load(yml.read_text()) | {"input_tars": str(tmp / "tars"), "output_metadata_dir": str(tmp / "out"),
                                                 "custom_pypath": None, "dataset": DATASET.name}
     (tmp / "tars").mkdir()
