@@ -13,10 +13,12 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 
+from d2m_core.lightimports import import_torchvision
 from d2m_core.reading.tokens import ClipTokenizer
+
+InterpolationMode = import_torchvision().transforms.InterpolationMode
+TF = import_torchvision().transforms.functional
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -6,11 +6,13 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import open_clip
 import torch
 
 from d2m_core.compute.weights import ResolvedWeights, WeightsFile
 from d2m_core.compute.weights_files import MODEL_FILES
+from d2m_core.lightimports import open_clip_for_openai_models
+
+open_clip = open_clip_for_openai_models()
 
 log = logging.getLogger(__name__)
 

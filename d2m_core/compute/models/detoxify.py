@@ -20,10 +20,12 @@ import logging
 import pickle
 import string
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import transformers
+
+if TYPE_CHECKING:
+    import transformers
 
 from d2m_core.compute.weights import ResolvedWeights, WeightsError
 from d2m_core.compute.weights_files import DETOXIFY_CHECKPOINT as CHECKPOINT_NAME
@@ -45,6 +47,8 @@ _RENAME = {"toxic": "toxicity", "identity_hate": "identity_attack", "severe_toxi
 
 def xlm_roberta_base_config(num_labels: int = NUM_OUTPUTS) -> transformers.XLMRobertaConfig:
     """xlm-roberta-base's architecture (its hub config.json values), for random weights."""
+    import transformers  # 1-2 s: imported when a detoxify model is built, not with the model registry
+
     return transformers.XLMRobertaConfig(
         vocab_size=250002,
         hidden_size=768,
@@ -94,6 +98,8 @@ hot cold warm cool soft hard long short wide tall full open closed wall clock co
 
 def stand_in_tokenizer() -> transformers.PreTrainedTokenizerBase:
     """An offline XLM-R-style unigram tokenizer (ids < 37k < 250002) for random weights; ~1-2 pieces per word."""
+    import transformers
+
     letters = string.ascii_lowercase
     pieces: dict[str, float] = {}
     for w in _WORDS:
@@ -126,6 +132,8 @@ def _torch_load(path: Path, trusted: bool) -> dict[str, Any]:
 
 def load_detoxify_checkpoint(weights: ResolvedWeights) -> tuple[torch.nn.Module, Any, list[str]]:
     """(model, tokenizer, class names) from a detoxify .ckpt and the local xlm-roberta-base folder; no network."""
+    import transformers
+
     path = weights.path
     folder = path.parent / TOKENIZER_DIR
     _check_tokenizer_dir(folder)
@@ -185,6 +193,8 @@ class DetoxifyMultilingual:
         self.dtype = dtype
         self.weights = weights
         if weights.is_random:
+            import transformers
+
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 model = transformers.XLMRobertaForSequenceClassification(xlm_roberta_base_config())
