@@ -11,6 +11,13 @@ of materializations or observations at once and the others one at a time. Here a
 materializations are one INSERT, and each asset's row is updated once (from its last planned event, as
 one event at a time would leave it); every other event is stored as Dagster stores it.
 
+It also keeps the last list of each dynamic partitions definition's keys it read: Dagster reads all of a
+definition's keys several times for each run it creates (about 8 reads per run of the backfill daemon, each
+growing with the shards: 0.16 s at 12,800, about 1.7 s at 128,000). A read first asks PostgreSQL for the
+definition's key count and the table's highest row id (one small query); if neither changed, the keys are
+the ones read last. Keys are only ever added (a new, higher id) or deleted (one fewer key), so any change
+is seen, from any process.
+
 Use it with `event_log_storage` in dagster.yaml (deploy/dagster-postgres.yaml). Creating it sets
 DAGSTER_EVENT_BATCH_SIZE (unless set) in the process that uses it, so that the daemon, the webserver and
 run workers batch without a setting of their own.
@@ -22,9 +29,11 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import sqlalchemy as sa
+
 from dagster import DagsterEventType
 from dagster._core.events.log import EventLogEntry
-from dagster._core.storage.event_log.schema import SqlEventLogStorageTable
+from dagster._core.storage.event_log.schema import DynamicPartitionsTable, SqlEventLogStorageTable
 from dagster._serdes import ConfigurableClassData
 from dagster_postgres.event_log import PostgresEventLogStorage
 from dagster_postgres.utils import get_token_provider_from_config, pg_url_from_config
@@ -52,6 +61,7 @@ class BatchedPostgresEventLogStorage(PostgresEventLogStorage):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         os.environ.setdefault(BATCH_ENV, str(BATCH_SIZE))
+        self._partition_keys: dict[str, tuple[tuple[int, int | None], list[str]]] = {}
 
     @classmethod
     def from_config_value(cls, inst_data: ConfigurableClassData | None,
@@ -81,3 +91,22 @@ class BatchedPostgresEventLogStorage(PostgresEventLogStorage):
             self._store_asset_event_tags(conn, events, ids)
             for event, event_id in last.values():
                 self._store_asset_event(conn, event, event_id)
+
+    def get_dynamic_partitions(self, partitions_def_name: str) -> Sequence[str]:
+        """The definition's keys in the order they were added, read in full only when they changed since the
+        last read (see the module docstring)."""
+        stamp = self._partitions_stamp(partitions_def_name)  # before the keys: a list is never older than its stamp
+        last = self._partition_keys.get(partitions_def_name)
+        if last is not None and last[0] == stamp:
+            return list(last[1])
+        keys = list(super().get_dynamic_partitions(partitions_def_name))
+        self._partition_keys[partitions_def_name] = (stamp, keys)
+        return list(keys)
+
+    def _partitions_stamp(self, partitions_def_name: str) -> tuple[int, int | None]:
+        table = DynamicPartitionsTable
+        count = sa.select(sa.func.count()).where(table.c.partitions_def_name == partitions_def_name).scalar_subquery()
+        query = sa.select(count, sa.select(sa.func.max(table.c.id)).scalar_subquery())
+        with self.index_connection() as conn:
+            keys, highest = conn.execute(query).one()
+        return int(keys), highest

@@ -100,3 +100,36 @@ def test_dagster_cli_materializes_a_shard_on_the_production_instance(pg_instance
         assert [r.partition_key for r in planned] == ["00001"]
         done = pg_instance.fetch_materializations(key, limit=10).records
         assert [(r.partition_key, r.run_id) for r in done] == [("00001", planned[0].run_id)]
+
+
+def test_partition_keys_are_read_again_only_after_any_process_changed_them(pg_instance: DagsterInstance) -> None:
+    """Dagster reads all of a definition's keys several times per run it creates: the storage reads them in
+    full once, then again only when keys were added or deleted, here by another instance (another process)."""
+    storage = pg_instance.event_log_storage
+    full_reads: list[str] = []
+    sa.event.listen(storage._engine, "before_cursor_execute",  # noqa: SLF001 (what reaches PostgreSQL)
+                    lambda conn, cursor, statement, *_: full_reads.append(statement)
+                    if "dynamic_partitions.partition" in statement and "ORDER BY" in statement else None)
+    other = DagsterInstance.from_ref(pg_instance.get_ref())  # its own storage and connections, like a sensor's process
+    other.add_dynamic_partitions("shards", KEYS[:3])
+    other.add_dynamic_partitions("other", ["x"])
+
+    assert pg_instance.get_dynamic_partitions("shards") == KEYS[:3]
+    assert pg_instance.get_dynamic_partitions("shards") == KEYS[:3]
+    assert len(full_reads) == 1  # unchanged: the keys read before
+    changes = [
+        lambda: other.add_dynamic_partitions("shards", KEYS[3:5]),
+        lambda: other.delete_dynamic_partition("shards", KEYS[0]),
+        lambda: (other.delete_dynamic_partition("shards", KEYS[4]), other.add_dynamic_partitions("shards", [KEYS[6]])),
+        lambda: other.add_dynamic_partitions("other", ["y"]),  # another definition: read again, same keys
+    ]
+    expected = [KEYS[:5], KEYS[1:5], [*KEYS[1:4], KEYS[6]], [*KEYS[1:4], KEYS[6]]]
+    for n, (change, keys) in enumerate(zip(changes, expected, strict=True), start=2):
+        change()
+        assert pg_instance.get_dynamic_partitions("shards") == keys
+        assert len(full_reads) == n
+    returned = pg_instance.get_dynamic_partitions("shards")
+    returned.append("mutated by a caller")
+    assert pg_instance.get_dynamic_partitions("shards") == expected[-1]
+    assert pg_instance.get_dynamic_partitions("other") == ["x", "y"]
+    other.dispose()
