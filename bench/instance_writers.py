@@ -13,9 +13,11 @@ materialization, 5 check results). Every shard is recorded once (distinct shards
 
 One JSON line per K: per-shard recording latency over all writers (median, p90, max), shards recorded per
 second by all writers together (shards done / time from the common start to the last writer's end),
-the writers' CPU seconds, the PostgreSQL server's (its postmaster and backends, from /proc) and
-pg_stat_database's commits, rows inserted and blocks read over the same window, and the 1-minute load at
-the start and end.
+the writers' CPU seconds, the PostgreSQL server's (its postmaster and backends, from /proc),
+pg_stat_database's commits, rows inserted and blocks read, the tables' sequential and index scans over the
+same window, what the writers' backends were doing (pg_stat_activity sampled 4 times a second: on CPU,
+waiting on a lock, a lightweight lock, IO, or idle between statements), how busy the machine's CPUs were,
+and the 1-minute load at the start and end.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -98,10 +101,48 @@ def postgres_cpu_s(engine) -> float:
 
 
 def db_stats(engine) -> dict:
+    """pg_stat_database's counters for the database, sequential and index scans of its tables, and the
+    server's CPU seconds."""
     with engine.connect() as conn:
         row = conn.execute(sa.text("SELECT xact_commit, tup_inserted, blks_read, blks_hit FROM pg_stat_database "
                                    "WHERE datname = current_database()")).one()
-    return dict(row._mapping) | {"server_cpu_s": postgres_cpu_s(engine)}
+        tables = conn.execute(sa.text("SELECT relname, seq_scan, seq_tup_read, coalesce(idx_scan, 0) "
+                                      "FROM pg_stat_user_tables")).all()
+    stats = dict(row._mapping) | {"server_cpu_s": postgres_cpu_s(engine)}
+    for name, seq_scan, seq_rows, idx_scan in tables:
+        stats |= {f"seq_scan:{name}": seq_scan, f"seq_rows:{name}": seq_rows, f"idx_scan:{name}": idx_scan}
+    return stats
+
+
+class WaitSampler(threading.Thread):
+    """What the database's other backends are doing, sampled every `every` seconds from pg_stat_activity over
+    one held connection: active on CPU (no wait event), waiting on a lock, on a lightweight lock, on IO, or
+    on the client (idle in a statement's gap)."""
+
+    def __init__(self, engine, every: float = 0.25):
+        super().__init__(daemon=True)
+        self.engine, self.every, self.samples = engine, every, []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        query = sa.text("SELECT state, wait_event_type FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND pid <> pg_backend_pid() AND backend_type = 'client backend'")
+        with self.engine.connect() as conn:
+            while not self.stop.wait(self.every):
+                rows = conn.execute(query).all()
+                self.samples.append({
+                    "on_cpu": sum(1 for s, w in rows if s == "active" and w is None),
+                    "lock": sum(1 for s, w in rows if s == "active" and w == "Lock"),
+                    "lwlock": sum(1 for s, w in rows if s == "active" and w == "LWLock"),
+                    "io": sum(1 for s, w in rows if s == "active" and w == "IO"),
+                    "idle": sum(1 for s, _ in rows if s != "active")})
+
+    def summary(self) -> dict:
+        self.stop.set()
+        self.join()
+        n = max(len(self.samples), 1)
+        keys = ("on_cpu", "lock", "lwlock", "io", "idle")
+        return {"samples": len(self.samples)} | {k: round(sum(s[k] for s in self.samples) / n, 2) for k in keys}
 
 
 def machine_busy() -> tuple[int, int]:
@@ -123,15 +164,21 @@ def phase(k: int, stems: list[str], seconds: float, engine) -> dict:
     barrier.wait(timeout=600)  # every writer has its instance, its run and its connection
     load_start = os.getloadavg()[0]
     before, busy_before, start = db_stats(engine), machine_busy(), time.time()
+    sampler = WaitSampler(engine)
+    sampler.start()
     done = [results.get(timeout=seconds + 600) for _ in procs]
-    after, busy_after = db_stats(engine), machine_busy()
+    backends = sampler.summary()
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0, f"a writer failed (exit {p.exitcode})"
+    time.sleep(1)  # the writers' backends have reported their statistics on closing
+    after, busy_after = db_stats(engine), machine_busy()
     window = max(d["end"] for d in done) - start
     latencies = sorted(t for d in done for t in d["latencies"])
     shards = len(latencies)
-    delta = {key: after[key] - before[key] for key in before}
+    delta = {key: after[key] - before.get(key, 0) for key in after}
+    per_shard = lambda prefix: {k.split(":", 1)[1]: round(v / shards, 1) for k, v in sorted(  # noqa: E731
+        delta.items(), key=lambda kv: -kv[1]) if k.startswith(prefix) and v}
     return {
         "writers": k, "seconds": seconds, "window_s": round(window, 1), "shards": shards,
         "shards_per_writer": [len(d["latencies"]) for d in done],
@@ -145,7 +192,10 @@ def phase(k: int, stems: list[str], seconds: float, engine) -> dict:
         "server_cpu_s": round(delta["server_cpu_s"], 1),
         "server_commits": delta["xact_commit"], "server_commits_per_shard": round(delta["xact_commit"] / shards, 1),
         "server_rows_inserted": delta["tup_inserted"], "server_blocks_read": delta["blks_read"],
-        "server_blocks_hit": delta["blks_hit"],
+        "server_blocks_hit": delta["blks_hit"], "server_blocks_hit_per_shard": round(delta["blks_hit"] / shards),
+        "seq_scans_per_shard": per_shard("seq_scan:"), "seq_rows_read_per_shard": per_shard("seq_rows:"),
+        "index_scans_per_shard": per_shard("idx_scan:"),
+        "backends_mean": backends,
         "machine_busy": round((busy_after[0] - busy_before[0]) / (busy_after[1] - busy_before[1]), 2),
         "cores": os.cpu_count(), "load_1m_start": load_start, "load_1m_end": os.getloadavg()[0],
     }
@@ -176,7 +226,7 @@ def main() -> None:
             with DagsterInstance.get() as instance:
                 registered = scale.register(instance, stems, args.shards)
                 engine = instance.event_log_storage._engine  # noqa: SLF001 (bench only)
-                base = {"registered_shards": args.shards, "register_s": registered["s_with_events"],
+                base = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "registered_shards": args.shards, "register_s": registered["s_with_events"],
                         "yml": args.yml.name, "assets_per_shard": len(selected_assets(load_config(tmp / "d2m.yml")))}
                 used = 0
                 per_phase = len(stems) // len(args.writers)
