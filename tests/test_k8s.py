@@ -15,9 +15,9 @@ from dagster._core.code_pointer import ModuleCodePointer
 from dagster._core.instance.config import dagster_instance_config
 from dagster._core.launcher import LaunchRunContext
 from dagster._core.origin import DEFAULT_DAGSTER_ENTRY_POINT, JobPythonOrigin, RepositoryPythonOrigin
+from dagster._core.storage.event_log import EventLogStorage
 from dagster._core.test_utils import create_run_for_test, instance_for_test
 from dagster._grpc.types import ExecuteRunArgs
-from dagster._core.storage.event_log import EventLogStorage
 from dagster._serdes import ConfigurableClassData, deserialize_value
 from dagster_k8s import K8sRunLauncher
 
@@ -140,7 +140,7 @@ def test_instance_stores_events_with_d2m_batched_storage_on_the_charts_postgresq
 
     # as a pod loads it: the class found by name, its config checked against its schema, the password from the env
     monkeypatch.setenv("DAGSTER_PG_PASSWORD", "from-secret")
-    monkeypatch.setenv(BATCH_ENV, "")
+    monkeypatch.setenv(BATCH_ENV, "")  # unset now, and as before once the test is over (the storage sets it)
     monkeypatch.delenv(BATCH_ENV)
     offline = storage["config"] | {"should_autocreate_tables": False}  # no server here: build, do not connect
     loaded = ConfigurableClassData(storage["module"], storage["class"], yaml.safe_dump(offline)).rehydrate(EventLogStorage)
