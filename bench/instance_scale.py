@@ -181,12 +181,36 @@ class Counter:
         sa.event.listen(engine, "before_cursor_execute", lambda *_: setattr(self, "statements", self.statements + 1))
 
 
-def record(instance: DagsterInstance, stems: list[str], assets: list[str], per_run: int, config,
-           counter: Counter) -> dict:
-    """Store the events of runs over these shards the way the run's step stores them: per shard, its
-    materializations then its check evaluations (d2m's `reporting`), in runs of `per_run` shards."""
+def record_shard(instance: DagsterInstance, run_id: str, stem: str, assets: list[str], config) -> tuple[int, dict]:
+    """Store one shard's events as the run's step stores them: its materializations, then its check
+    evaluations (d2m's `reporting`, which looks the shard's materialization up). Events stored, and seconds
+    spent in materializations, d2m's lookup and check evaluations."""
     metadata_key = DATASET.key(catalog.METADATA_ASSET)
     job = DATASET.named("shard_pipeline")
+    outcome = shard_outcome(stem, assets)
+    tar = {"url": f"s3://pool/shards/{stem}.tar", "size": 400_000_000, "etag": "0" * 32}
+    identities = {a: asset_identity(config, a, tar, {}) for a in assets}
+    events = 0
+    t = time.perf_counter()
+    for mat in reporting.materializations(DATASET, outcome, assets, identities):
+        instance.report_dagster_event(DagsterEvent(DagsterEventType.ASSET_MATERIALIZATION.value, JOB, step_key=job,
+                                                   event_specific_data=StepMaterializationData(mat)), run_id)
+        events += 1
+    t2 = time.perf_counter()
+    checks = list(reporting.check_evaluations(instance, metadata_key, stem, outcome.checks))
+    t3 = time.perf_counter()
+    for check in checks:
+        instance.report_dagster_event(DagsterEvent(DagsterEventType.ASSET_CHECK_EVALUATION.value, JOB,
+                                                   step_key=job, event_specific_data=check), run_id)
+        events += 1
+    t4 = time.perf_counter()
+    return events, {"materializations": t2 - t, "lookup": t3 - t2, "checks": t4 - t3}
+
+
+def record(instance: DagsterInstance, stems: list[str], assets: list[str], per_run: int, config,
+           counter: Counter) -> dict:
+    """Store the events of runs over these shards the way the run's step stores them (`record_shard`),
+    in runs of `per_run` shards."""
     split = {"materializations": 0.0, "lookup": 0.0, "checks": 0.0}
     connects, statements = counter.connects, counter.statements
     start = time.perf_counter()
@@ -196,25 +220,10 @@ def record(instance: DagsterInstance, stems: list[str], assets: list[str], per_r
         run = create_run_for_test(instance, job_name=JOB, tags={"dagster/asset_partition_range_start": chunk[0],
                                                                 "dagster/asset_partition_range_end": chunk[-1]})
         for stem in chunk:
-            outcome = shard_outcome(stem, assets)
-            tar = {"url": f"s3://pool/shards/{stem}.tar", "size": 400_000_000, "etag": "0" * 32}
-            identities = {a: asset_identity(config, a, tar, {}) for a in assets}
-            t = time.perf_counter()
-            for mat in reporting.materializations(DATASET, outcome, assets, identities):
-                instance.report_dagster_event(DagsterEvent(DagsterEventType.ASSET_MATERIALIZATION.value, JOB, step_key=job,
-                                                           event_specific_data=StepMaterializationData(mat)), run.run_id)
-                events += 1
-            t2 = time.perf_counter()
-            checks = list(reporting.check_evaluations(instance, metadata_key, stem, outcome.checks))
-            t3 = time.perf_counter()
-            for check in checks:
-                instance.report_dagster_event(DagsterEvent(DagsterEventType.ASSET_CHECK_EVALUATION.value, JOB,
-                                                           step_key=job, event_specific_data=check), run.run_id)
-                events += 1
-            t4 = time.perf_counter()
-            split["materializations"] += t2 - t
-            split["lookup"] += t3 - t2
-            split["checks"] += t4 - t3
+            stored, times = record_shard(instance, run.run_id, stem, assets, config)
+            events += stored
+            for k, v in times.items():
+                split[k] += v
     elapsed = time.perf_counter() - start
     n = len(stems)
     return {"shards": n, "events": events, "events_per_shard": round(events / n, 2), "s": round(elapsed, 1),
