@@ -2,7 +2,7 @@
 of samples with their images still encoded, the image bytes through a shared-memory ring, so that neither
 reading nor copying images costs the parent's CPU (or its GIL).
 
-Each reader is a child process (running `child_main`, which needs only the reading code) given one
+Each reader is a child process (running `reader_child.child_main`, which imports only the reading code) given one
 anonymous shared-memory file (the ring) and two pipes. Shards are dealt round-robin: reader i reads shards
 i, i+N, i+2N, ... in order, so N readers work on N shards at once and their batches arrive interleaved.
 
@@ -22,23 +22,19 @@ from __future__ import annotations
 import mmap
 import os
 import pickle
-import signal
-import struct
 import subprocess
 import sys
 import tempfile
-import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from d2m_core.reading.reading import IMAGE_EXTENSIONS, RawSample, ShardReadError, iter_samples
+from d2m_core.reading.reader_child import COUNTER, Job
+from d2m_core.reading.reading import RawSample
 from d2m_core.reading.shards import ShardRef
 
 RING_BYTES = 128 * 2**20  # per reader; a batch of 512 DataComp-like samples is about 22 MB
-_COUNTER = struct.Struct("<q")
-Meta = tuple[str, str | None, dict[str, Any] | None, bytes | None, str | None, int, int]  # one sample on the wire
 
 
 class ReaderError(RuntimeError):
@@ -70,136 +66,7 @@ class ShardDone:
 RawItem = ShardBegins | RawBatch | ShardDone
 
 
-@dataclass
-class _Job:
-    shards: list[tuple[int, str, str]]  # (index in the run, stem, url)
-    batch_size: int
-    ring_bytes: int
-    text_preprocessors: tuple[str, ...] = ()  # run here on each batch's captions (READER_TEXT_PREPROCESSORS)
-
-
-# --- the child ---------------------------------------------------------------------------------------------
-
-
-def _die_with_parent(parent: int) -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-class _RingWriter:
-    """The child's side of the ring: each image is copied there straight from the read buffer as it is read
-    (one copy, into memory that is reused), waiting for the parent's releases when the ring is full."""
-
-    def __init__(self, ring: mmap.mmap, size: int, releases: Connection) -> None:
-        self.ring, self.size, self.releases = ring, size, releases
-        self.written = 0  # monotonic positions; physical = position % size
-        self.released = 0
-        self.sent = 0  # the end of the images of the batches sent so far
-
-    def drain(self, block: bool) -> None:
-        while block or self.releases.poll():
-            self.released = max(self.released, _COUNTER.unpack(self.releases.recv_bytes())[0])
-            block = False
-
-    def place(self, image: memoryview) -> tuple[int, int] | bytes:
-        """Copy one image into the ring: (offset, length); or its bytes, to travel in the batch's message, when
-        the ring cannot hold it (larger than the ring, or the ring is full of the batch being read)."""
-        size = len(image)
-        start = self.written
-        if start % self.size + size > self.size:  # would wrap: start at the ring's beginning
-            start += self.size - start % self.size
-        while start + size - self.released > self.size:
-            if self.released >= self.sent or size > self.size:  # nothing more will be released
-                return bytes(image)
-            self.drain(block=True)
-        at = start % self.size
-        self.ring[at:at + size] = image
-        self.written = start + size
-        return at, size
-
-
-def _wire(raw: RawSample, inline: dict[int, bytes], row: int) -> Meta:
-    ext = next((e for e in IMAGE_EXTENSIONS if e in raw.members), None) if raw.problem is None else None
-    at, length = -1, 0
-    if ext is not None:
-        placed = raw.members[ext]
-        if isinstance(placed, tuple):
-            at, length = placed
-        else:
-            inline[row] = placed
-    return raw.key, raw.problem, raw.json, raw.members.get("txt"), ext, at, length
-
-
-def _text_preprocessors(names: Sequence[str]) -> dict[str, Any]:
-    if not names:
-        return {}  # the reader then never imports torch
-    from d2m_core.reading.tokens import READER_TEXT_PREPROCESSORS
-
-    unknown = [n for n in names if n not in READER_TEXT_PREPROCESSORS]
-    if unknown:
-        raise ValueError(f"not text preprocessors a reader runs: {unknown} (those are {list(READER_TEXT_PREPROCESSORS)})")
-    return {name: READER_TEXT_PREPROCESSORS[name]() for name in names}
-
-
-def child_main(argv: Sequence[str]) -> int:
-    """A reader process's body: FDS = job pipe, message pipe, ring file, parent pid."""
-    job_fd, out_fd, ring_fd, parent = (int(a) for a in argv)
-    _die_with_parent(parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops the readers
-    inbox, out = Connection(job_fd, writable=False), Connection(out_fd, readable=False)
-    try:
-        job: _Job = pickle.loads(inbox.recv_bytes())
-        ring = mmap.mmap(ring_fd, job.ring_bytes)
-        writer = _RingWriter(ring, job.ring_bytes, inbox)
-        preprocessors = _text_preprocessors(job.text_preprocessors)
-
-        def send_batch(index: int, samples: list[RawSample]) -> None:
-            inline: dict[int, bytes] = {}
-            metas = [_wire(raw, inline, row) for row, raw in enumerate(samples)]
-            texts = {}
-            if preprocessors:  # captions decoded only when this reader tokenizes
-                captions = [raw.text or "" for raw in samples]
-                texts = {name: prepare(captions).numpy() for name, prepare in preprocessors.items()}
-            writer.drain(block=False)  # keeps the release pipe from filling up
-            out.send_bytes(pickle.dumps(("batch", index, metas, inline, writer.written, texts), protocol=5))
-            writer.sent = writer.written
-
-        for index, stem, url in job.shards:
-            out.send_bytes(pickle.dumps(("start", index)))
-            error, buffer = None, []
-            try:
-                for raw in iter_samples(ShardRef(stem, url), image_sink=writer.place):
-                    buffer.append(raw)
-                    if len(buffer) == job.batch_size:
-                        send_batch(index, buffer)
-                        buffer = []
-            except ShardReadError as err:
-                error = str(err)
-            if buffer:
-                send_batch(index, buffer)
-            out.send_bytes(pickle.dumps(("end", index, error)))
-        out.send_bytes(pickle.dumps(("done",)))
-        return 0
-    except (BrokenPipeError, EOFError):  # the parent went away or stopped us
-        return 0
-    except BaseException:  # noqa: BLE001 - reported to the parent, which raises it in the consumer
-        try:
-            out.send_bytes(pickle.dumps(("failed", traceback.format_exc())))
-        except OSError:
-            pass
-        return 1
-
-
-# --- the parent --------------------------------------------------------------------------------------------
-
-
-_CHILD_MAIN = "import sys; from d2m_core.reading.readers import child_main; sys.exit(child_main(sys.argv[1:]))"
+_CHILD_MAIN = "import sys; from d2m_core.reading.reader_child import child_main; sys.exit(child_main(sys.argv[1:]))"
 
 
 def _ring_file(size: int) -> int:
@@ -214,7 +81,7 @@ def _ring_file(size: int) -> int:
 
 
 class _Reader:
-    def __init__(self, job: _Job) -> None:
+    def __init__(self, job: Job) -> None:
         ring_fd = _ring_file(job.ring_bytes)
         job_r, job_w = os.pipe()
         out_r, out_w = os.pipe()
@@ -249,7 +116,7 @@ class ReaderPool:
         try:
             for i in range(count):
                 mine = [(j, s.stem, s.url) for j, s in enumerate(self.shards) if j % count == i]
-                self._readers.append(_Reader(_Job(mine, batch_size, ring_bytes, tuple(text_preprocessors))))
+                self._readers.append(_Reader(Job(mine, batch_size, ring_bytes, tuple(text_preprocessors))))
         except BaseException:
             self.close()
             raise
@@ -300,7 +167,7 @@ class ReaderPool:
         reader = self._readers[batch.reader]
         if not reader.finished and reader.process.poll() is None:
             try:
-                reader.jobs.send_bytes(_COUNTER.pack(batch.ring_end))
+                reader.jobs.send_bytes(COUNTER.pack(batch.ring_end))
             except OSError:
                 pass
 

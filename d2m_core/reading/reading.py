@@ -128,13 +128,24 @@ def _clean_json(value: Any) -> Any:
     return value
 
 
+_decode_json = json.JSONDecoder().decode  # json.loads's decoder for a str (no hooks)
+
+
+def _loads(data: bytes) -> Any:
+    """json.loads(data), without its encoding detection when it would find UTF-8: an object's first two bytes
+    are not NUL and not a byte order mark."""
+    if data[:1] == b"{" and len(data) >= 4 and data[1]:
+        return _decode_json(data.decode("utf-8", "surrogatepass"))  # as json.loads decodes UTF-8
+    return json.loads(data)
+
+
 def _parse_json(sample: RawSample) -> None:
     data = sample.members.get("json")
     if data is None:
         sample.add_problem("no json member, so no uid")
         return
     try:
-        parsed = json.loads(data)
+        parsed = _loads(data)
     except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
         sample.add_problem(f"json member is not valid JSON: {type(err).__name__}: {str(err)[:200]}")
         return
