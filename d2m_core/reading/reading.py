@@ -484,18 +484,19 @@ def _scan(state: _TarState) -> list[Member]:
     while at + 1024 <= end:
         head = at
         if buf[head + 156] == 0x78:  # "x": a pax header for the next member
-            fields = match(buf, head + 100)
-            if fields is None:
+            try:
+                extended = int(buf[at + 124:at + 135], 8)  # checked below unless the header is a known one
+            except ValueError:
                 break
-            extended = int(fields[1], 8)
-            if extended > _PAX_FAST_BYTES:
+            if not 0 <= extended <= _PAX_FAST_BYTES:
                 break
             head = at + 512 + ((extended + 511) & -512)
             if head + 512 > end:
                 break
             pax = bytes(view[at:head])  # the header and its data: webdataset writes the same one again and again
             if pax not in known:
-                if not _checksum_ok(view, at, fields[2]) or not _ignorable_pax(pax[512:]):
+                fields = match(buf, at + 100)
+                if fields is None or not _checksum_ok(view, at, fields[2]) or not _ignorable_pax(pax[512:]):
                     break
                 if len(known) > 1024:
                     known.clear()
@@ -573,15 +574,21 @@ def iter_samples(shard: ShardRef, report: ReadReport | None = None, image_sink: 
             # A pipe's command is checked at every read (webdataset): small reads keep what came before a failure.
             state = _TarState(_Blocks(_decompressed(stream), PIPE_CHUNK if shard.url.startswith("pipe:") else _Blocks.CHUNK))
             for member in _tar_members(state):
-                name, isdir, special, size, _ = member
+                name, isdir, special, size, data = member
                 if isdir:
                     report.directories += 1
                     continue
                 report.members += 1
-                name = name if name.isascii() else _clean_text(name)
-                key, ext = split_name(name)
+                if not name.isascii():
+                    name = _clean_text(name)
+                if "/" in name:
+                    key, ext = split_name(name)
+                else:  # split_name's usual case, inline
+                    dot = name.find(".")
+                    key, ext = (name[:dot], name[dot + 1:].lower()) if dot > 0 else (None, "")
                 stray = key is None
-                key = name if key is None else key
+                if stray:
+                    key = name
                 if current is not None and (stray or current_stray or key != current.key or ext in current.members):
                     yield _finish(current)
                     report.samples += 1
@@ -599,7 +606,8 @@ def iter_samples(shard: ShardRef, report: ReadReport | None = None, image_sink: 
                     current.add_problem(f"member {name[:100]!r} is {size} bytes, over the {MAX_MEMBER_BYTES}-byte limit")
                     current.members.setdefault(ext, b"")
                 else:
-                    data = _member_data(state, member)
+                    if data is None:
+                        data = _member_data(state, member)
                     if image_sink is not None and ext in IMAGE_EXTENSIONS:
                         current.members[ext] = image_sink(data if type(data) is memoryview else memoryview(data))
                     else:
