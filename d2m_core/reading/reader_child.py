@@ -24,7 +24,8 @@ from d2m_core.reading.shards import ShardRef
 COUNTER = struct.Struct("<q")  # a release: the ring is free up to this position
 _LENGTH = struct.Struct("!i")
 _LONG_LENGTH = struct.Struct("!Q")
-Meta = tuple[str, str | None, dict[str, Any] | None, bytes | None, str | None, int, int]  # one sample on the wire
+Columns = tuple[list[str], list["str | None"], list["str | None"], list["dict[str, Any] | None"], list["bytes | None"],
+                list["str | None"], list[int], list[int]]  # a batch on the wire: `columns`
 
 
 @dataclass
@@ -106,16 +107,28 @@ class RingWriter:
         return at, size
 
 
-def wire(raw: RawSample, inline: dict[int, bytes], row: int) -> Meta:
-    ext = next((e for e in IMAGE_EXTENSIONS if e in raw.members), None) if raw.problem is None else None
-    at, length = -1, 0
-    if ext is not None:
-        placed = raw.members[ext]
-        if isinstance(placed, tuple):
-            at, length = placed
-        else:
-            inline[row] = placed
-    return raw.key, raw.problem, raw.json, raw.members.get("txt"), ext, at, length
+def columns(samples: Sequence[RawSample], inline: dict[int, bytes]) -> Columns:
+    """A batch on the wire, one list a field (keys, problems, uids, jsons, txt members, image extensions, ring
+    offsets, lengths): fewer objects to pickle and unpickle than one record a sample. A usable sample's image
+    is at (offset, length) in the ring, or in `inline` by row (offset -1); other samples have offset -2."""
+    exts: list[str | None] = []
+    offsets: list[int] = []
+    lengths: list[int] = []
+    for row, raw in enumerate(samples):
+        members = raw.members
+        ext = next((e for e in IMAGE_EXTENSIONS if e in members), None) if raw.problem is None else None
+        at, length = -2, 0
+        if ext is not None:
+            placed = members[ext]
+            if isinstance(placed, tuple):
+                at, length = placed
+            else:
+                at, inline[row] = -1, placed
+        exts.append(ext)
+        offsets.append(at)
+        lengths.append(length)
+    return ([raw.key for raw in samples], [raw.problem for raw in samples], [raw.uid for raw in samples],
+            [raw.json for raw in samples], [raw.members.get("txt") for raw in samples], exts, offsets, lengths)
 
 
 def _text_preprocessors(names: Sequence[str]) -> dict[str, Any]:
@@ -154,13 +167,13 @@ def child_main(argv: Sequence[str]) -> int:
 
         def send_batch(index: int, samples: list[RawSample]) -> None:
             inline: dict[int, bytes] = {}
-            metas = [wire(raw, inline, row) for row, raw in enumerate(samples)]
+            batch = columns(samples, inline)
             texts = {}
             if preprocessors:  # captions decoded only when this reader tokenizes
                 captions = [raw.text or "" for raw in samples]
                 texts = {name: prepare(captions).numpy() for name, prepare in preprocessors.items()}
             writer.drain(block=False)  # keeps the release pipe from filling up
-            out.send(pickle.dumps(("batch", index, metas, inline, writer.written, texts), protocol=5))
+            out.send(pickle.dumps(("batch", index, batch, inline, writer.written, texts), protocol=5))
             writer.sent = writer.written
 
         for index, stem, url in job.shards:

@@ -7,7 +7,7 @@ anonymous shared-memory file (the ring) and two pipes. Shards are dealt round-ro
 i, i+N, i+2N, ... in order, so N readers work on N shards at once and their batches arrive interleaved.
 
 Parent -> child: the job (pickled), then release counters (8 bytes each): the ring is free up to there.
-Child -> parent: pickled messages: ("start", index), ("batch", index, samples, inline, ring_end, texts),
+Child -> parent: pickled messages: ("start", index), ("batch", index, columns, inline, ring_end, texts),
 ("end", index, error), ("done",), or ("failed", traceback). Each image is copied into the ring straight from
 the tar's read buffer as it is read; a batch's images stay there until the parent releases the batch
 (`ReaderPool.release`). An image the ring cannot hold (larger than the ring, or the ring full of the batch
@@ -31,7 +31,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from d2m_core.reading.reader_child import COUNTER, Job
-from d2m_core.reading.reading import RawSample
+from d2m_core.reading.reading import IMAGE_EXTENSIONS, RawSample
 from d2m_core.reading.shards import ShardRef
 
 RING_BYTES = 128 * 2**20  # per reader; a batch of 512 DataComp-like samples is about 22 MB
@@ -43,13 +43,44 @@ class ReaderError(RuntimeError):
 
 @dataclass
 class RawBatch:
-    """Up to batch_size samples of one shard as read, images encoded (views into a reader's ring)."""
+    """Up to batch_size samples of one shard as read, a list a field, one row a sample in tar order; images
+    encoded (views into a reader's ring)."""
 
     shard: ShardRef
-    samples: list[RawSample]
     reader: int
     ring_end: int  # release up to here once the images are no longer needed
+    keys: list[str]
+    problems: list[str | None]  # why a sample cannot be used (RawSample.problem), or None
+    uids: list[str | None]
+    jsons: list[dict[str, Any] | None]
+    captions: list[bytes | None]  # the txt members as stored
+    images: list[memoryview | bytes | None]  # the encoded image of each sample without a problem
+    image_exts: list[str | None]
     texts: dict[str, Any] = field(default_factory=dict)  # text preprocessor -> its (B, ...) array, one row a sample
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @classmethod
+    def of(cls, shard: ShardRef, samples: Sequence[RawSample]) -> RawBatch:
+        """The batch of samples read in this process (images as bytes; nothing to release)."""
+        exts = [next((e for e in IMAGE_EXTENSIONS if e in s.members), None) if s.problem is None else None for s in samples]
+        return cls(shard, -1, 0, [s.key for s in samples], [s.problem for s in samples], [s.uid for s in samples],
+                   [s.json for s in samples], [s.members.get("txt") for s in samples],
+                   [None if e is None else s.members[e] for s, e in zip(samples, exts)], exts)
+
+    @property
+    def samples(self) -> list[RawSample]:
+        """The rows as RawSamples (members: the image, if any, and the txt)."""
+        out = []
+        for row, key in enumerate(self.keys):
+            members: dict[str, Any] = {}
+            if self.image_exts[row] is not None:
+                members[self.image_exts[row]] = self.images[row]
+            if self.captions[row] is not None:
+                members["txt"] = self.captions[row]
+            out.append(RawSample(key=key, members=members, json=self.jsons[row], problem=self.problems[row]))
+        return out
 
 
 @dataclass
@@ -150,17 +181,11 @@ class ReaderPool:
                     raise ReaderError(f"reader process {reader.process.pid} failed:\n{message[1]}")
 
     def _batch(self, number: int, reader: _Reader, message: tuple) -> RawBatch:
-        _, index, metas, inline, end, texts = message
+        _, index, (keys, problems, uids, jsons, captions, exts, offsets, lengths), inline, end, texts = message
         view = reader.view
-        samples = []
-        for i, (key, problem, meta_json, text, ext, at, length) in enumerate(metas):
-            members: dict[str, Any] = {}
-            if ext is not None:
-                members[ext] = view[at:at + length] if at >= 0 else inline[i]
-            if text is not None:
-                members["txt"] = text
-            samples.append(RawSample(key=key, members=members, json=meta_json, problem=problem))
-        return RawBatch(self.shards[index], samples, number, end, texts)
+        images = [view[at:at + length] if at >= 0 else inline[row] if at == -1 else None
+                  for row, (at, length) in enumerate(zip(offsets, lengths))]
+        return RawBatch(self.shards[index], number, end, keys, problems, uids, jsons, captions, images, exts, texts)
 
     def release(self, batch: RawBatch) -> None:
         """The batch's images are no longer needed: its reader may reuse their place in the ring."""
