@@ -55,7 +55,7 @@ class ShardReadError(RuntimeError):
     """The shard cannot be opened or is not a tar at all; names the file."""
 
 
-@dataclass
+@dataclass(slots=True)
 class RawSample:
     """The members of one sample as stored: encoded image bytes, caption text, parsed json."""
 
@@ -87,7 +87,7 @@ class RawSample:
         self.problem = reason if self.problem is None else f"{self.problem}; {reason}"
 
 
-@dataclass
+@dataclass(slots=True)
 class ReadReport:
     """What one pass over a tar found, filled in as `iter_samples` goes (final once it is exhausted)."""
 
