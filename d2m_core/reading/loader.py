@@ -21,7 +21,6 @@ import torch
 from d2m_core.outputs.records import SampleFailure
 from d2m_core.reading.decoding import DecodeError, decode_image
 from d2m_core.reading.readers import RawBatch, ReaderPool, ShardBegins, ShardDone
-from d2m_core.reading.reading import RawSample
 from d2m_core.reading.shards import ShardRef
 from d2m_core.reading.transforms import ImageTransform
 
@@ -62,49 +61,60 @@ _DONE = object()
 DEFAULT_READERS = 2  # reader processes
 
 
-def _keep_text_rows(batch: Batch, texts: dict[str, Any], rows: list[int]) -> None:
-    """The readers' preprocessed text rows of the samples kept, in batch order."""
-    for name, array in texts.items():
+def _caption(data: bytes | None) -> str:
+    return "" if data is None else data.decode("utf-8", errors="replace")  # RawSample.text, or ""
+
+
+def _keep_rows(batch: Batch, raw: RawBatch, rows: list[int]) -> None:
+    """Keys, uids, jsons, captions and the readers' preprocessed text rows of the samples kept, in batch order."""
+    if len(rows) == len(raw):
+        batch.keys, batch.uids, batch.jsons = list(raw.keys), list(raw.uids), list(raw.jsons)
+        batch.texts = [_caption(c) for c in raw.captions]
+    else:
+        keys, uids, jsons, captions = raw.keys, raw.uids, raw.jsons, raw.captions
+        batch.keys = [keys[r] for r in rows]
+        batch.uids = [uids[r] for r in rows]
+        batch.jsons = [jsons[r] for r in rows]
+        batch.texts = [_caption(captions[r]) for r in rows]
+    for name, array in raw.texts.items():
         batch.text_inputs[name] = torch.from_numpy(array[rows])
 
 
-def prepare_batch(
-    shard: str, samples: Sequence[RawSample], transforms: Sequence[ImageTransform], needs_text: bool, pin: bool,
-    texts: dict[str, Any] | None = None,
-) -> Batch:
-    """Decode and prepare one batch on the CPU; samples that fail are recorded, never dropped. `texts`: the
-    readers' preprocessed captions, one row per sample read."""
+def _read_failure(raw: RawBatch, row: int, needs_text: bool) -> str | None:
+    """Why the sample in `row` is a failure before any decoding: its problem, or a missing caption."""
+    problem = raw.problems[row]
+    if problem is None and needs_text and raw.captions[row] is None:
+        return "no txt member"
+    return problem
+
+
+def prepare_batch(shard: str, raw: RawBatch, transforms: Sequence[ImageTransform], needs_text: bool, pin: bool) -> Batch:
+    """Decode and prepare one batch on the CPU; samples that fail are recorded, never dropped."""
     start = time.perf_counter()
-    batch = Batch(shard=shard, samples_read=len(samples))
+    batch = Batch(shard=shard, samples_read=len(raw))
     pixels: dict[str, list[torch.Tensor]] = {t.name: [] for t in transforms}
     aux: dict[str, list[torch.Tensor]] = {t.name: [] for t in transforms}
     rows: list[int] = []
-    for row, raw in enumerate(samples):
-        if raw.problem is not None:
-            batch.failures.append(SampleFailure(raw.key, raw.uid, raw.problem))
-            continue
-        if needs_text and raw.text is None:
-            batch.failures.append(SampleFailure(raw.key, raw.uid, "no txt member"))
-            continue
-        try:
-            image = decode_image(raw.image) if transforms else None
-            prepared = {t.name: t.prepare(image) for t in transforms}
-        except DecodeError as err:
-            batch.failures.append(SampleFailure(raw.key, raw.uid, str(err)))
-            continue
-        except Exception as err:  # a preprocessing bug on one odd image must not lose the shard
-            batch.failures.append(SampleFailure(raw.key, raw.uid, f"preprocessing failed: {type(err).__name__}: {err}"))
-            continue
-        for name, (tensor, side) in prepared.items():
-            pixels[name].append(tensor)
-            if side is not None:
-                aux[name].append(side)
-        batch.keys.append(raw.key)
-        batch.uids.append(raw.uid)
-        batch.jsons.append(raw.json)
-        batch.texts.append(raw.text or "")
-        rows.append(row)
-    _keep_text_rows(batch, texts or {}, rows)
+    for row in range(len(raw)):
+        reason = _read_failure(raw, row, needs_text)
+        if reason is None and transforms:
+            try:
+                image = decode_image(raw.images[row])
+                prepared = {t.name: t.prepare(image) for t in transforms}
+            except DecodeError as err:
+                reason = str(err)
+            except Exception as err:  # a preprocessing bug on one odd image must not lose the shard
+                reason = f"preprocessing failed: {type(err).__name__}: {err}"
+            else:
+                for name, (tensor, side) in prepared.items():
+                    pixels[name].append(tensor)
+                    if side is not None:
+                        aux[name].append(side)
+        if reason is None:
+            rows.append(row)
+        else:
+            batch.failures.append(SampleFailure(raw.keys[row], raw.uids[row], reason))
+    _keep_rows(batch, raw, rows)
     for name, tensors in pixels.items():
         if tensors:
             stacked = torch.stack(tensors)
@@ -116,40 +126,30 @@ def prepare_batch(
 
 
 def prepare_batch_on_device(
-    shard: str, samples: Sequence[RawSample], transforms: Sequence[ImageTransform], needs_text: bool,
-    device: torch.device, texts: dict[str, Any] | None = None,
+    shard: str, raw: RawBatch, transforms: Sequence[ImageTransform], needs_text: bool, device: torch.device,
 ) -> Batch:
     """Like prepare_batch, but decoding (nvJPEG on CUDA, PIL fallback) and resizing run batched on `device`."""
     from d2m_core.reading.fastpath import preprocess_batch
 
     start = time.perf_counter()
-    batch = Batch(shard=shard, samples_read=len(samples))
+    batch = Batch(shard=shard, samples_read=len(raw))
     failures: list[tuple[int, SampleFailure]] = []
-    usable: list[tuple[int, RawSample]] = []
-    for index, raw in enumerate(samples):
-        if raw.problem is not None:
-            failures.append((index, SampleFailure(raw.key, raw.uid, raw.problem)))
-        elif needs_text and raw.text is None:
-            failures.append((index, SampleFailure(raw.key, raw.uid, "no txt member")))
+    usable: list[int] = []
+    for row in range(len(raw)):
+        reason = _read_failure(raw, row, needs_text)
+        if reason is None:
+            usable.append(row)
         else:
-            usable.append((index, raw))
+            failures.append((row, SampleFailure(raw.keys[row], raw.uids[row], reason)))
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-        result = preprocess_batch([raw.image for _, raw in usable], [t.name for t in transforms], device)
+        result = preprocess_batch([raw.images[row] for row in usable], [t.name for t in transforms], device)
     if stream is not None:
         stream.synchronize()
     for position, reason in result.failures.items():
-        index, raw = usable[position]
-        failures.append((index, SampleFailure(raw.key, raw.uid, reason)))
-    rows = []
-    for position in result.kept:
-        row, raw = usable[position]
-        batch.keys.append(raw.key)
-        batch.uids.append(raw.uid)
-        batch.jsons.append(raw.json)
-        batch.texts.append(raw.text or "")
-        rows.append(row)
-    _keep_text_rows(batch, texts or {}, rows)
+        row = usable[position]
+        failures.append((row, SampleFailure(raw.keys[row], raw.uids[row], reason)))
+    _keep_rows(batch, raw, [usable[position] for position in result.kept])
     batch.failures = [f for _, f in sorted(failures, key=lambda pair: pair[0])]
     batch.images, batch.aux = result.pixels, result.aux
     batch.decode_s = time.perf_counter() - start
@@ -254,7 +254,5 @@ class Loader:
     def _submit(self, pool: ThreadPoolExecutor, raw: RawBatch) -> Future[Batch]:
         stem = raw.shard.stem
         if self.decode_device is not None:
-            return pool.submit(prepare_batch_on_device, stem, raw.samples, self.transforms, self.needs_text,
-                               self.decode_device, raw.texts)
-        return pool.submit(prepare_batch, stem, raw.samples, self.transforms, self.needs_text, self.pin_memory,
-                           raw.texts)
+            return pool.submit(prepare_batch_on_device, stem, raw, self.transforms, self.needs_text, self.decode_device)
+        return pool.submit(prepare_batch, stem, raw, self.transforms, self.needs_text, self.pin_memory)

@@ -2,12 +2,12 @@
 of samples with their images still encoded, the image bytes through a shared-memory ring, so that neither
 reading nor copying images costs the parent's CPU (or its GIL).
 
-Each reader is a child process (running `child_main`, which needs only the reading code) given one
+Each reader is a child process (running `reader_child.child_main`, which imports only the reading code) given one
 anonymous shared-memory file (the ring) and two pipes. Shards are dealt round-robin: reader i reads shards
 i, i+N, i+2N, ... in order, so N readers work on N shards at once and their batches arrive interleaved.
 
 Parent -> child: the job (pickled), then release counters (8 bytes each): the ring is free up to there.
-Child -> parent: pickled messages: ("start", index), ("batch", index, samples, inline, ring_end, texts),
+Child -> parent: pickled messages: ("start", index), ("batch", index, columns, inline, ring_end, texts),
 ("end", index, error), ("done",), or ("failed", traceback). Each image is copied into the ring straight from
 the tar's read buffer as it is read; a batch's images stay there until the parent releases the batch
 (`ReaderPool.release`). An image the ring cannot hold (larger than the ring, or the ring full of the batch
@@ -22,23 +22,19 @@ from __future__ import annotations
 import mmap
 import os
 import pickle
-import signal
-import struct
 import subprocess
 import sys
 import tempfile
-import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from d2m_core.reading.reading import IMAGE_EXTENSIONS, RawSample, ShardReadError, iter_samples
+from d2m_core.reading.reader_child import COUNTER, Job
+from d2m_core.reading.reading import IMAGE_EXTENSIONS, RawSample
 from d2m_core.reading.shards import ShardRef
 
 RING_BYTES = 128 * 2**20  # per reader; a batch of 512 DataComp-like samples is about 22 MB
-_COUNTER = struct.Struct("<q")
-Meta = tuple[str, str | None, dict[str, Any] | None, bytes | None, str | None, int, int]  # one sample on the wire
 
 
 class ReaderError(RuntimeError):
@@ -47,13 +43,44 @@ class ReaderError(RuntimeError):
 
 @dataclass
 class RawBatch:
-    """Up to batch_size samples of one shard as read, images encoded (views into a reader's ring)."""
+    """Up to batch_size samples of one shard as read, a list a field, one row a sample in tar order; images
+    encoded (views into a reader's ring)."""
 
     shard: ShardRef
-    samples: list[RawSample]
     reader: int
     ring_end: int  # release up to here once the images are no longer needed
+    keys: list[str]
+    problems: list[str | None]  # why a sample cannot be used (RawSample.problem), or None
+    uids: list[str | None]
+    jsons: list[dict[str, Any] | None]
+    captions: list[bytes | None]  # the txt members as stored
+    images: list[memoryview | bytes | None]  # the encoded image of each sample without a problem
+    image_exts: list[str | None]
     texts: dict[str, Any] = field(default_factory=dict)  # text preprocessor -> its (B, ...) array, one row a sample
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @classmethod
+    def of(cls, shard: ShardRef, samples: Sequence[RawSample]) -> RawBatch:
+        """The batch of samples read in this process (images as bytes; nothing to release)."""
+        exts = [next((e for e in IMAGE_EXTENSIONS if e in s.members), None) if s.problem is None else None for s in samples]
+        return cls(shard, -1, 0, [s.key for s in samples], [s.problem for s in samples], [s.uid for s in samples],
+                   [s.json for s in samples], [s.members.get("txt") for s in samples],
+                   [None if e is None else s.members[e] for s, e in zip(samples, exts)], exts)
+
+    @property
+    def samples(self) -> list[RawSample]:
+        """The rows as RawSamples (members: the image, if any, and the txt)."""
+        out = []
+        for row, key in enumerate(self.keys):
+            members: dict[str, Any] = {}
+            if self.image_exts[row] is not None:
+                members[self.image_exts[row]] = self.images[row]
+            if self.captions[row] is not None:
+                members["txt"] = self.captions[row]
+            out.append(RawSample(key=key, members=members, json=self.jsons[row], problem=self.problems[row]))
+        return out
 
 
 @dataclass
@@ -70,136 +97,7 @@ class ShardDone:
 RawItem = ShardBegins | RawBatch | ShardDone
 
 
-@dataclass
-class _Job:
-    shards: list[tuple[int, str, str]]  # (index in the run, stem, url)
-    batch_size: int
-    ring_bytes: int
-    text_preprocessors: tuple[str, ...] = ()  # run here on each batch's captions (READER_TEXT_PREPROCESSORS)
-
-
-# --- the child ---------------------------------------------------------------------------------------------
-
-
-def _die_with_parent(parent: int) -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-class _RingWriter:
-    """The child's side of the ring: each image is copied there straight from the read buffer as it is read
-    (one copy, into memory that is reused), waiting for the parent's releases when the ring is full."""
-
-    def __init__(self, ring: mmap.mmap, size: int, releases: Connection) -> None:
-        self.ring, self.size, self.releases = ring, size, releases
-        self.written = 0  # monotonic positions; physical = position % size
-        self.released = 0
-        self.sent = 0  # the end of the images of the batches sent so far
-
-    def drain(self, block: bool) -> None:
-        while block or self.releases.poll():
-            self.released = max(self.released, _COUNTER.unpack(self.releases.recv_bytes())[0])
-            block = False
-
-    def place(self, image: memoryview) -> tuple[int, int] | bytes:
-        """Copy one image into the ring: (offset, length); or its bytes, to travel in the batch's message, when
-        the ring cannot hold it (larger than the ring, or the ring is full of the batch being read)."""
-        size = len(image)
-        start = self.written
-        if start % self.size + size > self.size:  # would wrap: start at the ring's beginning
-            start += self.size - start % self.size
-        while start + size - self.released > self.size:
-            if self.released >= self.sent or size > self.size:  # nothing more will be released
-                return bytes(image)
-            self.drain(block=True)
-        at = start % self.size
-        self.ring[at:at + size] = image
-        self.written = start + size
-        return at, size
-
-
-def _wire(raw: RawSample, inline: dict[int, bytes], row: int) -> Meta:
-    ext = next((e for e in IMAGE_EXTENSIONS if e in raw.members), None) if raw.problem is None else None
-    at, length = -1, 0
-    if ext is not None:
-        placed = raw.members[ext]
-        if isinstance(placed, tuple):
-            at, length = placed
-        else:
-            inline[row] = placed
-    return raw.key, raw.problem, raw.json, raw.members.get("txt"), ext, at, length
-
-
-def _text_preprocessors(names: Sequence[str]) -> dict[str, Any]:
-    if not names:
-        return {}  # the reader then never imports torch
-    from d2m_core.reading.tokens import READER_TEXT_PREPROCESSORS
-
-    unknown = [n for n in names if n not in READER_TEXT_PREPROCESSORS]
-    if unknown:
-        raise ValueError(f"not text preprocessors a reader runs: {unknown} (those are {list(READER_TEXT_PREPROCESSORS)})")
-    return {name: READER_TEXT_PREPROCESSORS[name]() for name in names}
-
-
-def child_main(argv: Sequence[str]) -> int:
-    """A reader process's body: FDS = job pipe, message pipe, ring file, parent pid."""
-    job_fd, out_fd, ring_fd, parent = (int(a) for a in argv)
-    _die_with_parent(parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops the readers
-    inbox, out = Connection(job_fd, writable=False), Connection(out_fd, readable=False)
-    try:
-        job: _Job = pickle.loads(inbox.recv_bytes())
-        ring = mmap.mmap(ring_fd, job.ring_bytes)
-        writer = _RingWriter(ring, job.ring_bytes, inbox)
-        preprocessors = _text_preprocessors(job.text_preprocessors)
-
-        def send_batch(index: int, samples: list[RawSample]) -> None:
-            inline: dict[int, bytes] = {}
-            metas = [_wire(raw, inline, row) for row, raw in enumerate(samples)]
-            texts = {}
-            if preprocessors:  # captions decoded only when this reader tokenizes
-                captions = [raw.text or "" for raw in samples]
-                texts = {name: prepare(captions).numpy() for name, prepare in preprocessors.items()}
-            writer.drain(block=False)  # keeps the release pipe from filling up
-            out.send_bytes(pickle.dumps(("batch", index, metas, inline, writer.written, texts), protocol=5))
-            writer.sent = writer.written
-
-        for index, stem, url in job.shards:
-            out.send_bytes(pickle.dumps(("start", index)))
-            error, buffer = None, []
-            try:
-                for raw in iter_samples(ShardRef(stem, url), image_sink=writer.place):
-                    buffer.append(raw)
-                    if len(buffer) == job.batch_size:
-                        send_batch(index, buffer)
-                        buffer = []
-            except ShardReadError as err:
-                error = str(err)
-            if buffer:
-                send_batch(index, buffer)
-            out.send_bytes(pickle.dumps(("end", index, error)))
-        out.send_bytes(pickle.dumps(("done",)))
-        return 0
-    except (BrokenPipeError, EOFError):  # the parent went away or stopped us
-        return 0
-    except BaseException:  # noqa: BLE001 - reported to the parent, which raises it in the consumer
-        try:
-            out.send_bytes(pickle.dumps(("failed", traceback.format_exc())))
-        except OSError:
-            pass
-        return 1
-
-
-# --- the parent --------------------------------------------------------------------------------------------
-
-
-_CHILD_MAIN = "import sys; from d2m_core.reading.readers import child_main; sys.exit(child_main(sys.argv[1:]))"
+_CHILD_MAIN = "import sys; from d2m_core.reading.reader_child import child_main; sys.exit(child_main(sys.argv[1:]))"
 
 
 def _ring_file(size: int) -> int:
@@ -214,7 +112,7 @@ def _ring_file(size: int) -> int:
 
 
 class _Reader:
-    def __init__(self, job: _Job) -> None:
+    def __init__(self, job: Job) -> None:
         ring_fd = _ring_file(job.ring_bytes)
         job_r, job_w = os.pipe()
         out_r, out_w = os.pipe()
@@ -249,7 +147,7 @@ class ReaderPool:
         try:
             for i in range(count):
                 mine = [(j, s.stem, s.url) for j, s in enumerate(self.shards) if j % count == i]
-                self._readers.append(_Reader(_Job(mine, batch_size, ring_bytes, tuple(text_preprocessors))))
+                self._readers.append(_Reader(Job(mine, batch_size, ring_bytes, tuple(text_preprocessors))))
         except BaseException:
             self.close()
             raise
@@ -283,24 +181,18 @@ class ReaderPool:
                     raise ReaderError(f"reader process {reader.process.pid} failed:\n{message[1]}")
 
     def _batch(self, number: int, reader: _Reader, message: tuple) -> RawBatch:
-        _, index, metas, inline, end, texts = message
+        _, index, (keys, problems, uids, jsons, captions, exts, offsets, lengths), inline, end, texts = message
         view = reader.view
-        samples = []
-        for i, (key, problem, meta_json, text, ext, at, length) in enumerate(metas):
-            members: dict[str, Any] = {}
-            if ext is not None:
-                members[ext] = view[at:at + length] if at >= 0 else inline[i]
-            if text is not None:
-                members["txt"] = text
-            samples.append(RawSample(key=key, members=members, json=meta_json, problem=problem))
-        return RawBatch(self.shards[index], samples, number, end, texts)
+        images = [view[at:at + length] if at >= 0 else inline[row] if at == -1 else None
+                  for row, (at, length) in enumerate(zip(offsets, lengths))]
+        return RawBatch(self.shards[index], number, end, keys, problems, uids, jsons, captions, images, exts, texts)
 
     def release(self, batch: RawBatch) -> None:
         """The batch's images are no longer needed: its reader may reuse their place in the ring."""
         reader = self._readers[batch.reader]
         if not reader.finished and reader.process.poll() is None:
             try:
-                reader.jobs.send_bytes(_COUNTER.pack(batch.ring_end))
+                reader.jobs.send_bytes(COUNTER.pack(batch.ring_end))
             except OSError:
                 pass
 

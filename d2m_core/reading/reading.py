@@ -39,8 +39,6 @@ import zlib
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Iterator
 
-import numpy as np
-
 from d2m_core.reading.shards import ShardRef, open_shard
 
 IMAGE_EXTENSIONS = ("jpg", "png", "jpeg", "webp")  # the seed's rename order: image="jpg;png;jpeg;webp"
@@ -57,7 +55,7 @@ class ShardReadError(RuntimeError):
     """The shard cannot be opened or is not a tar at all; names the file."""
 
 
-@dataclass
+@dataclass(slots=True)
 class RawSample:
     """The members of one sample as stored: encoded image bytes, caption text, parsed json."""
 
@@ -89,7 +87,7 @@ class RawSample:
         self.problem = reason if self.problem is None else f"{self.problem}; {reason}"
 
 
-@dataclass
+@dataclass(slots=True)
 class ReadReport:
     """What one pass over a tar found, filled in as `iter_samples` goes (final once it is exhausted)."""
 
@@ -130,13 +128,24 @@ def _clean_json(value: Any) -> Any:
     return value
 
 
+_decode_json = json.JSONDecoder().decode  # json.loads's decoder for a str (no hooks)
+
+
+def _loads(data: bytes) -> Any:
+    """json.loads(data), without its encoding detection when it would find UTF-8: an object's first two bytes
+    are not NUL and not a byte order mark."""
+    if data[:1] == b"{" and len(data) >= 4 and data[1]:
+        return _decode_json(data.decode("utf-8", "surrogatepass"))  # as json.loads decodes UTF-8
+    return json.loads(data)
+
+
 def _parse_json(sample: RawSample) -> None:
     data = sample.members.get("json")
     if data is None:
         sample.add_problem("no json member, so no uid")
         return
     try:
-        parsed = json.loads(data)
+        parsed = _loads(data)
     except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
         sample.add_problem(f"json member is not valid JSON: {type(err).__name__}: {str(err)[:200]}")
         return
@@ -435,43 +444,33 @@ def _tar_members(state: _TarState) -> Iterator[Member]:
             yield info.name, info.isdir(), special, info.size, None
 
 
-# --- the fast scan: runs of plain members already in the buffer, their headers checked all at once --------
+# --- the fast scan: runs of plain members already in the buffer, read in one loop ---------------------------
 
-_DIGIT = np.zeros(512, bool)  # header bytes that must be octal digits in a canonical header
-_FIXED = np.zeros(512, np.uint8)  # ... and the fixed bytes between them (NULs, the checksum's space)
-for _lo, _digits in ((100, 7), (108, 7), (116, 7), (124, 11), (136, 11), (148, 6)):
-    _DIGIT[_lo:_lo + _digits] = True
-_FIXED[155] = 0x20
-_DEVICE = np.arange(329, 345)
-_MAGICS = np.array([np.frombuffer(m + b"\x00" * (8 - len(m)), np.uint8) for m in _USTAR_MAGIC])
-_OCTAL_WEIGHTS = 8 ** np.arange(5, -1, -1, dtype=np.int64)
+# A header as Python's tarfile writes it, from byte 100 on: the number fields (mode, uid, gid, size, mtime,
+# checksum) in canonical octal, the type byte and link name, ustar or GNU magic, the device numbers (octal or
+# all NUL), no name prefix. tarfile reads such a header (GNU magic included) as `_plain_header` reads a ustar
+# one: the same name, type and size. The checksum is checked apart (`_checksum_ok`).
+_CANONICAL_HEADER = re.compile(
+    rb"[0-7]{7}\x00[0-7]{7}\x00[0-7]{7}\x00([0-7]{11})\x00[0-7]{11}\x00([0-7]{6})\x00 "  # 100:156
+    rb".{101}(?:ustar\x0000|ustar  \x00).{64}(?:[0-7]{7}\x00|\x00{8}){2}\x00",  # 156:257, 257:265, 265:329, 329:346
+    re.DOTALL)
 _SCAN_MIN = 8 * tarfile.BLOCKSIZE  # fewer bytes buffered than this: one member at a time
-_known_pax: set[bytes] = set()  # pax data already found ignorable (webdataset writes the same mtime record)
+_known_pax: set[bytes] = set()  # pax headers with their data already found ignorable (webdataset repeats them)
 
 
-def _canonical_rows(rows: np.ndarray) -> np.ndarray:
-    """Which 512-byte header rows to take as they stand: ustar (or GNU) magic, every number field in the
-    canonical form Python's tarfile writes, the unsigned checksum right, no name prefix. tarfile reads such a
-    header (GNU magic included) as `_plain_header` reads a ustar one: the same name, type and size."""
-    fields = rows[:, 100:156]
-    digits = (fields >= 0x30) & (fields <= 0x37)
-    ok = np.where(_DIGIT[100:156], digits, fields == _FIXED[100:156]).all(axis=1)
-    devices = rows[:, _DEVICE].reshape(-1, 2, 8)
-    device_ok = (((devices[:, :, :7] >= 0x30) & (devices[:, :, :7] <= 0x37)).all(axis=2) & (devices[:, :, 7] == 0)) \
-        | (devices == 0).all(axis=2)
-    ok &= device_ok.all(axis=1)
-    magic = rows[:, 257:265]
-    ok &= (magic == _MAGICS[0]).all(axis=1) | (magic == _MAGICS[1]).all(axis=1)
-    ok &= rows[:, 345] == 0
-    stored = ((rows[:, 148:154].astype(np.int64) - 0x30) * _OCTAL_WEIGHTS).sum(axis=1)
-    ok &= stored == rows.sum(axis=1, dtype=np.int64) - rows[:, 148:156].sum(axis=1, dtype=np.int64) + 256
-    return ok
+def _checksum_ok(view: memoryview, at: int, stored: bytes) -> bool:
+    """The header at `at` sums (its checksum field as 8 spaces) to its stored checksum, `stored` (6 octal digits
+    then NUL and space): tarfile's unsigned check. Each half sums to at most 256 * 255 < 65521, so adler32's
+    low half is its byte sum plus one."""
+    total = (zlib.adler32(view[at:at + 256]) & 0xFFFF) + (zlib.adler32(view[at + 256:at + 512]) & 0xFFFF) - 2
+    return int(stored, 8) == total - sum(stored) - 0x20 + 256
 
 
 def _scan(state: _TarState) -> list[Member]:
     """The regular-file members (each alone, or after a pax header `_ignorable_pax` accepts) that lie whole in
-    the buffer from the next header on, with their data, exactly as `_next_info` would read them; [] when the
-    next member is anything else or not whole in the buffer. Reads nothing from the stream."""
+    the buffer from the next header on, with their data, exactly as `_next_info` would read them (each header
+    canonical: `_CANONICAL_HEADER`, `_checksum_ok`); [] when the next member is anything else or not whole in
+    the buffer. Reads nothing from the stream."""
     if state.pax_headers:
         return []
     _skip_to_header(state)
@@ -479,59 +478,42 @@ def _scan(state: _TarState) -> list[Member]:
     buf, start, end = blocks._buf, blocks._pos, blocks._end
     if end - start < _SCAN_MIN:
         return []
-    walked: list[tuple[int, int, int]] = []  # (pax header or -1, header, size)
-    at = start
-    try:
-        while at + 1024 <= end:
-            kind = buf[at + 156]
-            pax = -1
-            if kind == 0x78:  # "x": a pax header for the next member
-                extended = int(buf[at + 124:at + 135], 8)
-                if extended > _PAX_FAST_BYTES:
-                    break
-                pax, at = at, at + 512 + ((extended + 511) & -512)
-                if at + 512 > end:
-                    break
-                kind = buf[at + 156]
-            if kind != 0x30:  # "0": a regular file
-                break
-            size = int(buf[at + 124:at + 135], 8)
-            if size > MAX_MEMBER_BYTES or at + 512 + ((size + 511) & -512) > end:
-                break
-            walked.append((pax, at, size))
-            at += 512 + _block(size)
-    except ValueError:  # not an octal field: `_next_info` reads that header
-        pass
-    if not walked:
-        return []
-    heads = np.array([w[1] for w in walked], np.int64)
-    paxes = np.array([w[0] for w in walked], np.int64)
-    blocks_of_window = np.frombuffer(blocks._view[start:start + (end - start) // 512 * 512], np.uint8).reshape(-1, 512)
-    rows = blocks_of_window[(np.concatenate([heads, paxes[paxes >= 0]]) - start) // 512]  # headers are block-aligned
-    del blocks_of_window  # (a view of the buffer, which may grow on the next read)
-    ok = _canonical_rows(rows)
-    head_ok, pax_ok = ok[:len(heads)], np.ones(len(heads), bool)
-    pax_ok[paxes >= 0] = ok[len(heads):]
-    good = head_ok & pax_ok
-    names = (rows[:len(heads), :100] == 0).argmax(axis=1)
-    names[rows[:len(heads), :100].all(axis=1)] = 100
-    view = blocks._view
+    view, match, known, encoding = blocks._view, _CANONICAL_HEADER.match, _known_pax, tarfile.ENCODING
     members: list[Member] = []
-    for (pax, head, size), fine, length in zip(walked, good.tolist(), names.tolist()):
-        if not fine:
-            break
-        if pax >= 0:
-            extended = bytes(view[pax + 512:head])
-            if extended not in _known_pax:
-                if not _ignorable_pax(extended):
+    at = start
+    while at + 1024 <= end:
+        head = at
+        if buf[head + 156] == 0x78:  # "x": a pax header for the next member
+            try:
+                extended = int(buf[at + 124:at + 135], 8)  # checked below unless the header is a known one
+            except ValueError:
+                break
+            if not 0 <= extended <= _PAX_FAST_BYTES:
+                break
+            head = at + 512 + ((extended + 511) & -512)
+            if head + 512 > end:
+                break
+            pax = bytes(view[at:head])  # the header and its data: webdataset writes the same one again and again
+            if pax not in known:
+                fields = match(buf, at + 100)
+                if fields is None or not _checksum_ok(view, at, fields[2]) or not _ignorable_pax(pax[512:]):
                     break
-                if len(_known_pax) > 1024:
-                    _known_pax.clear()
-                _known_pax.add(extended)
-        raw = bytes(view[head:head + length])
-        name = raw.decode(tarfile.ENCODING, "surrogateescape")
+                if len(known) > 1024:
+                    known.clear()
+                known.add(pax)
+        if buf[head + 156] != 0x30:  # "0": a regular file
+            break
+        fields = match(buf, head + 100)
+        if fields is None:
+            break
+        size = int(fields[1], 8)
+        after = head + 512 + ((size + 511) & -512)
+        if size > MAX_MEMBER_BYTES or after > end or not _checksum_ok(view, head, fields[2]):
+            break
+        length = buf.find(b"\x00", head, head + 100)
+        name = buf[head:head + (100 if length < 0 else length - head)].decode(encoding, "surrogateescape")
         members.append((name, False, None, size, view[head + 512:head + 512 + size]))  # a view: read it at once
-        at = head + 512 + ((size + 511) & -512)
+        at = after
     if members:
         blocks.advance(at - start)
         state.offset = blocks.tell()
@@ -592,15 +574,21 @@ def iter_samples(shard: ShardRef, report: ReadReport | None = None, image_sink: 
             # A pipe's command is checked at every read (webdataset): small reads keep what came before a failure.
             state = _TarState(_Blocks(_decompressed(stream), PIPE_CHUNK if shard.url.startswith("pipe:") else _Blocks.CHUNK))
             for member in _tar_members(state):
-                name, isdir, special, size, _ = member
+                name, isdir, special, size, data = member
                 if isdir:
                     report.directories += 1
                     continue
                 report.members += 1
-                name = name if name.isascii() else _clean_text(name)
-                key, ext = split_name(name)
+                if not name.isascii():
+                    name = _clean_text(name)
+                if "/" in name:
+                    key, ext = split_name(name)
+                else:  # split_name's usual case, inline
+                    dot = name.find(".")
+                    key, ext = (name[:dot], name[dot + 1:].lower()) if dot > 0 else (None, "")
                 stray = key is None
-                key = name if key is None else key
+                if stray:
+                    key = name
                 if current is not None and (stray or current_stray or key != current.key or ext in current.members):
                     yield _finish(current)
                     report.samples += 1
@@ -618,7 +606,8 @@ def iter_samples(shard: ShardRef, report: ReadReport | None = None, image_sink: 
                     current.add_problem(f"member {name[:100]!r} is {size} bytes, over the {MAX_MEMBER_BYTES}-byte limit")
                     current.members.setdefault(ext, b"")
                 else:
-                    data = _member_data(state, member)
+                    if data is None:
+                        data = _member_data(state, member)
                     if image_sink is not None and ext in IMAGE_EXTENSIONS:
                         current.members[ext] = image_sink(data if type(data) is memoryview else memoryview(data))
                     else:

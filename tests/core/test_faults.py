@@ -20,6 +20,7 @@ from d2m_core.config import parse_config
 from d2m_core.reading import decoding
 from d2m_core.reading.decoding import DecodeError, decode_image
 from d2m_core.reading.loader import prepare_batch
+from d2m_core.reading.readers import RawBatch
 from d2m_core.reading.reading import TRUNCATED, RawSample, count_samples, iter_samples
 from d2m_core.reading.shards import ShardRef
 from d2m_core.reading.transforms import IMAGE_TRANSFORMS, ClipImageTransform
@@ -166,9 +167,9 @@ def test_missing_txt_is_processed_when_no_model_reads_text(corpus: dict[str, Fau
     (expected,) = [s for s in case.samples if s.reason == "no txt member"]
     raw = _members(case)[expected.key]
     assert raw.text is None and raw.problem is None
-    batch = prepare_batch("metadata", [raw], [ClipImageTransform()], needs_text=False, pin=False)
+    batch = prepare_batch("metadata", RawBatch.of(_ref(case), [raw]), [ClipImageTransform()], needs_text=False, pin=False)
     assert batch.keys == [expected.key] and batch.uids == [expected.uid] and not batch.failures
-    batch = prepare_batch("metadata", [raw], [ClipImageTransform()], needs_text=True, pin=False)
+    batch = prepare_batch("metadata", RawBatch.of(_ref(case), [raw]), [ClipImageTransform()], needs_text=True, pin=False)
     assert batch.failures[0].reason == "no txt member"
 
 
