@@ -392,6 +392,19 @@ def test_automation_requests_exactly_the_shards_whose_identity_changed(shard_dir
         name: {"succeededPartitions": ["00000", "00001"]} for name in CHECKS}
     assert requested() == {}  # every shard materialized with the identity the config gives
 
+    # `missing` read from a snapshot older than a run that recorded the shards and has ended since (so they are
+    # not in progress either): the shards recorded by then are still not requested again
+    from dagster._core.definitions.declarative_automation.operands.operands import MissingAutomationCondition
+
+    features_key, missing = ds.key("clip_b32_features"), MissingAutomationCondition.compute_subset
+
+    async def snapshot_before_the_run(self, context):  # noqa: ANN001, ANN202
+        return context.candidate_subset if context.key == features_key else await missing(self, context)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MissingAutomationCondition, "compute_subset", snapshot_before_the_run)
+        assert requested() == {}
+
     # shard_metadata of 00001 recorded with other weights than the config's: that shard only, that asset only
     key = ds.key("shard_metadata")
     latest = instance.fetch_materializations(key, limit=10).records

@@ -11,7 +11,9 @@ output location and weights; the dedup reference set is a weights file), which `
 directly. A parent recomputed with the same identity gives the same bytes, so its children need no rerun; and
 Dagster's dependency-update trigger races with the status of multi-asset runs (a parent's materialization
 seen in one evaluation, the child's only in the next, the run already over): a finished shard was requested
-a second time under load.
+a second time under load. Likewise `missing` is read as of the evaluation's start and `in_progress` when it
+is computed: a run that records a shard and ends in between left it missing and not in progress, so a
+missing shard is also checked against what is recorded when it is evaluated (`recorded_now`).
 """
 
 import os
@@ -22,7 +24,7 @@ from dagster import (AssetKey, AssetSelection, AutomationCondition, AutomationCo
                      DefaultSensorStatus)
 
 from d2m_assets.datasets import Dataset
-from d2m_assets.daemon.staleness import IdentityChanged
+from d2m_assets.daemon.staleness import IdentityChanged, RecordedNow
 
 AUTOMATION_ENV = "D2M_AUTOMATION"  # "off" leaves the sensors stopped until turned on in the UI
 INTERVAL_ENV = "D2M_SENSOR_INTERVAL_S"  # seconds between evaluations of both sensors (default 30)
@@ -35,8 +37,9 @@ def shard_condition(dataset: Dataset) -> AutomationCondition:
     from another tar (reported again by the sensor as it changed), output location or weights (the dedup
     reference set included) than a run would use now (see d2m_assets.daemon.staleness)."""
     changed = IdentityChanged(dataset) & ~AutomationCondition.execution_failed()
+    missing = _never_attempted_missing & ~RecordedNow(dataset)  # not one a run recorded during this evaluation
     return (
-        (_never_attempted_missing | changed)
+        (missing | changed)
         & ~AutomationCondition.any_deps_missing()
         & ~AutomationCondition.any_deps_in_progress()
         & ~AutomationCondition.in_progress()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from dagster import (AssetKey, AutomationCondition, AutomationContext, AutomationResult, DagsterEventType,
@@ -61,11 +62,19 @@ class StaleShards:
     tars: RecordedVersions = field(default_factory=RecordedVersions)
     config_parts: tuple[str, str] | None = None
     stale: set[str] = field(default_factory=set)
+    unchecked: set[str] = field(default_factory=set)  # read by `recorded`, not yet compared by `update`
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def recorded(self, instance: DagsterInstance, key: AssetKey, shards: Iterable[str]) -> set[str]:
+        """Those of `shards` with a materialization recorded now (what was recorded since the last read)."""
+        with self.lock:
+            self.unchecked |= self.asset.update(instance, key)
+            return {shard for shard in shards if shard in self.asset.versions}
 
     def update(self, instance: DagsterInstance, key: AssetKey, raw_key: AssetKey, config_parts: tuple[str, str]) -> set[str]:
         with self.lock:
-            changed = self.asset.update(instance, key) | self.tars.update(instance, raw_key)
+            changed = self.unchecked | self.asset.update(instance, key) | self.tars.update(instance, raw_key)
+            self.unchecked = set()
             if config_parts != self.config_parts:  # the config changed: every shard is compared once
                 self.config_parts, changed = config_parts, set(self.asset.versions)
             output, weights = config_parts
@@ -129,4 +138,40 @@ class IdentityChanged(AutomationCondition[AssetKey]):
         if not stale:
             return AutomationResult(context, context.get_empty_subset())
         subset = context.asset_graph_view.get_subset_from_partition_keys(context.key, context.partitions_def, stale)
+        return AutomationResult(context, context.candidate_subset.compute_intersection(subset))
+
+
+class RecordedNow(AutomationCondition[AssetKey]):
+    """True for a shard with a materialization recorded at the moment this is evaluated.
+
+    Dagster's `missing` reads materializations as of the evaluation's start, while `in_progress` reads runs as
+    they are when it is computed: a run that records a shard and ends between the two leaves that shard
+    `missing` and not in progress, so it would be requested a second time (seen under load: a shard
+    materialized twice). `missing & ~recorded_now` leaves it out. It reads only what was recorded since the
+    last read (the state `identity_changed` keeps)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self._dataset = dataset
+
+    @property
+    def requires_cursor(self) -> bool:
+        return False
+
+    @property
+    def name(self) -> str:
+        return "recorded_now"
+
+    @property
+    def description(self) -> str:
+        return "a materialization is recorded (read now, not as of the evaluation's start)"
+
+    def evaluate(self, context: AutomationContext) -> AutomationResult:
+        if context.candidate_subset.is_empty:
+            return AutomationResult(context, context.get_empty_subset())
+        instance = context.asset_graph_view.instance
+        candidates = context.candidate_subset.expensively_compute_partition_keys()
+        recorded = stale_shards(instance, context.key).recorded(instance, context.key, candidates)
+        if not recorded:
+            return AutomationResult(context, context.get_empty_subset())
+        subset = context.asset_graph_view.get_subset_from_partition_keys(context.key, context.partitions_def, recorded)
         return AutomationResult(context, context.candidate_subset.compute_intersection(subset))
