@@ -37,12 +37,13 @@ def shard_condition(dataset: Dataset) -> AutomationCondition:
     from another tar (reported again by the sensor as it changed), output location or weights (the dedup
     reference set included) than a run would use now (see d2m_assets.daemon.staleness)."""
     changed = IdentityChanged(dataset) & ~AutomationCondition.execution_failed()
-    missing = _never_attempted_missing & ~RecordedNow(dataset)  # not one a run recorded during this evaluation
     return (
-        (missing | changed)
+        (_never_attempted_missing | changed)
         & ~AutomationCondition.any_deps_missing()
         & ~AutomationCondition.any_deps_in_progress()
         & ~AutomationCondition.in_progress()
+        # last, so read after in_progress: a run not in progress then has recorded its shards by now
+        & (~RecordedNow(dataset) | changed)
     ).with_label("shard missing, or its identity changed")
 
 REFERENCE_CONDITION = (_never_attempted_missing & ~AutomationCondition.in_progress()).with_label("missing")

@@ -147,8 +147,9 @@ class RecordedNow(AutomationCondition[AssetKey]):
     Dagster's `missing` reads materializations as of the evaluation's start, while `in_progress` reads runs as
     they are when it is computed: a run that records a shard and ends between the two leaves that shard
     `missing` and not in progress, so it would be requested a second time (seen under load: a shard
-    materialized twice). `missing & ~recorded_now` leaves it out. It reads only what was recorded since the
-    last read (the state `identity_changed` keeps)."""
+    materialized twice). `~recorded_now`, evaluated after `in_progress`, leaves it out: a run seen as not in
+    progress has recorded its shards before this reads them. It reads only what was recorded since the last
+    read (the state `identity_changed` keeps)."""
 
     def __init__(self, dataset: Dataset) -> None:
         self._dataset = dataset
