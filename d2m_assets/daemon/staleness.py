@@ -105,9 +105,11 @@ def config_parts(dataset: Dataset, asset: str) -> tuple[str, str]:
     return identity.parts["output"], identity.parts["weights"]
 
 
-class IdentityChanged(AutomationCondition[AssetKey]):
-    """True for a shard whose latest materialization's data version differs from the one its tar (as last
-    reported), the dataset's output location and weights give now."""
+class _ShardsCondition(AutomationCondition[AssetKey]):
+    """A condition true for the candidate shards in the set `shards` computes (evaluated in the code server)."""
+
+    label = ""
+    explanation = ""
 
     def __init__(self, dataset: Dataset) -> None:
         self._dataset = dataset
@@ -118,30 +120,44 @@ class IdentityChanged(AutomationCondition[AssetKey]):
 
     @property
     def name(self) -> str:
-        return "identity_changed"
+        return self.label
 
     @property
     def description(self) -> str:
-        return "materialized from another tar, output location or weights"
+        return self.explanation
+
+    def shards(self, context: AutomationContext) -> set[str]:
+        raise NotImplementedError
 
     def evaluate(self, context: AutomationContext) -> AutomationResult:
         if context.candidate_subset.is_empty:
             return AutomationResult(context, context.get_empty_subset())
+        shards = self.shards(context)
+        if not shards:
+            return AutomationResult(context, context.get_empty_subset())
+        subset = context.asset_graph_view.get_subset_from_partition_keys(context.key, context.partitions_def, shards)
+        return AutomationResult(context, context.candidate_subset.compute_intersection(subset))
+
+
+class IdentityChanged(_ShardsCondition):
+    """True for a shard whose latest materialization's data version differs from the one its tar (as last
+    reported), the dataset's output location and weights give now."""
+
+    label = "identity_changed"
+    explanation = "materialized from another tar, output location or weights"
+
+    def shards(self, context: AutomationContext) -> set[str]:
         try:
             parts = config_parts(self._dataset, context.key.path[-1])
         except Exception as err:  # noqa: BLE001 - a yml or weights problem: the runs would fail; request nothing
             context.log.warning(f"identity of {context.key.to_user_string()} not known: {err}")
-            return AutomationResult(context, context.get_empty_subset())
+            return set()
         instance = context.asset_graph_view.instance
         raw_key = self._dataset.key(RAW_SHARDS)
-        stale = stale_shards(instance, context.key).update(instance, context.key, raw_key, parts)
-        if not stale:
-            return AutomationResult(context, context.get_empty_subset())
-        subset = context.asset_graph_view.get_subset_from_partition_keys(context.key, context.partitions_def, stale)
-        return AutomationResult(context, context.candidate_subset.compute_intersection(subset))
+        return stale_shards(instance, context.key).update(instance, context.key, raw_key, parts)
 
 
-class RecordedNow(AutomationCondition[AssetKey]):
+class RecordedNow(_ShardsCondition):
     """True for a shard with a materialization recorded at the moment this is evaluated.
 
     Dagster's `missing` reads materializations as of the evaluation's start, while `in_progress` reads runs as
@@ -151,28 +167,10 @@ class RecordedNow(AutomationCondition[AssetKey]):
     progress has recorded its shards before this reads them. It reads only what was recorded since the last
     read (the state `identity_changed` keeps)."""
 
-    def __init__(self, dataset: Dataset) -> None:
-        self._dataset = dataset
+    label = "recorded_now"
+    explanation = "a materialization is recorded (read now, not as of the evaluation's start)"
 
-    @property
-    def requires_cursor(self) -> bool:
-        return False
-
-    @property
-    def name(self) -> str:
-        return "recorded_now"
-
-    @property
-    def description(self) -> str:
-        return "a materialization is recorded (read now, not as of the evaluation's start)"
-
-    def evaluate(self, context: AutomationContext) -> AutomationResult:
-        if context.candidate_subset.is_empty:
-            return AutomationResult(context, context.get_empty_subset())
+    def shards(self, context: AutomationContext) -> set[str]:
         instance = context.asset_graph_view.instance
         candidates = context.candidate_subset.expensively_compute_partition_keys()
-        recorded = stale_shards(instance, context.key).recorded(instance, context.key, candidates)
-        if not recorded:
-            return AutomationResult(context, context.get_empty_subset())
-        subset = context.asset_graph_view.get_subset_from_partition_keys(context.key, context.partitions_def, recorded)
-        return AutomationResult(context, context.candidate_subset.compute_intersection(subset))
+        return stale_shards(instance, context.key).recorded(instance, context.key, candidates)
