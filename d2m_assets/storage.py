@@ -99,7 +99,7 @@ class BatchedPostgresEventLogStorage(PostgresEventLogStorage):
         last = self._partition_keys.get(partitions_def_name)
         if last is not None and last[0] == stamp:
             return list(last[1])
-        keys = list(super().get_dynamic_partitions(partitions_def_name))
+        keys = super().get_dynamic_partitions(partitions_def_name)  # a new list; callers get copies of it
         self._partition_keys[partitions_def_name] = (stamp, keys)
         return list(keys)
 
