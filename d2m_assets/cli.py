@@ -197,7 +197,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from d2m_assets.commands.overhead import run_overhead
         from d2m_core.reading.shards import expand_shards
 
-        print(json.dumps(run_overhead(args.yml, expand_shards(_bench_shards(args)), Path(args.yml).name)))
+        print(json.dumps(run_overhead(args.yml, expand_shards(_bench_shards(args)), Path(args.yml).name, args.launch)))
         return 0
     from d2m_core.bench import run_benchmark, writer_stage
     from d2m_core.reading.shards import expand_shards
@@ -397,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--make-shards", type=int, default=2, help="shards to make when the folder is empty")
     bench.add_argument("--make-samples", type=int, default=256, help="samples per shard made")
     bench.add_argument("--repeats", type=int, default=3, help="model-only passes over one batch")
+    bench.add_argument("--launch", choices=["warm", "new"], default="warm",
+                       help="--stage run-overhead: warm (the daemon's steady state): the run goes to a worker the launcher "
+                            "started ahead; new: a new run worker process (a daemon's first run; Slurm, Kubernetes)")
     bench.set_defaults(func=_cmd_bench)
     return parser
 

@@ -1,17 +1,18 @@
 """`d2m bench --stage run-overhead`: what a Dagster run costs around its work, measured on a real launch.
 
-The run is created in a fresh instance (a temporary DAGSTER_HOME with the repo's dagster.yaml) and started
-as every d2m run launcher starts one: a new `dagster api execute_run` process (the run worker) that loads
-the code location, executes the run with the definitions' executor and exits. The timeline comes from the
-run's event log (run and step events, and d2m's own INFO lines: model build start and done, first batch)
-and from this process (launch, process exit), on the same clock.
+The run is created in a fresh instance (a temporary DAGSTER_HOME with the repo's dagster.yaml) and launched
+by that instance's run launcher, as the daemon launches one: d2m's WarmRunLauncher, which hands it to a
+run worker started ahead of it (`launch="warm"`, the daemon's steady state: the launcher is warmed up and
+its spare is ready first) or starts a new `dagster api execute_run` process for it (`launch="new"`: a
+daemon's first run, and every run under Slurm or Kubernetes). The worker loads the code location, executes
+the run with the definitions' executor and exits. The timeline comes from the run's event log (run and
+step events, and d2m's own INFO lines: model build start and done, first batch) and from this process
+(launch, process exit), on the same clock.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
@@ -26,6 +27,15 @@ from d2m_core.reading.shards import ShardRef
 REPO = Path(__file__).resolve().parents[2]
 ASSET_JOB = "__ASSET_JOB"  # Dagster's implicit job of every asset: runs of asset selections are its subsets
 WORKER_START = "Started process for run"  # the run worker's first event: Python and dagster are imported
+LAUNCHES = ("warm", "new")
+SPARE_READY_S = 300  # how long a warm launch waits for the spare's imports
+
+
+def _bench_home(home: Path, launch: str) -> None:
+    """The repo's dagster.yaml, its launcher keeping one spare worker (warm) or none (new)."""
+    instance_yaml = yaml.safe_load((REPO / "deploy" / "dagster.yaml").read_text(encoding="utf-8"))
+    instance_yaml["run_launcher"]["config"] = {"spares": 1 if launch == "warm" else 0}
+    (home / "dagster.yaml").write_text(yaml.safe_dump(instance_yaml), encoding="utf-8")
 
 
 def _bench_yml(yml: Path, shards: Sequence[ShardRef], out: Path, target: Path) -> Path:
@@ -59,14 +69,13 @@ def _timeline(instance: Any, run_id: str) -> dict[str, float]:
     return found
 
 
-def run_overhead(yml: str | Path, shards: Sequence[ShardRef], config_name: str) -> dict[str, Any]:
+def run_overhead(yml: str | Path, shards: Sequence[ShardRef], config_name: str, launch: str = "warm") -> dict[str, Any]:
     """Launch one run over `shards` (all selected shard assets, their checks) and report where its time went."""
+    if launch not in LAUNCHES:
+        raise ValueError(f"launch must be one of {LAUNCHES}, not {launch!r}")
     from dagster import DagsterInstance, DagsterRunStatus
     from dagster._core.definitions.reconstruct import ReconstructableRepository
     from dagster._core.instance.ref import InstanceRef
-    from dagster._core.origin import get_python_environment_entry_point
-    from dagster._grpc.types import ExecuteRunArgs
-    from dagster._serdes import serialize_value
 
     from d2m_assets.datasets import Dataset
     from d2m_assets.definitions import build_definitions
@@ -82,7 +91,7 @@ def run_overhead(yml: str | Path, shards: Sequence[ShardRef], config_name: str) 
         root = Path(scratch)
         home = root / "home"
         home.mkdir()
-        shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
+        _bench_home(home, launch)
         config_file = _bench_yml(yml, shards, root / "out", root / yml.name)
         env = {"DAGSTER_HOME": str(home), "D2M_CONFIG": str(config_file), "D2M_AUTOMATION": "off"}
         saved = {k: os.environ.get(k) for k in env}
@@ -103,22 +112,19 @@ def run_overhead(yml: str | Path, shards: Sequence[ShardRef], config_name: str) 
             tags = {"dagster/partition": stems[0]} if len(stems) == 1 else {RANGE_START: stems[0], RANGE_END: stems[-1]}
             run = instance.create_run_for_job(definition, run_config={}, tags=tags, asset_selection=frozenset(keys),
                                               job_code_origin=job.get_python_origin())
-            args = ExecuteRunArgs(job_origin=job.get_python_origin(), run_id=run.run_id,
-                                  instance_ref=instance.get_ref(), set_exit_code_on_failure=True)
-            # The run worker's command as the Slurm and Kubernetes launchers give it (the code location's Python).
-            command = [*get_python_environment_entry_point(job.get_python_origin().executable_path), "api",
-                       "execute_run", serialize_value(args)]
+            launcher = instance.run_launcher
+            if launch == "warm" and not launcher.warm_up(job.get_python_origin().executable_path, timeout=SPARE_READY_S):
+                raise RuntimeError(f"the launcher's spare run worker was not ready in {SPARE_READY_S} s")
             launched = time.time()
-            worker = subprocess.run(command, env=os.environ.copy(), stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, text=True, check=False)
+            instance.launch_run(run.run_id, workspace=None)
+            launcher.join(timeout=24 * 3600)
             exited = time.time()
             times = _timeline(instance, run.run_id)
             status = instance.get_run_by_id(run.run_id).status
             if status != DagsterRunStatus.SUCCESS:
-                raise RuntimeError(f"the benchmark run ended {status.value} (exit {worker.returncode}):\n"
-                                   f"{worker.stderr[-3000:]}")
+                raise RuntimeError(f"the benchmark run ended {status.value}: its worker's output is above")
             samples = sum(shard_stats(config, stem).samples_written for stem in stems)
-            instance.dispose()
+            instance.dispose()  # ends the spare the launcher started after this run
         finally:
             for key, value in saved.items():
                 if value is None:
@@ -129,7 +135,7 @@ def run_overhead(yml: str | Path, shards: Sequence[ShardRef], config_name: str) 
     def since_launch(name: str) -> float:
         return round(times[name] - launched, 3)
 
-    return {"stage": "run-overhead", "config": config_name, "executor": definition.executor_def.name,
+    return {"stage": "run-overhead", "config": config_name, "launch": launch, "executor": definition.executor_def.name,
             "shards": len(stems), "samples": samples,
             "launch_to_worker_start_s": since_launch("worker_start"),
             "launch_to_run_start_s": since_launch("run_start"),

@@ -12,7 +12,7 @@ import torch
 CLIP_CONTEXT_LENGTH = 77
 
 
-def _open_clip_tokenizer_module() -> Any:
+def open_clip_tokenizer_module() -> Any:
     """open_clip's `tokenizer.py` (its own file, needing only torch, ftfy and regex) loaded without open_clip's
     package, which imports every model family first: reader processes tokenize at a third of the start-up CPU."""
     name = "d2m_open_clip_tokenizer"
@@ -35,7 +35,7 @@ class ClipTokenizer:
     name = "clip-tokens"
 
     def __init__(self) -> None:
-        self._tokenizer = _open_clip_tokenizer_module().SimpleTokenizer(context_length=CLIP_CONTEXT_LENGTH)
+        self._tokenizer = open_clip_tokenizer_module().SimpleTokenizer(context_length=CLIP_CONTEXT_LENGTH)
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
         return self._tokenizer(texts, context_length=CLIP_CONTEXT_LENGTH)

@@ -1,5 +1,6 @@
-"""`d2m bench --stage run-overhead`: a run launched as the run launchers launch one (`dagster api execute_run`, a new
-run worker process) executes its step in that process and reports its timeline from the run's event log."""
+"""`d2m bench --stage run-overhead`: a run launched by the instance's launcher, as the daemon launches one (into the
+spare worker started ahead, or a new `dagster api execute_run` process), executes its step in that process and
+reports its timeline from the run's event log."""
 
 from pathlib import Path
 
@@ -9,8 +10,8 @@ from d2m_core.reading.shards import expand_shards
 
 def test_a_launched_run_executes_in_its_worker_and_reports_its_timeline(shard_dir: Path, write_config) -> None:
     config = write_config(shard_dir)
-    record = run_overhead(config, expand_shards(str(shard_dir / "*.tar")), "basic.yml")
-    assert record["stage"] == "run-overhead" and record["config"] == "basic.yml"
+    record = run_overhead(config, expand_shards(str(shard_dir / "*.tar")), "basic.yml", "warm")
+    assert record["stage"] == "run-overhead" and record["config"] == "basic.yml" and record["launch"] == "warm"
     assert record["executor"] == "in_process"  # no second process per run
     assert record["shards"] == 2 and record["samples"] == 17  # 2 x 9 samples, one undecodable image
     # One process's log lines, in the order it wrote them: launch, model build, first batch, end of work, exit.
