@@ -20,13 +20,11 @@ from pathlib import Path
 
 from dagster import Config
 from dagster._core.events import EngineEventData
-from dagster._core.launcher import CheckRunHealthResult, LaunchRunContext, RunLauncher, WorkerStatus
+from dagster._core.launcher import CheckRunHealthResult, LaunchRunContext, WorkerStatus
 from dagster._core.storage.dagster_run import DagsterRun
-from dagster._grpc.types import ExecuteRunArgs
-from dagster._serdes import ConfigurableClass, ConfigurableClassData, serialize_value
-from dagster._core.origin import get_python_environment_entry_point
 from pydantic import Field
 
+from d2m_assets.launcher_base import ConfiguredRunLauncher, execute_run_command
 from d2m_core import slurm
 
 JOB_ID_TAG = "d2m/slurm_job_id"
@@ -58,32 +56,14 @@ def job_script(command: list[str]) -> str:
             f"exec {shlex.join(command)}\n")
 
 
-class SlurmRunLauncher(RunLauncher, ConfigurableClass):
-    def __init__(self, inst_data: ConfigurableClassData | None = None, **config) -> None:
-        self._inst_data = inst_data
-        self.job_config = SlurmJobConfig(**config)
-        super().__init__()
-
-    @property
-    def inst_data(self) -> ConfigurableClassData | None:
-        return self._inst_data
-
-    @classmethod
-    def config_type(cls):
-        return SlurmJobConfig.to_fields_dict()
-
-    @classmethod
-    def from_config_value(cls, inst_data: ConfigurableClassData, config_value: dict) -> SlurmRunLauncher:
-        return cls(inst_data=inst_data, **config_value)
+class SlurmRunLauncher(ConfiguredRunLauncher):
+    config_class = SlurmJobConfig
+    config: SlurmJobConfig
 
     def launch_run(self, context: LaunchRunContext) -> None:
         run = context.dagster_run
-        origin = run.job_code_origin
-        args = ExecuteRunArgs(job_origin=origin, run_id=run.run_id, instance_ref=self._instance.get_ref(),
-                              set_exit_code_on_failure=True)
-        # The code location's own Python (the job's PATH need not hold the venv's `dagster`).
-        command = [*get_python_environment_entry_point(origin.executable_path), "api", "execute_run", serialize_value(args)]
-        job_id = slurm.submit(job_script(command), self.job_config.sbatch_args(run.run_id))
+        command = execute_run_command(run.job_code_origin.executable_path, self.execute_run_argument(run))
+        job_id = slurm.submit(job_script(command), self.config.sbatch_args(run.run_id))
         self._instance.add_run_tags(run.run_id, {JOB_ID_TAG: job_id})
         self._instance.report_engine_event(f"Submitted Slurm job {job_id}", run,
                                            EngineEventData({"Slurm job id": job_id}))

@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dagster import Config
-from dagster._core.launcher import LaunchRunContext, RunLauncher
-from dagster._core.origin import get_python_environment_entry_point
-from dagster._grpc.types import ExecuteRunArgs
-from dagster._serdes import ConfigurableClass, ConfigurableClassData, serialize_value
+from dagster._core.launcher import LaunchRunContext
+from dagster._serdes import ConfigurableClassData
 from pydantic import Field
+
+from d2m_assets.launcher_base import ConfiguredRunLauncher, execute_run_command
 
 PID_TAG = "d2m/worker_pid"
 START_TAG = "d2m/worker_start"  # the worker's start time in the kernel's clock ticks (/proc/<pid>/stat)
@@ -114,27 +114,16 @@ class Spare:
             self.process.kill()
 
 
-class WarmRunLauncher(RunLauncher, ConfigurableClass):
+class WarmRunLauncher(ConfiguredRunLauncher):
+    config_class = WarmRunLauncherConfig
+    config: WarmRunLauncherConfig
+
     def __init__(self, inst_data: ConfigurableClassData | None = None, **config) -> None:
-        self._inst_data = inst_data
-        self.config = WarmRunLauncherConfig(**config)
         self._lock = threading.Lock()
         self._spares: list[Spare] = []
         self._workers: dict[str, subprocess.Popen] = {}  # run id -> its worker, until it has exited
         self._closed: list[subprocess.Popen] = []  # spares ended, until they have exited
-        super().__init__()
-
-    @property
-    def inst_data(self) -> ConfigurableClassData | None:
-        return self._inst_data
-
-    @classmethod
-    def config_type(cls):
-        return WarmRunLauncherConfig.to_fields_dict()
-
-    @classmethod
-    def from_config_value(cls, inst_data: ConfigurableClassData, config_value: dict) -> WarmRunLauncher:
-        return cls(inst_data=inst_data, **config_value)
+        super().__init__(inst_data, **config)
 
     def warm_up(self, executable: str = sys.executable, timeout: float | None = None) -> bool:
         """Start the spares now (they otherwise start with the first run); with a timeout, wait until one is ready."""
@@ -147,11 +136,8 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
 
     def launch_run(self, context: LaunchRunContext) -> None:
         run = context.dagster_run
-        origin = run.job_code_origin
-        assert origin is not None, "a run without a code origin cannot be launched"
-        args = serialize_value(ExecuteRunArgs(job_origin=origin, run_id=run.run_id,
-                                              instance_ref=self._instance.get_ref(), set_exit_code_on_failure=True))
-        executable = origin.executable_path
+        args = self.execute_run_argument(run)
+        executable = run.job_code_origin.executable_path
         stamp = source_stamp()
         with self._lock:
             self._reap()
@@ -161,7 +147,7 @@ class WarmRunLauncher(RunLauncher, ConfigurableClass):
                 worker, how = spare.process, (f"a worker started {time.monotonic() - spare.started:.1f} s ahead"
                                                + ("" if was_ready else ", still importing"))
             else:
-                worker = subprocess.Popen([*get_python_environment_entry_point(executable), "api", "execute_run", args])
+                worker = subprocess.Popen(execute_run_command(executable, args))
                 how = "a new process (no spare ready for it)" if self.config.spares else "a new process"
             self._workers[run.run_id] = worker
             self._fill(executable, stamp)
