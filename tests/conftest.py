@@ -1,4 +1,10 @@
-"""Shared fixtures: shards made by d2m itself, random weights, configs written into tmp folders."""
+"""Shared fixtures: shards made by d2m itself, random weights, configs written into tmp folders.
+
+`make test` runs the suite on 2 pytest-xdist workers (`-n 2 --dist loadgroup`). A module whose tests share an
+expensive module-scoped fixture carries `pytest.mark.xdist_group(<name>)` so that one worker builds it once;
+the tests that start real daemons (test_slurm, test_platform) form the group "services": xdist hands out
+groups before single tests, so these long tests start first, one at a time, while the other worker runs the rest.
+"""
 
 from __future__ import annotations
 
