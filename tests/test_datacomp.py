@@ -14,7 +14,6 @@ import yaml
 from conftest import REPO, run_cli, tar_samples
 from d2m_core.testdata.synth import make_shards
 
-pytestmark = pytest.mark.xdist_group("datacomp")  # one worker runs the module's d2m run once (tests/conftest.py)
 
 @pytest.fixture(scope="module")
 def datacomp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -26,7 +26,6 @@ LAUNCH = """
 mutation($params: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $params) {
   __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message stack } } }
 """
-pytestmark = pytest.mark.xdist_group("services")  # with test_slurm, on one worker (tests/conftest.py)
 STATUS = "query($id: String!) { partitionBackfillOrError(backfillId: $id) { ... on PartitionBackfill { status } } }"
 
 

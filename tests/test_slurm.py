@@ -21,7 +21,7 @@ from d2m_core import slurm
 from d2m_core.testdata.synth import make_shards
 from services import dagster_process, free_port, graphql, postgres_server, slurm_cluster, slurm_installed
 
-pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("services"),  # one worker: the module's cluster (conftest)
+pytestmark = [pytest.mark.slurm,
               pytest.mark.skipif(not slurm_installed(), reason="Slurm is not installed: `make test` installs it")]
 
 DATASET = Dataset("slurmtest", "")  # the yml below names it

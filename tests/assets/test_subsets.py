@@ -19,8 +19,6 @@ from d2m_assets.cli import main
 from d2m_assets.commands.runner import run_config_file
 from d2m_core.testdata.synth import make_shards
 
-pytestmark = pytest.mark.xdist_group("subsets")  # one worker processes the shards once (tests/conftest.py)
-
 CAPTIONS = ["a dog runs on the green grass", "le chien court", "two people walk along the beach at sunset"]
 
 

@@ -12,8 +12,6 @@ from d2m_core.reading.loader import Batch, Loader, ShardEnd, ShardStart
 from d2m_core.reading.shards import ShardRef
 from d2m_core.reading.transforms import ClipImageTransform
 
-pytestmark = pytest.mark.xdist_group("engine")  # one worker builds the engine once (tests/conftest.py)
-
 
 def _refs(shard_dir: Path) -> list[ShardRef]:
     return [ShardRef(s, str(shard_dir / f"{s}.tar")) for s in ("00000", "00001")]

@@ -30,8 +30,7 @@ CASES = ["undecodable", "odd-images", "bombs", "huge", "metadata", "captions", "
          "truncated-between-members", "truncated-between-samples", "truncated-first-member", "corrupt-header",
          "zeroed-header", "empty", "only-directories", "zero-bytes", "not-a-tar", "cut-in-first-header"]
 UNREADABLE = ["zero-bytes", "not-a-tar", "cut-in-first-header"]
-pytestmark = [pytest.mark.filterwarnings("ignore:Palette images with Transparency:UserWarning"),  # PIL, on purpose
-              pytest.mark.xdist_group("faults")]  # one worker runs the corpus once (tests/conftest.py)
+pytestmark = pytest.mark.filterwarnings("ignore:Palette images with Transparency:UserWarning")  # PIL, on purpose
 
 
 @pytest.fixture(scope="module")
