@@ -1,4 +1,13 @@
-"""Shared fixtures: shards made by d2m itself, random weights, configs written into tmp folders."""
+"""Shared fixtures: shards made by d2m itself, random weights, configs written into tmp folders.
+
+`make test` runs the suite on 2 pytest-xdist workers (`-n 2 --dist load --maxschedchunk 1`): tests are handed
+out one at a time in collection order, so the long daemon tests near the end (test_platform, test_slurm,
+test_state) do not queue behind one another on one worker. Every fixture that starts a service (PostgreSQL,
+Slurm, moto, dagster-daemon, dagster-webserver) takes free ports and its own temp folder, so two workers never
+share one; a module-scoped fixture is built once per worker that runs a test of its module. (Not
+`--dist loadgroup`: pytest-xdist 3.8.0 groups by rewriting `item._nodeid`, which pytest 9 no longer reads, so
+`xdist_group` marks are silently ignored.)
+"""
 
 from __future__ import annotations
 
