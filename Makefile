@@ -22,7 +22,7 @@ ui:
 	D2M_RANDOM_WEIGHTS=$${D2M_RANDOM_WEIGHTS-1} .venv/bin/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
 
 test: test-services
-	.venv/bin/pytest -q --durations=25 -n 2 --dist load --maxschedchunk 1
+	.venv/bin/pytest -q --durations=25 -n 2 --dist worksteal
 
 # The platform tests start a real PostgreSQL server and a real Slurm (slurmctld, slurmd, munge): Debian's
 # packages, installed here if missing.

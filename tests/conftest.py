@@ -1,8 +1,8 @@
 """Shared fixtures: shards made by d2m itself, random weights, configs written into tmp folders.
 
-`make test` runs the suite on 2 pytest-xdist workers (`-n 2 --dist load --maxschedchunk 1`): tests are handed
-out one at a time in collection order, so the long daemon tests near the end (test_platform, test_slurm,
-test_state) do not queue behind one another on one worker. Every fixture that starts a service (PostgreSQL,
+`make test` runs the suite on 2 pytest-xdist workers (`-n 2 --dist worksteal`): a worker that runs out of tests
+takes half of the other's queue, so the long daemon tests near the end (test_platform, test_slurm, test_state)
+do not wait behind one another on one worker while the other idles. Every fixture that starts a service (PostgreSQL,
 Slurm, moto, dagster-daemon, dagster-webserver) takes free ports and its own temp folder, so two workers never
 share one; a module-scoped fixture is built once per worker that runs a test of its module. (Not
 `--dist loadgroup`: pytest-xdist 3.8.0 groups by rewriting `item._nodeid`, which pytest 9 no longer reads, so
