@@ -20,22 +20,15 @@ PRELOAD = (
     "dagster._core.storage.sqlite_storage",
     "d2m_assets.storage",  # d2m's PostgreSQL event log storage and dagster-postgres
     "d2m_assets.definitions",  # the code location's modules (definitions are built later, from the run's config)
-    "d2m_core.compute.engine",  # torch, torchvision's light import, the models and the device stage
-    "d2m_core.reading.loader",
-    "d2m_core.outputs.writers",
-    "pandas",  # pyarrow imports it on the first table a run writes (about 1 s)
 )
 
 
 def preload() -> None:
     for name in PRELOAD:
         importlib.import_module(name)
-    from PIL import Image
+    from d2m_core.lightimports import import_run_stack
 
-    from d2m_core.reading.tokens import open_clip_tokenizer_module
-
-    Image.init()  # every image plugin, which the first decoded image would import
-    open_clip_tokenizer_module()  # the CLIP tokenizer's code (its vocabulary is read when the model is built)
+    import_run_stack()  # torch, the models, reading and output code
 
 
 def main(argv: list[str]) -> int:

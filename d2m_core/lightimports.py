@@ -99,3 +99,20 @@ def open_clip_for_openai_models() -> types.ModuleType:
                 del sys.modules[name]
             raise
         return module
+
+
+def import_run_stack() -> None:
+    """Import now what a run's compute imports as it goes, for a run worker started before its run: the engine
+    (torch, torchvision and open_clip as above, the models), reading and writing, pandas (pyarrow imports it on
+    a run's first table, about 1 s), PIL's image plugins (the first decoded image imports them) and the CLIP
+    tokenizer's code (its vocabulary is read when the model is built)."""
+    import d2m_core.compute.engine  # noqa: F401
+    import d2m_core.outputs.writers  # noqa: F401
+    import d2m_core.reading.loader  # noqa: F401
+    import pandas  # noqa: F401
+    from PIL import Image
+
+    from d2m_core.reading.tokens import open_clip_tokenizer_module
+
+    Image.init()
+    open_clip_tokenizer_module()
