@@ -113,18 +113,21 @@ def run_overhead(yml: str | Path, shards: Sequence[ShardRef], config_name: str, 
             run = instance.create_run_for_job(definition, run_config={}, tags=tags, asset_selection=frozenset(keys),
                                               job_code_origin=job.get_python_origin())
             launcher = instance.run_launcher
-            if launch == "warm" and not launcher.warm_up(job.get_python_origin().executable_path, timeout=SPARE_READY_S):
-                raise RuntimeError(f"the launcher's spare run worker was not ready in {SPARE_READY_S} s")
-            launched = time.time()
-            instance.launch_run(run.run_id, workspace=None)
-            launcher.join(timeout=24 * 3600)
-            exited = time.time()
-            times = _timeline(instance, run.run_id)
-            status = instance.get_run_by_id(run.run_id).status
-            if status != DagsterRunStatus.SUCCESS:
-                raise RuntimeError(f"the benchmark run ended {status.value}: its worker's output is above")
-            samples = sum(shard_stats(config, stem).samples_written for stem in stems)
-            instance.dispose()  # ends the spare the launcher started after this run
+            try:
+                if launch == "warm" and not launcher.warm_up(job.get_python_origin().executable_path,
+                                                             timeout=SPARE_READY_S):
+                    raise RuntimeError(f"the launcher's spare run worker was not ready in {SPARE_READY_S} s")
+                launched = time.time()
+                instance.launch_run(run.run_id, workspace=None)
+                launcher.join(timeout=24 * 3600)
+                exited = time.time()
+                times = _timeline(instance, run.run_id)
+                status = instance.get_run_by_id(run.run_id).status
+                if status != DagsterRunStatus.SUCCESS:
+                    raise RuntimeError(f"the benchmark run ended {status.value}: its worker's output is above")
+                samples = sum(shard_stats(config, stem).samples_written for stem in stems)
+            finally:
+                instance.dispose()  # ends the spare the launcher started after this run
         finally:
             for key, value in saved.items():
                 if value is None:
