@@ -11,6 +11,8 @@
 #   <gpu>-<config>.jsonl   `d2m bench` (end to end in one process, model-only, bf16-vs-fp32 fidelity)
 #   <gpu>-run.jsonl        `d2m run` through Dagster (a fresh instance, the run as the CLI launches it): wall time
 #                          from the command's start to its exit (what it printed: its last lines, on stderr)
+#   <gpu>-parts.jsonl      `d2m bench --stage parts`: where a batch's time goes (the loader with device preprocessing
+#                          and a consumer that only counts; decoding; resizing batched and per image size; each model)
 #   <gpu>-fastpath.jsonl   the device preprocessing path (nvJPEG decode + tensor transforms) against PIL
 #   <gpu>-loader.jsonl     `d2m bench --stage loader` with 1, 2 and 4 reading processes
 #   <gpu>-writer.jsonl     `d2m bench --stage writer` (the output stage alone, on this machine's CPU)
@@ -18,8 +20,9 @@
 #                          run worker process (launch to model build and first batch, teardown)
 # then runs the CUDA tests. Stages run in the order of STAGES; a failed step is reported and the next one runs.
 # Knobs (environment): DEVICE (0), PRECISION (bf16), SHARDS (4), SAMPLES (10000), CONFIGS ("basic datacomp"),
-# RUN_CONFIGS ("basic datacomp"), READERS (4), NWORKERS (8), SHARD_DIR (.bench/gpu), RESULTS (bench/results),
-# STAGES ("shards bench run fastpath loader writer overhead tests"), STEP_TIMEOUT (s per step, 300),
+# RUN_CONFIGS ("basic datacomp"), OVERHEAD_CONFIGS (RUN_CONFIGS), READERS (4), NWORKERS (8), SHARD_DIR (.bench/gpu),
+# RESULTS (bench/results), FASTPATH_IMAGES (2048), STAGES ("shards bench run parts fastpath loader writer overhead
+# tests"), STEP_TIMEOUT (s per step, 300),
 # PYTHON (the interpreter: for WHEELS, default python3; for a new .venv when python3.11 is missing, e.g. python3.12).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,12 +33,14 @@ SHARDS="${SHARDS:-4}"
 SAMPLES="${SAMPLES:-10000}"
 CONFIGS="${CONFIGS:-basic datacomp}"
 RUN_CONFIGS="${RUN_CONFIGS:-basic datacomp}"
+OVERHEAD_CONFIGS="${OVERHEAD_CONFIGS:-$RUN_CONFIGS}"
+FASTPATH_IMAGES="${FASTPATH_IMAGES:-2048}"
 READERS="${READERS:-4}"
 NWORKERS="${NWORKERS:-8}"
 SHARD_DIR="${SHARD_DIR:-.bench/gpu}"
 RESULTS="${RESULTS:-bench/results}"
 STEP_TIMEOUT="${STEP_TIMEOUT:-300}"
-STAGES="${STAGES:-shards bench run fastpath loader writer overhead tests}"
+STAGES="${STAGES:-shards bench run parts fastpath loader writer overhead tests}"
 SCRATCH="$(mktemp -d -t d2m-gpu-XXXXXX)"
 export D2M_RANDOM_WEIGHTS=1 PYTHONUNBUFFERED=1
 say() { printf '\n== %s (%s)\n' "$*" "$(date +%T)" >&2; }
@@ -148,7 +153,16 @@ EOF2
 stage_fastpath() {
     say "device preprocessing path (fidelity vs PIL, images/s) -> $RESULTS/$SLUG-fastpath.jsonl"
     step "$PY" -m d2m_core.reading.fastpath --shards "$SHARD_DIR" --device "$DEVICE" --precision "$PRECISION" \
-        --images 2048 --batch-size 256 | tee "$RESULTS/$SLUG-fastpath.jsonl" || status=1
+        --images "$FASTPATH_IMAGES" --batch-size 256 | tee "$RESULTS/$SLUG-fastpath.jsonl" || status=1
+}
+
+stage_parts() {
+    say "where a batch's time goes -> $RESULTS/$SLUG-parts.jsonl"
+    : >"$RESULTS/$SLUG-parts.jsonl"
+    for config in $CONFIGS; do
+        step "$D2M" bench --stage parts --yml "$(tuned "$config")" --shards "$SHARD_DIR" --device "$DEVICE" \
+            --precision "$PRECISION" | tee -a "$RESULTS/$SLUG-parts.jsonl" || status=1
+    done
 }
 
 stage_loader() {
@@ -173,7 +187,7 @@ stage_overhead() {  # a run's fixed cost around its work, on this machine (first
     : >"$RESULTS/$SLUG-run-overhead.jsonl"
     mkdir -p "$SCRATCH/one-shard"
     ln -sf "$(realpath "$(ls "$SHARD_DIR"/*.tar | head -n 1)")" "$SCRATCH/one-shard/"
-    for config in $RUN_CONFIGS; do
+    for config in $OVERHEAD_CONFIGS; do
         step "$D2M" bench --stage run-overhead --yml "$(tuned "$config")" --shards "$SCRATCH/one-shard" \
             | tee -a "$RESULTS/$SLUG-run-overhead.jsonl" || status=1
     done
@@ -181,7 +195,7 @@ stage_overhead() {  # a run's fixed cost around its work, on this machine (first
 
 stage_tests() {
     say "CUDA tests"
-    step "$PY" -m pytest -q -p no:cacheprovider tests/core/test_fastpath.py || status=1
+    step "$PY" -m pytest -q -p no:cacheprovider tests/core/test_fastpath.py tests/core/test_model_faces.py || status=1
 }
 
 for stage in $STAGES; do

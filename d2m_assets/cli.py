@@ -208,6 +208,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     updates = {k: v for k, v in (("device", args.device), ("precision", args.precision), ("gpu_decode", args.gpu_decode))
                if v is not None}
     config = config.model_copy(update=updates)
+    if args.stage == "parts":
+        from d2m_core.bench import device_parts
+
+        print(json.dumps({"config": Path(args.yml).name} | device_parts(config, expand_shards(_bench_shards(args)), args.shards)))
+        return 0
     for line in run_benchmark(config, expand_shards(_bench_shards(args)), Path(args.yml).name, args.repeats):
         print(json.dumps(line), flush=True)
     return 0
@@ -382,11 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
     weights.set_defaults(func=_cmd_weights)
 
     bench = sub.add_parser("bench", parents=[common], formatter_class=defaults, help="print throughput as JSON lines")
-    bench.add_argument("--stage", choices=["end-to-end", "loader", "writer", "run-overhead"], default="end-to-end",
+    bench.add_argument("--stage", choices=["end-to-end", "loader", "writer", "run-overhead", "parts"], default="end-to-end",
                        help="end-to-end (default): the whole pipeline; loader: reading only, images kept encoded; "
                             "writer: the output stage on synthetic model outputs (and the bytes it writes); run-overhead: "
                             "one Dagster run over the shards, launched as the daemon's launchers do, timed from "
-                            "launch to model build, first batch and process exit")
+                            "launch to model build, first batch and process exit; parts: where a batch's time goes (the "
+                            "loader with a consumer that only counts, decoding, resizing, each model)")
     bench.add_argument("--samples", type=int, default=10_000, help="--stage writer: samples per shard")
     bench.add_argument("--yml", default=None, help="the config (needed except for --stage loader: its batch_size)")
     bench.add_argument("--shards", required=True, help="folder of tars (made with make-shards if empty)")

@@ -213,3 +213,59 @@ def run_benchmark(config: D2MConfig, shards: Sequence[ShardRef], config_name: st
     }
     return [common | end_to_end(config, shards), common | model_only(config, shards, repeats),
             common | fidelity(config, shards)]
+
+
+def device_parts(config: D2MConfig, shards: Sequence[ShardRef], shard_dir: str, batches: int = 3) -> dict[str, Any]:
+    """Where a batch's time goes, part by part (the device synchronised around each): the loader as a run uses
+    it with a consumer that only counts (what the device stage could be fed), decoding and resizing in one
+    thread (resizing batched and per image size), and each model's share of `Engine.forward`."""
+    from d2m_core.reading import batched_resize, fastpath
+
+    names = selected_assets(config)
+    engine, _ = build_engine(config, [n for n in names if n in catalog.FEATURE_ASSETS])
+    device, transforms = engine.device, [t.name for t in engine.image_transforms]
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    start, samples, prepared = time.perf_counter(), 0, None
+    for item in engine.loader(shards):
+        if isinstance(item, Batch) and len(item):
+            samples += len(item)
+            prepared = prepared or item
+    loader_s = time.perf_counter() - start
+    result: dict[str, Any] = {"kind": "device_parts", "transforms": transforms, "decode_on_device": engine.decode_on_device,
+                              "loader_samples": samples, "loader_samples_per_s": round(samples / loader_s, 1)}
+    if prepared is None:
+        return result
+    parts: dict[str, list[float]] = {"decode": [], "resize_batched": [], "resize_per_size": []}
+    data = fastpath._read_images(shard_dir, batches * config.batch_size)
+    for k in range(0, len(data), config.batch_size):
+        sync()
+        t0 = time.perf_counter()
+        decoded = fastpath.decode_batch(data[k: k + config.batch_size], device)
+        sync()
+        parts["decode"].append(time.perf_counter() - t0)
+        images = [i for i in decoded.images if i is not None and fastpath.aspect_failure(*i.shape[-2:]) is None]
+        if not transforms:
+            continue
+        for label, max_side in (("resize_batched", batched_resize.MAX_SIDE), ("resize_per_size", 0)):
+            if label == "resize_per_size" and k:
+                continue  # once is enough: the slow path
+            saved, batched_resize.MAX_SIDE = batched_resize.MAX_SIDE, max_side
+            try:
+                sync()
+                t0 = time.perf_counter()
+                fastpath.prepare_tensors(images, transforms)
+                sync()
+                parts[label].append(time.perf_counter() - t0)
+            finally:
+                batched_resize.MAX_SIDE = saved
+    result |= {f"{label}_ms_per_batch": [round(1000 * s, 1) for s in seconds] for label, seconds in parts.items()}
+    result["batched_resize_applies"] = batched_resize.applies(device)
+    engine.forward(prepared)  # warm-up
+    timings: dict[str, float] = {}
+    repeats = 3
+    for _ in range(repeats):
+        engine.forward(prepared, timings)
+    result["forward_ms_per_batch"] = {part: round(1000 * s / repeats, 2) for part, s in timings.items()}
+    result["batch"] = len(prepared)
+    result["model_only_samples_per_s"] = round(repeats * len(prepared) / sum(timings.values()), 1)
+    return result

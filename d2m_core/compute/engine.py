@@ -100,8 +100,11 @@ class Engine:
             if self.text_in_readers else [],
         )
 
-    def forward(self, batch: Batch) -> dict[str, dict[str, Field]]:
-        """All models on one batch; returns model -> field -> (B, ...) float32 arrays (or per-sample lists)."""
+    def forward(self, batch: Batch, timings: dict[str, float] | None = None) -> dict[str, dict[str, Field]]:
+        """All models on one batch; returns model -> field -> (B, ...) float32 arrays (or per-sample lists).
+        With `timings`, adds each part's seconds to it ("inputs", then one entry per model; the device is
+        synchronised around each part, so only a benchmark asks for them)."""
+        clock = _PartClock(self.device, timings)
         inputs: dict[tuple[str, str], Any] = {}
         for t in self.image_transforms:
             pixels = batch.images[t.name].to(self.device, non_blocking=True)
@@ -111,6 +114,7 @@ class Engine:
         for name, preprocess in self.text_preprocessors.items():
             text = batch.text_inputs[name] if name in batch.text_inputs else preprocess(batch.texts)
             inputs[("text", name)] = text.to(self.device, non_blocking=True) if isinstance(text, torch.Tensor) else text
+        clock.lap("inputs")
         raw: dict[str, Any] = {}
         outputs: dict[str, dict[str, Field]] = {}
         with torch.inference_mode():
@@ -121,6 +125,7 @@ class Engine:
                 raw[name] = model(*args)
                 values = raw[name] if isinstance(raw[name], (tuple, list)) else (raw[name],)
                 outputs[name] = {f: _to_rows(v) for f, v in zip(model.output_fields, values)}
+                clock.lap(name)
         return outputs
 
     def forward_fitting(self, batch: Batch) -> dict[str, dict[str, Field]]:
@@ -215,6 +220,27 @@ class Engine:
         for model, fields in parts.items():
             widths = self.models[model].output_fields
             result.outputs[model] = {name: _concat(chunks, widths.get(name, 0)) for name, chunks in fields.items()}
+
+
+class _PartClock:
+    """Seconds per part of `Engine.forward`, when asked for (a no-op otherwise)."""
+
+    def __init__(self, device: torch.device, timings: dict[str, float] | None) -> None:
+        self.device, self.timings = device, timings
+        if timings is not None:
+            self._sync()
+            self.last = time.perf_counter()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def lap(self, part: str) -> None:
+        if self.timings is not None:
+            self._sync()
+            now = time.perf_counter()
+            self.timings[part] = self.timings.get(part, 0.0) + now - self.last
+            self.last = now
 
 
 def is_out_of_memory(err: BaseException) -> bool:

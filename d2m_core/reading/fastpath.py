@@ -48,6 +48,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from d2m_core.reading import batched_resize
 from d2m_core.reading.decoding import DRAFT_ABOVE_PIXELS, DecodeError, decode_image
 from d2m_core.reading.transforms import CLIP_STD, HALF, IMAGE_TRANSFORMS, check_aspect, pil_to_uint8, square_padding
 
@@ -313,6 +314,39 @@ def _groups(images: Sequence[torch.Tensor]) -> list[list[int]]:
     return chunks
 
 
+def _axes(name: str, height: int, width: int) -> tuple[batched_resize.Axis, batched_resize.Axis, tuple[int, ...]]:
+    """(rows, cols, faces-aug's padding) of one image for `batched_resize`: the same sizes, crops and pads as
+    `_clip`, `_dedup` and `_faces`."""
+    Axis = batched_resize.Axis
+    if name == "clip-aug":
+        size = _OUTPUT_SIZES[name]
+        full_h, full_w = short_side_size(height, width, size)
+        top, left = int(round((full_h - size) / 2.0)), int(round((full_w - size) / 2.0))
+        return Axis(height, 0, height, full_h, top), Axis(width, 0, width, full_w, left), ()
+    if name == "dedup-aug":
+        size = _OUTPUT_SIZES[name]
+        return Axis(height, 0, height, size, 0), Axis(width, 0, width, size, 0), ()
+    left, top, right, bottom = square_padding(width, height)
+    side, size = max(width, height), _OUTPUT_SIZES[name]
+    return Axis(side, top, height, size, 0), Axis(side, left, width, size, 0), (left, top, right, bottom)
+
+
+def _prepare_chunk(images: Sequence[torch.Tensor], group: list[int], names: Sequence[str],
+                   pixels: dict[str, torch.Tensor], padding: torch.Tensor | None) -> None:
+    """Every transform of `names` for a chunk of differently sized images at once (`batched_resize`),
+    written to rows `group` of `pixels` (and of faces-aug's `padding`)."""
+    canvas = batched_resize.canvas_of(images)
+    index = torch.tensor(group, device=canvas.device)
+    for name in names:
+        axes = [_axes(name, *image.shape[-2:]) for image in images]
+        mode = "bilinear" if name == "dedup-aug" else "bicubic"
+        out = batched_resize.resize(canvas, [a[0] for a in axes], [a[1] for a in axes], _OUTPUT_SIZES[name], mode)
+        pixels[name].index_copy_(0, index, out.to(torch.uint8))
+        if name == "faces-aug" and padding is not None:
+            sides = torch.tensor([[float(max(image.shape[-2:]))] for image in images])
+            padding[group] = torch.tensor([a[2] for a in axes], dtype=torch.float32) / sides
+
+
 def prepare_tensors(images: Sequence[torch.Tensor], names: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     """The device equivalent of `[t.prepare(image) for image in images]`, stacked: name -> (uint8 (B,3,S,S), aux).
 
@@ -328,8 +362,16 @@ def prepare_tensors(images: Sequence[torch.Tensor], names: Sequence[str]) -> dic
     pixels = {n: torch.empty((count, 3, _OUTPUT_SIZES[n], _OUTPUT_SIZES[n]), dtype=torch.uint8, device=device)
               for n in names}
     padding = torch.empty((count, 4), dtype=torch.float32) if "faces-aug" in names else None
+    batched = [i for i, image in enumerate(images) if max(image.shape[-2:]) <= batched_resize.MAX_SIDE] \
+        if batched_resize.applies(device) else []
     with torch.no_grad():
-        for group in _groups(images):
+        for chunk in batched_resize.chunks([tuple(images[i].shape[-2:]) for i in batched]):
+            group = [batched[k] for k in chunk]
+            _prepare_chunk([images[i] for i in group], group, names, pixels, padding)
+        taken = set(batched)
+        rest = [i for i in range(count) if i not in taken]  # large images, or TF32 products: per size
+        for sub in _groups([images[i] for i in rest]):
+            group = [rest[k] for k in sub]
             x = images[group[0]][None] if len(group) == 1 else torch.stack([images[i] for i in group])
             if x.numel() <= 3 * GROUP_PIXELS:  # else one huge image: _horizontal converts it in chunks of rows
                 x = x.to(torch.float32)

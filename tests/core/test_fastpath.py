@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from d2m_core.reading import fastpath
+from d2m_core.reading import batched_resize, fastpath
 from d2m_core.reading.decoding import decode_image
 from d2m_core.reading.transforms import CLIP_STD, IMAGE_TRANSFORMS, pil_to_uint8
 from d2m_core.testdata.synth import make_shards
@@ -71,8 +71,15 @@ def _compare(fast: fastpath.DevicePreprocessed, data: list[bytes]) -> dict[str, 
                           for row, i in enumerate(fast.kept)]).float() for n in NAMES}
 
 
+@pytest.fixture(params=["per-size", "batched"])
+def resize_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both resize paths of fastpath on the CPU: per image size (the CPU's), and batched_resize (CUDA's)."""
+    monkeypatch.setattr(batched_resize, "ON_CPU", request.param == "batched")
+    return request.param
+
+
 @pytest.mark.parametrize("which", ["shard_images", "edge_images"])
-def test_fidelity_against_the_pil_path(which: str, request: pytest.FixtureRequest) -> None:
+def test_fidelity_against_the_pil_path(which: str, resize_path: str, request: pytest.FixtureRequest) -> None:
     data = request.getfixturevalue(which)
     fast = fastpath.preprocess_batch(data, NAMES, "cpu")
     assert not fast.failures
@@ -80,6 +87,39 @@ def test_fidelity_against_the_pil_path(which: str, request: pytest.FixtureReques
         assert diff.max() <= MAX_LEVELS, (name, diff.max())
         assert diff.mean() <= MEAN_LEVELS, (name, diff.mean())
         assert (diff > 1).float().mean() <= SHARE_OVER_ONE, name
+
+
+def test_batched_resize_matches_the_per_size_path(shard_images: list[bytes], edge_images: list[bytes],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batched products and the per-size kernels sum the same taps in another order: at most a rare
+    1-2 level flip at a .5 boundary; the large edge images (over MAX_SIDE) take the per-size path in both."""
+    images = [i for i in fastpath.decode_batch(shard_images + edge_images, "cpu").images
+              if fastpath.aspect_failure(*i.shape[-2:]) is None]
+    per_size = fastpath.prepare_tensors(images, NAMES)
+    monkeypatch.setattr(batched_resize, "ON_CPU", True)
+    batched = fastpath.prepare_tensors(images, NAMES)
+    monkeypatch.setattr(batched_resize, "CHUNK_PIXELS", 300 * 300)  # many chunks, of one image or a few
+    chunked = fastpath.prepare_tensors(images, NAMES)
+    assert len(batched_resize.chunks([tuple(i.shape[-2:]) for i in images])) > 10
+    for name in NAMES:
+        for other in (batched, chunked):
+            diff = (other[name][0].int() - per_size[name][0].int()).abs()
+            assert diff.max() <= MAX_LEVELS and (diff > 0).float().mean() < 1e-3, (name, diff.max())
+    assert torch.equal(batched["faces-aug"][1], per_size["faces-aug"][1])
+    assert torch.equal(chunked["faces-aug"][1], per_size["faces-aug"][1])
+
+
+def test_batched_resize_weights_are_pil_taps() -> None:
+    """Rows of a downscale sum to 1 over the image; a same-size pass is the identity; white padding's share
+    goes to the padding column, not the matrix."""
+    axes = [batched_resize.Axis(10, 0, 10, 4, 0), batched_resize.Axis(4, 0, 4, 4, 0), batched_resize.Axis(6, 2, 2, 3, 0)]
+    matrix, padding = batched_resize.weights(axes, 3, 10, "bicubic", torch.device("cpu"))
+    assert matrix.shape == (3, 3, 10) and padding.shape == (3, 3)
+    torch.testing.assert_close(matrix[0].sum(-1), torch.ones(3))
+    assert torch.equal(matrix[1][:, :4], torch.eye(4)[:3]) and not padding[1].any()
+    assert not matrix[2][:, 2:].any()  # only 2 real pixels
+    torch.testing.assert_close(matrix[2].sum(-1) + padding[2], torch.ones(3))
+    assert padding[2][0] > 0.5 and padding[2][2] > 0.5 and padding[2][1] < 0.5  # real pixels 2-3 of 0-5: the outer outputs see mostly white
 
 
 def test_model_inputs_match_finish_of_the_pil_path(shard_images: list[bytes]) -> None:
@@ -221,7 +261,7 @@ def test_unknown_transforms_are_refused() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvJPEG)")
-def test_cuda_decode_and_transforms_stay_within_tolerance(shard_images: list[bytes]) -> None:
+def test_cuda_decode_and_transforms_stay_within_tolerance(shard_images: list[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
     """nvJPEG's IDCT and chroma upsampling are not libjpeg-turbo's: single pixels can differ a lot at sharp
     colour edges, so only the mean is bounded, by torchvision's own bound for its CUDA decoder (< 2 levels)."""
     device = torch.device("cuda")
@@ -231,5 +271,14 @@ def test_cuda_decode_and_transforms_stay_within_tolerance(shard_images: list[byt
     assert fast.pixels["clip-aug"].device.type == "cuda" and fast.decoded_by["torchvision"] > 0
     for name, diff in _compare(fast, shard_images).items():
         assert diff.mean() < 2.0, (name, diff.mean())
+    assert batched_resize.applies(device)  # CUDA resizes in batches; the per-size kernels must agree with it
+    images = [i for i in fastpath.decode_batch(shard_images, device).images if i is not None
+              and fastpath.aspect_failure(*i.shape[-2:]) is None]
+    batched = fastpath.prepare_tensors(images, NAMES)
+    monkeypatch.setattr(batched_resize, "MAX_SIDE", 0)
+    per_size = fastpath.prepare_tensors(images, NAMES)
+    for name in NAMES:
+        diff = (batched[name][0].int() - per_size[name][0].int()).abs()
+        assert diff.max() <= MAX_LEVELS and (diff > 0).float().mean() < 1e-3, (name, diff.max())
     out = fast.finish(torch.bfloat16)
     assert out["clip-aug"].device.type == "cuda" and out["faces-aug"][1].device.type == "cuda"
