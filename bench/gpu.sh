@@ -22,7 +22,8 @@
 # Knobs (environment): DEVICE (0), PRECISION (bf16), SHARDS (4), SAMPLES (10000), CONFIGS ("basic datacomp"),
 # RUN_CONFIGS ("basic datacomp"), OVERHEAD_CONFIGS (RUN_CONFIGS), READERS (4), NWORKERS (8), SHARD_DIR (.bench/gpu),
 # RESULTS (bench/results), FASTPATH_IMAGES (2048), STAGES ("shards bench run parts fastpath loader writer overhead
-# tests"), STEP_TIMEOUT (s per step, 300),
+# tests"), STEP_TIMEOUT (s per step, 300), CUDA_TESTS_MORE (more test files for the tests stage, e.g.
+# tests/core/test_model_faces.py where insightface and onnxruntime-gpu are installed),
 # PYTHON (the interpreter: for WHEELS, default python3; for a new .venv when python3.11 is missing, e.g. python3.12).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -195,7 +196,7 @@ stage_overhead() {  # a run's fixed cost around its work, on this machine (first
 
 stage_tests() {
     say "CUDA tests"
-    step "$PY" -m pytest -q -p no:cacheprovider tests/core/test_fastpath.py tests/core/test_model_faces.py || status=1
+    step "$PY" -m pytest -q -p no:cacheprovider tests/core/test_fastpath.py ${CUDA_TESTS_MORE:-} || status=1
 }
 
 for stage in $STAGES; do
