@@ -243,7 +243,7 @@ def device_parts(config: D2MConfig, shards: Sequence[ShardRef], shard_dir: str, 
         decoded = fastpath.decode_batch(data[k: k + config.batch_size], device)
         sync()
         parts["decode"].append(time.perf_counter() - t0)
-        result.setdefault("decoded_by", {b: decoded.count(b) for b in fastpath.DECODERS})
+        result.setdefault("decoded_by", {b: decoded.count(b) for b in ("torchvision", "pil")})
         images = [i for i in decoded.images if i is not None and fastpath.aspect_failure(*i.shape[-2:]) is None]
         if not transforms:
             continue
@@ -261,15 +261,12 @@ def device_parts(config: D2MConfig, shards: Sequence[ShardRef], shard_dir: str, 
                 batched_resize.MAX_SIDE = saved
     result |= {f"{label}_ms_per_batch": [round(1000 * s, 1) for s in seconds] for label, seconds in parts.items()}
     result["batched_resize_applies"] = batched_resize.applies(device)
+    engine.forward(prepared)  # warm-up
+    timings: dict[str, float] = {}
     repeats = 3
-    for benchmark in (False, True):  # cuDNN's algorithm search off, then on (as build_engine sets it on CUDA)
-        torch.backends.cudnn.benchmark = benchmark
-        engine.forward(prepared)  # warm-up (and the search)
-        timings: dict[str, float] = {}
-        for _ in range(repeats):
-            engine.forward(prepared, timings)
-        label = "forward_ms_per_batch" if benchmark else "forward_ms_per_batch_cudnn_benchmark_off"
-        result[label] = {part: round(1000 * s / repeats, 2) for part, s in timings.items()}
+    for _ in range(repeats):
+        engine.forward(prepared, timings)
+    result["forward_ms_per_batch"] = {part: round(1000 * s / repeats, 2) for part, s in timings.items()}
     result["batch"] = len(prepared)
     result["model_only_samples_per_s"] = round(repeats * len(prepared) / sum(timings.values()), 1)
     return result

@@ -65,8 +65,6 @@ def build_engine(config: D2MConfig, feature_assets: Sequence[str], device: torch
     on_device = config.gpu_decode == "on" or (config.gpu_decode == "auto" and device.type == "cuda")
     engine.decode_on_device = bool(names) and on_device and supports(names)
     engine.text_in_readers = device.type == "cuda"  # keeps the tokenizer's GIL time off the device stage
-    if device.type == "cuda":  # batches have one shape: cuDNN times its convolution algorithms once and keeps the best
-        torch.backends.cudnn.benchmark = True
     log.info("%s in %.2f s", MODEL_BUILD_DONE, time.perf_counter() - started)
     return engine, weights
 

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from d2m_core.reading import batched_resize, nvimgcodec_decode
+from d2m_core.reading import batched_resize
 from d2m_core.reading.decoding import DRAFT_ABOVE_PIXELS, DecodeError, decode_image
 from d2m_core.reading.transforms import CLIP_STD, HALF, IMAGE_TRANSFORMS, check_aspect, pil_to_uint8, square_padding
 
@@ -68,7 +68,6 @@ __all__ = [
 
 FAST_TRANSFORMS = frozenset({"clip-aug", "dedup-aug", "faces-aug"})
 DEVICE_DECODABLE_SOF = frozenset({0xC0, 0xC1, 0xC2})  # baseline, extended sequential, progressive (Huffman)
-DECODERS = ("torchvision", "nvimgcodec", "pil")  # DecodedBatch.backends
 MAX_CUDA_SCALE = 64.0  # CUDA's antialiased kernels need shared memory growing with the scale; above it, the CPU
 GROUP_PIXELS = 1 << 24  # same-size images are resized together, up to this many pixels per call
 
@@ -157,7 +156,7 @@ class DecodedBatch:
 
     images: list[torch.Tensor | None]
     failures: list[str | None]
-    backends: list[str | None]  # one of DECODERS, None for a failure
+    backends: list[str | None]  # "torchvision" (nvJPEG / libjpeg-turbo) or "pil", None for a failure
 
     def __len__(self) -> int:
         return len(self.images)
@@ -183,31 +182,6 @@ def _torchvision_decode(encoded: list[torch.Tensor], device: torch.device) -> li
         return [decode_jpeg(e, mode=ImageReadMode.RGB) for e in encoded]
 
 
-def _fast_decode(data: Sequence[bytes], device: torch.device) -> tuple[list[torch.Tensor | None], str]:
-    """JPEGs that PIL would decode the same way: on CUDA with nvImageCodec when installed (a decoder per
-    thread, the hardware JPEG engines), else with torchvision (nvJPEG behind one lock per process; libjpeg-turbo
-    on the CPU). None where the decoder refused an image; the backend's name."""
-    if device.type == "cuda":
-        decoded = nvimgcodec_decode.decode(data, device)
-        if decoded is not None:
-            return decoded, "nvimgcodec"
-    encoded = [torch.frombuffer(bytearray(item), dtype=torch.uint8) for item in data]
-    try:
-        return list(_torchvision_decode(encoded, device)), "torchvision"
-    except Exception as err:  # noqa: BLE001 - one image nvJPEG rejects fails its whole batch: retry alone
-        if _is_oom(err):
-            raise
-    alone: list[torch.Tensor | None] = []
-    for e in encoded:
-        try:
-            alone.append(_torchvision_decode([e], device)[0])
-        except Exception as one:  # noqa: BLE001 - PIL decides
-            if _is_oom(one):
-                raise
-            alone.append(None)
-    return alone, "torchvision"
-
-
 def decode_batch(data: Sequence[bytes], device: torch.device | str, *, use_torchvision: bool = True) -> DecodedBatch:
     """Decode a batch of encoded images onto `device`; never raises for a bad image.
 
@@ -227,13 +201,26 @@ def decode_batch(data: Sequence[bytes], device: torch.device | str, *, use_torch
             if header is not None and header.device_decodable:
                 fast.append((i, header))
     if fast:
-        decoded, backend = _fast_decode([data[i] for i, _ in fast], device)
+        encoded = [torch.frombuffer(bytearray(data[i]), dtype=torch.uint8) for i, _ in fast]
+        try:
+            decoded: list[torch.Tensor | None] = list(_torchvision_decode(encoded, device))
+        except Exception as err:  # noqa: BLE001 - one image nvJPEG rejects fails its whole batch: retry alone
+            if _is_oom(err):
+                raise
+            decoded = []
+            for e in encoded:
+                try:
+                    decoded.append(_torchvision_decode([e], device)[0])
+                except Exception as one:  # noqa: BLE001 - PIL decides below
+                    if _is_oom(one):
+                        raise
+                    decoded.append(None)
         for (i, header), image in zip(fast, decoded):
             if image is not None and image.dim() == 3 and image.shape[1:] == (header.height, header.width):
                 if image.shape[0] == 1:
                     image = image.expand(3, -1, -1).contiguous()
                 if image.shape[0] == 3:
-                    images[i], backends[i] = image, backend
+                    images[i], backends[i] = image, "torchvision"
     for i, item in enumerate(data):
         if images[i] is not None:
             continue
@@ -456,7 +443,7 @@ def preprocess_batch(data: Sequence[bytes], names: Sequence[str], device: torch.
     transforms becomes that image's failure."""
     decoded = decode_batch(data, device, use_torchvision=use_torchvision)
     result = DevicePreprocessed(kept=[], failures={i: r for i, r in enumerate(decoded.failures) if r is not None},
-                                decoded_by={b: decoded.count(b) for b in DECODERS})
+                                decoded_by={b: decoded.count(b) for b in ("torchvision", "pil")})
     candidates = []
     for i in decoded.ok:
         height, width = decoded.images[i].shape[-2:]
@@ -538,12 +525,12 @@ def decode_fidelity(data: Sequence[bytes], device: torch.device | str) -> dict[s
     decoded = decode_batch(data, device)
     diffs = []
     for i, image in enumerate(decoded.images):
-        if decoded.backends[i] not in (None, "pil"):
+        if decoded.backends[i] == "torchvision":
             diffs.append((image.cpu().int() - pil_to_uint8(decode_image(data[i])).int()).abs().flatten())
     if not diffs:
-        return {"device_decoded_images": 0, "pil_fallbacks": decoded.count("pil")}
+        return {"torchvision_images": 0, "pil_fallbacks": decoded.count("pil")}
     flat = torch.cat(diffs).float()
-    return {"device_decoded_images": len(diffs), "decoders": {b: decoded.count(b) for b in DECODERS}, "max_levels": flat.max().item(), "mean_levels": round(flat.mean().item(), 5),
+    return {"torchvision_images": len(diffs), "max_levels": flat.max().item(), "mean_levels": round(flat.mean().item(), 5),
             "share_over_1": round((flat > 1).float().mean().item(), 7), "pil_fallbacks": decoded.count("pil")}
 
 
