@@ -21,7 +21,7 @@
 # then runs the CUDA tests. Stages run in the order of STAGES; a failed step is reported and the next one runs.
 # Knobs (environment): DEVICE (0), PRECISION (bf16), SHARDS (4), SAMPLES (10000), CONFIGS ("basic datacomp"),
 # RUN_CONFIGS ("basic datacomp"), OVERHEAD_CONFIGS (RUN_CONFIGS), READERS (4), NWORKERS (8), SHARD_DIR (.bench/gpu),
-# RESULTS (bench/results), FASTPATH_IMAGES (2048), STAGES ("shards bench run parts fastpath loader writer overhead
+# RESULTS (bench/results), FASTPATH_IMAGES (2048), GPU_DECODE (the configs' gpu_decode, e.g. resize), STAGES ("shards bench run parts fastpath loader writer overhead
 # tests"), STEP_TIMEOUT (s per step, 300), CUDA_TESTS_MORE (more test files for the tests stage, e.g.
 # tests/core/test_model_faces.py where insightface and onnxruntime-gpu are installed),
 # PYTHON (the interpreter: for WHEELS, default python3; for a new .venv when python3.11 is missing, e.g. python3.12).
@@ -36,6 +36,7 @@ CONFIGS="${CONFIGS:-basic datacomp}"
 RUN_CONFIGS="${RUN_CONFIGS:-basic datacomp}"
 OVERHEAD_CONFIGS="${OVERHEAD_CONFIGS:-$RUN_CONFIGS}"
 FASTPATH_IMAGES="${FASTPATH_IMAGES:-2048}"
+GPU_DECODE="${GPU_DECODE:-}"
 READERS="${READERS:-4}"
 NWORKERS="${NWORKERS:-8}"
 SHARD_DIR="${SHARD_DIR:-.bench/gpu}"
@@ -92,13 +93,15 @@ echo "{\"gpu\": \"$GPU\", \"cores\": $(nproc), \"python\": \"$("$PY" -V 2>&1)\",
 
 # A config with this run's shards and output folder, READERS reading processes and NWORKERS threads.
 tuned() {  # tuned CONFIG -> path of the copy
-    "$PY" - "$1" "$SHARD_DIR" "$SCRATCH" "$READERS" "$NWORKERS" "$PRECISION" <<'EOF2'
+    "$PY" - "$1" "$SHARD_DIR" "$SCRATCH" "$READERS" "$NWORKERS" "$PRECISION" "$GPU_DECODE" <<'EOF2'
 import sys, yaml
 from pathlib import Path
-name, shards, scratch, readers, nworkers, precision = sys.argv[1:]
+name, shards, scratch, readers, nworkers, precision, gpu_decode = sys.argv[1:]
 cfg = yaml.safe_load(Path(f"configs/{name}.yml").read_text())
 cfg.update(input_tars=str(Path(shards).resolve() / "*.tar"), output_metadata_dir=f"{scratch}/out-{name}",
            reader_processes=int(readers), nworkers=int(nworkers), precision=precision, dataset=f"gpu{name}")
+if gpu_decode:
+    cfg["gpu_decode"] = gpu_decode
 path = Path(scratch) / f"{name}-tuned.yml"
 path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 print(path)
