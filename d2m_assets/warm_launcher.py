@@ -156,16 +156,20 @@ class WarmRunLauncher(ConfiguredRunLauncher):
 
     def _take(self, executable: str, stamp: float) -> Spare | None:
         """The oldest usable spare (ready ones first); spares of other code are closed."""
-        for spare in [s for s in self._spares if s.stamp < stamp or s.process.poll() is not None]:
-            self._spares.remove(spare)
-            spare.close()
-            self._closed.append(spare.process)
+        self._retire([s for s in self._spares if s.stamp < stamp or s.process.poll() is not None])
         fitting = [s for s in self._spares if s.executable == executable]
         if not fitting:
             return None
         spare = next((s for s in fitting if s.ready()), fitting[0])
         self._spares.remove(spare)
         return spare
+
+    def _retire(self, spares: list[Spare]) -> None:
+        """Close these spares (their process exits on its own) and keep them until they are reaped."""
+        for spare in spares:
+            self._spares.remove(spare)
+            spare.close()
+            self._closed.append(spare.process)
 
     def _fill(self, executable: str, stamp: float) -> None:
         while sum(s.executable == executable for s in self._spares) < self.config.spares:
@@ -202,10 +206,7 @@ class WarmRunLauncher(ConfiguredRunLauncher):
 
     def dispose(self) -> None:
         with self._lock:
-            spares, self._spares = self._spares, []
-            for spare in spares:
-                spare.close()
-                self._closed.append(spare.process)
+            self._retire(list(self._spares))
             for process in self._closed:
                 try:
                     process.wait(timeout=5)
