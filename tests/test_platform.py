@@ -108,6 +108,18 @@ def test_ui_backfill_of_6_shards_with_a_gpu_pool_of_2(instance_env: dict, tmp_pa
         assert (tmp_path / "metadata" / f"{stem}.parquet").is_file()
 
 
+def _evaluations_after(instance: DagsterInstance, sensor: str, after: float) -> int:
+    """Ticks of the sensor named `sensor` (the dataset's prefix aside) that started after `after` and ended."""
+    from dagster._core.definitions.run_request import InstigatorType
+    from dagster._core.scheduler.instigation import TickStatus
+
+    ended = (TickStatus.SUCCESS, TickStatus.SKIPPED, TickStatus.FAILURE)
+    return sum(tick.status in ended and tick.timestamp > after
+               for state in instance.all_instigator_state(instigator_type=InstigatorType.SENSOR)
+               if state.instigator_name.endswith(sensor)
+               for tick in instance.get_ticks(state.instigator_origin_id, state.selector_id, limit=20))
+
+
 def test_daemon_processes_new_shards_by_itself(tmp_path: Path, monkeypatch) -> None:
     """Sensor + automation on: complete tars dropped into the input folder get materialized, each once."""
     home = tmp_path / "home"
@@ -134,7 +146,10 @@ def test_daemon_processes_new_shards_by_itself(tmp_path: Path, monkeypatch) -> N
         while instance.get_materialized_partitions(metadata) != {"00000", "00001"}:
             assert time.time() < deadline, (tmp_path / "daemon.log").read_text()[-4000:]
             time.sleep(3)
-        time.sleep(15)  # more automation ticks: nothing is requested again
+        done = time.time()
+        while _evaluations_after(instance, "shard_automation", done) < 2:  # two more evaluations: nothing requested
+            assert time.time() < deadline, (tmp_path / "daemon.log").read_text()[-4000:]
+            time.sleep(1)
     events = instance.fetch_materializations(metadata, limit=50).records
     runs = [(r.run_id[:8], r.status.value, {k: v for k, v in r.tags.items() if "partition" in k or "retry" in k
                                             or "backfill" in k}) for r in instance.get_runs()]
