@@ -9,9 +9,12 @@ alone), so it caps a GPU at ~90 images/s per loader core. This module does that 
    truncated JPEGs, JPEGs so large that PIL decodes them in draft mode, bytes torchvision rejects) falls
    back, per image, to `d2m_core.reading.decoding.decode_image` (PIL, the seed's semantics) and is then copied to
    the device. An undecodable image becomes a failure reason; one bad image never fails the batch.
+   With `jpeg_on_cpu` (`gpu_decode: resize`) those JPEGs decode on the CPU instead and go up in one copy.
 2. `prepare_tensors`: each transform of `d2m_core.reading.transforms` as tensor ops, giving the same uint8
    (B, 3, S, S) batches (and faces-aug's padding) that `prepare` gives, so the transforms' own `finish`
-   turns them into model inputs (`tensor_transforms` does both; `preprocess_batch` does it all).
+   turns them into model inputs (`tensor_transforms` does both; `preprocess_batch` does it all). On CUDA,
+   images up to `batched_resize.MAX_SIDE` are resized a chunk at a time by `batched_resize` (matrix
+   products); larger ones, and all on the CPU, by the per-size kernels below.
 
 What is kept from the PIL path, on purpose:
 - Sizes: torchvision's PIL `resize` (short side to 224, long side int(224 * long / short)), `center_crop`
