@@ -93,14 +93,14 @@ def test_batched_resize_matches_the_per_size_path(shard_images: list[bytes], edg
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The batched products and the per-size kernels sum the same taps in another order: at most a rare
     1-2 level flip at a .5 boundary; the large edge images (over MAX_SIDE) take the per-size path in both."""
-    images = [i for i in fastpath.decode_batch(shard_images + edge_images, "cpu").images
+    images = [i for i in fastpath.decode_batch(shard_images[:20] + edge_images, "cpu").images
               if fastpath.aspect_failure(*i.shape[-2:]) is None]
     per_size = fastpath.prepare_tensors(images, NAMES)
     monkeypatch.setattr(batched_resize, "ON_CPU", True)
     batched = fastpath.prepare_tensors(images, NAMES)
     monkeypatch.setattr(batched_resize, "CHUNK_PIXELS", 300 * 300)  # many chunks, of one image or a few
     chunked = fastpath.prepare_tensors(images, NAMES)
-    assert len(batched_resize.chunks([tuple(i.shape[-2:]) for i in images])) > 10
+    assert len(batched_resize.chunks([tuple(i.shape[-2:]) for i in images])) > 8
     for name in NAMES:
         for other in (batched, chunked):
             diff = (other[name][0].int() - per_size[name][0].int()).abs()
