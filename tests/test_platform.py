@@ -147,7 +147,7 @@ def test_daemon_processes_new_shards_by_itself(tmp_path: Path, monkeypatch) -> N
             assert time.time() < deadline, (tmp_path / "daemon.log").read_text()[-4000:]
             time.sleep(3)
         done = time.time()
-        while _evaluations_after(instance, "shard_automation", done) < 2:  # two more evaluations: nothing requested
+        while _evaluations_after(instance, "shard_automation", done) < 1:  # an evaluation begun after: nothing requested
             assert time.time() < deadline, (tmp_path / "daemon.log").read_text()[-4000:]
             time.sleep(1)
     events = instance.fetch_materializations(metadata, limit=50).records
