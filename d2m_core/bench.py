@@ -251,7 +251,7 @@ def device_parts(config: D2MConfig, shards: Sequence[ShardRef], shard_dir: str, 
             decoded = fastpath.decode_batch(data[k: k + config.batch_size], device, jpeg_on_cpu=on_cpu)
             sync()
             parts[label].append(time.perf_counter() - t0)
-        result.setdefault("decoded_by", {b: decoded.count(b) for b in ("torchvision", "pil")})
+        result.setdefault("decoded_by", decoded.by_backend())
         images = [i for i in decoded.images if i is not None and fastpath.aspect_failure(*i.shape[-2:]) is None]
         if not transforms:
             continue

@@ -172,6 +172,10 @@ class DecodedBatch:
     def count(self, backend: str) -> int:
         return sum(b == backend for b in self.backends)
 
+    def by_backend(self) -> dict[str, int]:
+        """Images each decoder took: {"torchvision": n, "pil": m}."""
+        return {b: self.count(b) for b in ("torchvision", "pil")}
+
 
 def _pil_decode(data: bytes, device: torch.device) -> torch.Tensor:
     """The seed's decode (PIL, convert('RGB')), as a uint8 (3, H, W) tensor on `device`; raises DecodeError."""
@@ -466,7 +470,7 @@ def preprocess_batch(data: Sequence[bytes], names: Sequence[str], device: torch.
     transforms becomes that image's failure. `jpeg_on_cpu`: see decode_batch."""
     decoded = decode_batch(data, device, use_torchvision=use_torchvision, jpeg_on_cpu=jpeg_on_cpu)
     result = DevicePreprocessed(kept=[], failures={i: r for i, r in enumerate(decoded.failures) if r is not None},
-                                decoded_by={b: decoded.count(b) for b in ("torchvision", "pil")})
+                                decoded_by=decoded.by_backend())
     candidates = []
     for i in decoded.ok:
         height, width = decoded.images[i].shape[-2:]
