@@ -22,6 +22,7 @@
 # Knobs (environment): DEVICE (0), PRECISION (bf16), SHARDS (4), SAMPLES (10000), CONFIGS ("basic datacomp"),
 # RUN_CONFIGS ("basic datacomp"), OVERHEAD_CONFIGS (RUN_CONFIGS), READERS (4), NWORKERS (8), SHARD_DIR (.bench/gpu),
 # RESULTS (bench/results), FASTPATH_IMAGES (2048), GPU_DECODE (the configs' gpu_decode, e.g. resize),
+# COMPILE_CONFIGS (configs run with torch_compile: true, e.g. "datacomp"; none by default),
 # STAGES ("shards bench run parts fastpath loader writer overhead tests"), STEP_TIMEOUT (s per step, 300),
 # CUDA_TESTS_MORE (more test files for the tests stage, e.g. tests/core/test_model_faces.py where insightface
 # and onnxruntime-gpu are installed),
@@ -38,6 +39,7 @@ RUN_CONFIGS="${RUN_CONFIGS:-basic datacomp}"
 OVERHEAD_CONFIGS="${OVERHEAD_CONFIGS:-$RUN_CONFIGS}"
 FASTPATH_IMAGES="${FASTPATH_IMAGES:-2048}"
 GPU_DECODE="${GPU_DECODE:-}"
+COMPILE_CONFIGS="${COMPILE_CONFIGS:-}"
 READERS="${READERS:-4}"
 NWORKERS="${NWORKERS:-8}"
 SHARD_DIR="${SHARD_DIR:-.bench/gpu}"
@@ -94,15 +96,17 @@ echo "{\"gpu\": \"$GPU\", \"cores\": $(nproc), \"python\": \"$("$PY" -V 2>&1)\",
 
 # A config with this run's shards and output folder, READERS reading processes and NWORKERS threads.
 tuned() {  # tuned CONFIG -> path of the copy
-    "$PY" - "$1" "$SHARD_DIR" "$SCRATCH" "$READERS" "$NWORKERS" "$PRECISION" "$GPU_DECODE" <<'EOF2'
+    "$PY" - "$1" "$SHARD_DIR" "$SCRATCH" "$READERS" "$NWORKERS" "$PRECISION" "$GPU_DECODE" "$COMPILE_CONFIGS" <<'EOF2'
 import sys, yaml
 from pathlib import Path
-name, shards, scratch, readers, nworkers, precision, gpu_decode = sys.argv[1:]
+name, shards, scratch, readers, nworkers, precision, gpu_decode, compiled = sys.argv[1:]
 cfg = yaml.safe_load(Path(f"configs/{name}.yml").read_text())
 cfg.update(input_tars=str(Path(shards).resolve() / "*.tar"), output_metadata_dir=f"{scratch}/out-{name}",
            reader_processes=int(readers), nworkers=int(nworkers), precision=precision, dataset=f"gpu{name}")
 if gpu_decode:
     cfg["gpu_decode"] = gpu_decode
+if name in compiled.split():
+    cfg["torch_compile"] = True
 path = Path(scratch) / f"{name}-tuned.yml"
 path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 print(path)
@@ -142,15 +146,22 @@ stage_run() {  # `d2m run` through Dagster, a fresh instance each, wall time fro
             status=1
             tail -n 40 "$log" >&2
         fi
-        "$PY" - "$config" "$(( (end - start) / 1000000 ))" "$GPU" "$READERS" "$NWORKERS" "$log" <<'EOF2' | tee -a "$RESULTS/$SLUG-run.jsonl"
-import json, re, sys
-config, ms, gpu, readers, nworkers, log = sys.argv[1:]
+        "$PY" - "$config" "$(( (end - start) / 1000000 ))" "$GPU" "$READERS" "$NWORKERS" "$log" "$SCRATCH/out-$config" \
+            "$COMPILE_CONFIGS" <<'EOF2' | tee -a "$RESULTS/$SLUG-run.jsonl"
+import glob, json, re, sys
+config, ms, gpu, readers, nworkers, log, out, compiled = sys.argv[1:]
 summary = [l.strip() for l in open(log, errors="replace") if l.startswith("d2m run:")]
 found = re.search(r"([\d,]+) samples in", summary[-1]) if summary else None
 samples, wall = int(found.group(1).replace(",", "")) if found else 0, int(ms) / 1000
+timings = {}  # summed over the shards' {shard}.json: loader_wait_s, decode_s, model_s, total_s
+for path in glob.glob(f"{out}/*.json"):
+    data = json.load(open(path))
+    for key, value in (data.get("timings", {}) if isinstance(data, dict) else {}).items():
+        timings[key] = round(timings.get(key, 0.0) + value, 2)
 print(json.dumps({"kind": "d2m_run", "config": config, "gpu": gpu, "samples": samples, "wall_s": wall,
                   "samples_per_s": round(samples / wall, 1), "reader_processes": int(readers),
-                  "nworkers": int(nworkers), "summary": summary[-1] if summary else None}))
+                  "nworkers": int(nworkers), "torch_compile": config in compiled.split(),
+                  "summary": summary[-1] if summary else None, "shard_timings_s": timings}))
 EOF2
     done
 }

@@ -23,8 +23,8 @@ SEED_OPTIONAL_FIELDS = (
     "logging",
     "warn_and_continue",
 )
-D2M_FIELDS = ("dataset", "weights_dir", "precision", "artifacts_dir", "max_failure_rate", "gpu_decode", "filters",
-              "filter_cron", "reshard", "reader_processes")
+D2M_FIELDS = ("dataset", "weights_dir", "precision", "artifacts_dir", "max_failure_rate", "gpu_decode", "torch_compile",
+              "filters", "filter_cron", "reshard", "reader_processes")
 DATASET_NAME = re.compile(r"^[A-Za-z0-9_]+$")  # Dagster's rule for names (asset key parts, partitions, sensors)
 
 
@@ -117,6 +117,7 @@ class D2MConfig(BaseModel):
     filter_cron: str = "0 * * * *"  # how often filters made stale by new shards re-run
     reshard: ReshardSpec | None = None
     reader_processes: int = Field(default=2, gt=0)  # processes reading tars, each a shard at a time
+    torch_compile: bool = False  # torch.compile ISC's and CLIP's image towers (d2m_core.compute.compiled)
 
     @field_validator("gpu_decode", mode="before")
     @classmethod

@@ -18,6 +18,7 @@ import pyarrow as pa
 import torch
 
 from d2m_core import catalog
+from d2m_core.compute.compiled import compile_models
 from d2m_core.compute.device import resolve_device, resolve_dtype
 from d2m_core.compute.engine import MODEL_BUILD_DONE, MODEL_BUILD_START, Engine, Progress, ShardResult
 from d2m_core.compute.models import create_model, model_class, resolve_model_weights, topo_order
@@ -59,6 +60,8 @@ def build_engine(config: D2MConfig, feature_assets: Sequence[str], device: torch
     started = time.perf_counter()
     log.info("%s: building models %s on %s", MODEL_BUILD_START, ", ".join(names), device)
     models, weights = load_models(config, names, device, dtype)
+    if config.torch_compile:
+        compile_models(models, config.batch_size, device, dtype)
     engine = Engine(models, device=device, dtype=dtype, batch_size=config.batch_size, nworkers=config.nworkers,
                     readers=config.reader_processes)
     engine.decode_on_device, engine.jpeg_on_cpu = device_preprocessing(config, device, [t.name for t in engine.image_transforms])

@@ -65,6 +65,7 @@ class OaiClip:
     to_device = True
     output_fields: dict[str, int] = {}
     weights_files: list[WeightsFile] = []
+    compiled_parts = {"model.visual": ((3, 224, 224), torch.contiguous_format)}  # the image tower, with torch_compile
 
     def __init__(self, device: torch.device | int | str, *, dtype: torch.dtype = torch.float32, weights: ResolvedWeights) -> None:
         self.device = torch.device(device)

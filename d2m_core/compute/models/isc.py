@@ -159,6 +159,7 @@ class IscFtV107:
     to_device = True
     output_fields = {"image": FEATURE_DIM}
     weights_files = MODEL_FILES["dedup-isc-ft-v107"]
+    compiled_parts = {"model": ((3, INPUT_SIZE, INPUT_SIZE), torch.channels_last)}  # with torch_compile
 
     def __init__(self, device: torch.device | int | str, *, dtype: torch.dtype = torch.float32, weights: ResolvedWeights) -> None:
         self.device = torch.device(device)
