@@ -20,9 +20,8 @@ def test_bucket_pads_up_to_the_next_halving_of_the_batch_size() -> None:
 
 
 class Tiny:
-    compiled_parts = {"net": ((3, 12, 12), torch.channels_last)}
-
-    def __init__(self) -> None:
+    def __init__(self, memory_format: torch.memory_format = torch.contiguous_format) -> None:
+        self.compiled_parts = {"net": ((3, 12, 12), memory_format)}
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.net[1].running_mean.uniform_(-1, 1)
@@ -30,16 +29,17 @@ class Tiny:
         self.net.eval()
 
 
-def test_compiled_parts_give_the_eager_outputs_for_short_batches_without_new_graphs() -> None:
-    model = Tiny()
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_compiled_parts_give_the_eager_outputs_for_short_batches_without_new_graphs(memory_format: torch.memory_format) -> None:
+    model = Tiny(memory_format)
     eager = Tiny().net
     torch._dynamo.reset()
     counters.clear()
     seconds = compile_models({"tiny": model}, batch_size=8, device=torch.device("cpu"), dtype=torch.float32)
     assert list(seconds) == ["tiny"] and isinstance(model.net, StaticBatch)
     assert counters["stats"]["unique_graphs"] == 1  # compiled at build, for the full batch
-    x = torch.randn(8, 3, 12, 12, generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
+    x = torch.randn(8, 3, 12, 12, generator=torch.Generator().manual_seed(1))  # made outside inference mode, as
+    with torch.inference_mode():  # the engine's inputs are; the models run in it
         for rows in (8, 7, 5):  # 7 and 5 are padded to 8: the graph compiled at build
             out = model.net(x[:rows])
             assert out.shape == (rows, 8)
