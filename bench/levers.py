@@ -73,7 +73,7 @@ def resize_bmm(canvas: torch.Tensor, rows: Any, cols: Any, size: int, mode: str,
 def resize_main(args: argparse.Namespace) -> None:
     device = torch.device("cuda")
     data = fastpath._read_images(args.shards, args.images)
-    decoded = fastpath.decode_batch(data, device, jpeg_on_cpu=True)
+    decoded = fastpath.decode_batch(data, device)
     images = [i for i in decoded.images if i is not None and fastpath.aspect_failure(*i.shape[-2:]) is None]
     for names in (["clip-aug"], ["clip-aug", "faces-aug", "dedup-aug"]):
         ms, reference = _time(lambda: fastpath.prepare_tensors(images, names))
@@ -171,7 +171,7 @@ def models_main(args: argparse.Namespace) -> None:
 
     device = torch.device("cuda")
     data = fastpath._read_images(args.shards, args.batch)
-    decoded = fastpath.decode_batch(data, device, jpeg_on_cpu=True)
+    decoded = fastpath.decode_batch(data, device)
     images = [i for i in decoded.images if i is not None and fastpath.aspect_failure(*i.shape[-2:]) is None]
     pixels = fastpath.prepare_tensors(images, ["clip-aug", "dedup-aug"])
     clip_in = normalize_uint8(pixels["clip-aug"][0], CLIP_MEAN, CLIP_STD, torch.float32)

@@ -217,40 +217,32 @@ def run_benchmark(config: D2MConfig, shards: Sequence[ShardRef], config_name: st
 
 def device_parts(config: D2MConfig, shards: Sequence[ShardRef], shard_dir: str, batches: int = 3) -> dict[str, Any]:
     """Where a batch's time goes, part by part (the device synchronised around each): the loader as a run uses
-    it with a consumer that only counts (what the device stage could be fed; on the device path also with
-    JPEGs decoded in the loader threads, `gpu_decode: resize`), decoding (on the device, and on the CPU with
-    the upload) and resizing (batched and per image size) in one thread, and each model's share of
-    `Engine.forward`."""
+    it with a consumer that only counts (what the device stage could be fed), decoding and resizing in one
+    thread (resizing batched and per image size), and each model's share of `Engine.forward`."""
     from d2m_core.reading import batched_resize, fastpath
 
     names = selected_assets(config)
     engine, _ = build_engine(config, [n for n in names if n in catalog.FEATURE_ASSETS])
     device, transforms = engine.device, [t.name for t in engine.image_transforms]
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    start, samples, prepared = time.perf_counter(), 0, None
+    for item in engine.loader(shards):
+        if isinstance(item, Batch) and len(item):
+            samples += len(item)
+            prepared = prepared or item
+    loader_s = time.perf_counter() - start
     result: dict[str, Any] = {"kind": "device_parts", "transforms": transforms, "decode_on_device": engine.decode_on_device,
-                              "jpeg_on_cpu": engine.jpeg_on_cpu}
-    prepared, configured = None, engine.jpeg_on_cpu
-    for jpeg_on_cpu in (False, True) if engine.decode_on_device else (False,):
-        engine.jpeg_on_cpu = jpeg_on_cpu
-        start, samples = time.perf_counter(), 0
-        for item in engine.loader(shards):
-            if isinstance(item, Batch) and len(item):
-                samples += len(item)
-                prepared = prepared or item
-        label = "loader_jpeg_on_cpu" if jpeg_on_cpu else "loader"
-        result |= {f"{label}_samples": samples, f"{label}_samples_per_s": round(samples / (time.perf_counter() - start), 1)}
-    engine.jpeg_on_cpu = configured
+                              "loader_samples": samples, "loader_samples_per_s": round(samples / loader_s, 1)}
     if prepared is None:
         return result
-    parts: dict[str, list[float]] = {"decode": [], "decode_on_cpu": [], "resize_batched": [], "resize_per_size": []}
+    parts: dict[str, list[float]] = {"decode": [], "resize_batched": [], "resize_per_size": []}
     data = fastpath._read_images(shard_dir, batches * config.batch_size)
     for k in range(0, len(data), config.batch_size):
-        for label, on_cpu in (("decode_on_cpu", True), ("decode", False)):
-            sync()
-            t0 = time.perf_counter()
-            decoded = fastpath.decode_batch(data[k: k + config.batch_size], device, jpeg_on_cpu=on_cpu)
-            sync()
-            parts[label].append(time.perf_counter() - t0)
+        sync()
+        t0 = time.perf_counter()
+        decoded = fastpath.decode_batch(data[k: k + config.batch_size], device)
+        sync()
+        parts["decode"].append(time.perf_counter() - t0)
         result.setdefault("decoded_by", decoded.by_backend())
         images = [i for i in decoded.images if i is not None and fastpath.aspect_failure(*i.shape[-2:]) is None]
         if not transforms:

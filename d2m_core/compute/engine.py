@@ -84,7 +84,6 @@ class Engine:
         self.image_transforms = [IMAGE_TRANSFORMS[pre] for inp, pre in dict.fromkeys(pairs) if inp == "image"]
         self.text_preprocessors = {pre: TEXT_PREPROCESSORS[pre]() for inp, pre in dict.fromkeys(pairs) if inp == "text"}
         self.decode_on_device = False  # the GPU fast path: decode and resize in the loader, on `device`
-        self.jpeg_on_cpu = False  # with it, JPEGs decode in the loader threads (libjpeg-turbo); only resizing on `device`
         self.text_in_readers = False  # GPU runs: the reader processes tokenize (READER_TEXT_PREPROCESSORS)
 
     def loader(self, shards: Sequence[ShardRef]) -> Loader:
@@ -99,7 +98,6 @@ class Engine:
             readers=self.readers,
             text_preprocessors=[n for n in self.text_preprocessors if n in READER_TEXT_PREPROCESSORS]
             if self.text_in_readers else [],
-            jpeg_on_cpu=self.jpeg_on_cpu,
         )
 
     def forward(self, batch: Batch, timings: dict[str, float] | None = None) -> dict[str, dict[str, Field]]:

@@ -64,19 +64,18 @@ def build_engine(config: D2MConfig, feature_assets: Sequence[str], device: torch
         compile_models(models, config.batch_size, device, dtype)
     engine = Engine(models, device=device, dtype=dtype, batch_size=config.batch_size, nworkers=config.nworkers,
                     readers=config.reader_processes)
-    engine.decode_on_device, engine.jpeg_on_cpu = device_preprocessing(config, device, [t.name for t in engine.image_transforms])
+    engine.decode_on_device = device_preprocessing(config, device, [t.name for t in engine.image_transforms])
     engine.text_in_readers = device.type == "cuda"  # keeps the tokenizer's GIL time off the device stage
     log.info("%s in %.2f s", MODEL_BUILD_DONE, time.perf_counter() - started)
     return engine, weights
 
 
-def device_preprocessing(config: D2MConfig, device: torch.device, transforms: Sequence[str]) -> tuple[bool, bool]:
-    """(whether the loader preprocesses images on `device`, whether it decodes JPEGs itself first) for
-    `gpu_decode`: auto = on CUDA; on; resize = decode on the CPU (libjpeg-turbo), resize on the device; off.
-    Only the built-in transforms have a device implementation: with a plugin's, the PIL path."""
-    on_device = config.gpu_decode in ("on", "resize") or (config.gpu_decode == "auto" and device.type == "cuda")
-    on_device = bool(transforms) and on_device and supports(transforms)
-    return on_device, on_device and config.gpu_decode == "resize"
+def device_preprocessing(config: D2MConfig, device: torch.device, transforms: Sequence[str]) -> bool:
+    """Whether the loader preprocesses images (decodes and resizes them) on `device`, for `gpu_decode`:
+    auto = on CUDA; on; off. Only the built-in transforms have a device implementation: with a plugin's,
+    the PIL path; with no image transforms there is nothing to decode."""
+    on_device = config.gpu_decode == "on" or (config.gpu_decode == "auto" and device.type == "cuda")
+    return bool(transforms) and on_device and supports(transforms)
 
 
 def datacomp_npz_url(config: D2MConfig, stem: str) -> str:

@@ -9,7 +9,6 @@ alone), so it caps a GPU at ~90 images/s per loader core. This module does that 
    truncated JPEGs, JPEGs so large that PIL decodes them in draft mode, bytes torchvision rejects) falls
    back, per image, to `d2m_core.reading.decoding.decode_image` (PIL, the seed's semantics) and is then copied to
    the device. An undecodable image becomes a failure reason; one bad image never fails the batch.
-   With `jpeg_on_cpu` (`gpu_decode: resize`) those JPEGs decode on the CPU instead and go up in one copy.
 2. `prepare_tensors`: each transform of `d2m_core.reading.transforms` as tensor ops, giving the same uint8
    (B, 3, S, S) batches (and faces-aug's padding) that `prepare` gives, so the transforms' own `finish`
    turns them into model inputs (`tensor_transforms` does both; `preprocess_batch` does it all). On CUDA,
@@ -189,30 +188,14 @@ def _torchvision_decode(encoded: list[torch.Tensor], device: torch.device) -> li
         return [decode_jpeg(e, mode=ImageReadMode.RGB) for e in encoded]
 
 
-def upload(images: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """CPU uint8 images on `device`, in one host-to-device copy: packed into one (pinned, on CUDA) buffer,
-    copied, and split back into views of the device buffer."""
-    if not images:
-        return []
-    sizes = [image.numel() for image in images]
-    packed = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=device.type == "cuda")
-    torch.cat([image.reshape(-1) for image in images], out=packed)
-    flat = packed.to(device, non_blocking=True)  # torch's pinned-memory cache keeps `packed` until the copy ends
-    return [part.view(image.shape) for part, image in zip(flat.split(sizes), images)]
-
-
-def decode_batch(data: Sequence[bytes], device: torch.device | str, *, use_torchvision: bool = True,
-                 jpeg_on_cpu: bool = False) -> DecodedBatch:
+def decode_batch(data: Sequence[bytes], device: torch.device | str, *, use_torchvision: bool = True) -> DecodedBatch:
     """Decode a batch of encoded images onto `device`; never raises for a bad image.
 
     JPEGs that `JpegHeader.device_decodable` accepts go to torchvision in one call (nvJPEG's batched decoder
     on CUDA); if that call fails, each of them is tried alone, and whatever torchvision still rejects, or
     returns with an unexpected shape, is decoded by PIL. Every other image is decoded by PIL.
-    `jpeg_on_cpu=True` decodes those JPEGs on the CPU instead (torchvision's libjpeg-turbo, PIL's pixels; the
-    calling thread, which releases the GIL inside each decode) and uploads them in one copy: `gpu_decode:
-    resize`. `use_torchvision=False` decodes everything with PIL (the reference, for comparisons)."""
+    `use_torchvision=False` decodes everything with PIL (the reference, for comparisons)."""
     device = torch.device(device)
-    decode_on = torch.device("cpu") if jpeg_on_cpu else device
     count = len(data)
     images: list[torch.Tensor | None] = [None] * count
     failures: list[str | None] = [None] * count
@@ -226,22 +209,18 @@ def decode_batch(data: Sequence[bytes], device: torch.device | str, *, use_torch
     if fast:
         encoded = [torch.frombuffer(bytearray(data[i]), dtype=torch.uint8) for i, _ in fast]
         try:
-            decoded: list[torch.Tensor | None] = list(_torchvision_decode(encoded, decode_on))
+            decoded: list[torch.Tensor | None] = list(_torchvision_decode(encoded, device))
         except Exception as err:  # noqa: BLE001 - one image nvJPEG rejects fails its whole batch: retry alone
             if _is_oom(err):
                 raise
             decoded = []
             for e in encoded:
                 try:
-                    decoded.append(_torchvision_decode([e], decode_on)[0])
+                    decoded.append(_torchvision_decode([e], device)[0])
                 except Exception as one:  # noqa: BLE001 - PIL decides below
                     if _is_oom(one):
                         raise
                     decoded.append(None)
-        if decode_on != device:
-            done = [k for k, image in enumerate(decoded) if image is not None]
-            for k, image in zip(done, upload([decoded[k] for k in done], device)):
-                decoded[k] = image
         for (i, header), image in zip(fast, decoded):
             if image is not None and image.dim() == 3 and image.shape[1:] == (header.height, header.width):
                 if image.shape[0] == 1:
@@ -463,12 +442,12 @@ def aspect_failure(height: int, width: int) -> str | None:
 
 
 def preprocess_batch(data: Sequence[bytes], names: Sequence[str], device: torch.device | str, *,
-                     use_torchvision: bool = True, jpeg_on_cpu: bool = False) -> DevicePreprocessed:
+                     use_torchvision: bool = True) -> DevicePreprocessed:
     """Decode `data` onto `device` and run the named transforms: the device counterpart of the loader's
     per-image `decode_image` + `prepare`, with the same failure reasons (decode errors, clip-aug's aspect
     limit). Out-of-memory errors propagate (the engine splits the batch); any other error of one image's
-    transforms becomes that image's failure. `jpeg_on_cpu`: see decode_batch."""
-    decoded = decode_batch(data, device, use_torchvision=use_torchvision, jpeg_on_cpu=jpeg_on_cpu)
+    transforms becomes that image's failure."""
+    decoded = decode_batch(data, device, use_torchvision=use_torchvision)
     result = DevicePreprocessed(kept=[], failures={i: r for i, r in enumerate(decoded.failures) if r is not None},
                                 decoded_by=decoded.by_backend())
     candidates = []

@@ -127,10 +127,8 @@ def prepare_batch(shard: str, raw: RawBatch, transforms: Sequence[ImageTransform
 
 def prepare_batch_on_device(
     shard: str, raw: RawBatch, transforms: Sequence[ImageTransform], needs_text: bool, device: torch.device,
-    jpeg_on_cpu: bool = False,
 ) -> Batch:
-    """Like prepare_batch, but decoding (nvJPEG on CUDA, PIL fallback; libjpeg-turbo in this thread with
-    `jpeg_on_cpu`) and resizing run batched on `device`."""
+    """Like prepare_batch, but decoding (nvJPEG on CUDA, PIL fallback) and resizing run batched on `device`."""
     from d2m_core.reading.fastpath import preprocess_batch
 
     start = time.perf_counter()
@@ -145,8 +143,7 @@ def prepare_batch_on_device(
             failures.append((row, SampleFailure(raw.keys[row], raw.uids[row], reason)))
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-        result = preprocess_batch([raw.images[row] for row in usable], [t.name for t in transforms], device,
-                                  jpeg_on_cpu=jpeg_on_cpu)
+        result = preprocess_batch([raw.images[row] for row in usable], [t.name for t in transforms], device)
     if stream is not None:
         stream.synchronize()
     for position, reason in result.failures.items():
@@ -163,8 +160,7 @@ class Loader:
     """Iterate `ShardStart, Batch..., ShardEnd` for each shard (shards interleaved when `readers` > 1), with
     bounded read-ahead.
 
-    With `decode_device` set, workers decode and resize on that device (the GPU fast path; with `jpeg_on_cpu`
-    they decode JPEGs themselves and only resize there); otherwise
+    With `decode_device` set, workers decode and resize on that device (the GPU fast path); otherwise
     with PIL on the CPU, handing uint8 batches (pinned for a CUDA device) to the device stage. With no
     transforms the images are not decoded at all (batches carry the samples' keys, texts and json).
     """
@@ -182,7 +178,6 @@ class Loader:
         decode_device: torch.device | None = None,
         readers: int = DEFAULT_READERS,
         text_preprocessors: Sequence[str] = (),
-        jpeg_on_cpu: bool = False,
     ) -> None:
         self.shards = list(shards)
         self.batch_size = batch_size
@@ -192,7 +187,6 @@ class Loader:
         self.pin_memory = pin_memory
         self.prefetch = prefetch_batches or 2 * self.nworkers + 2
         self.decode_device = decode_device
-        self.jpeg_on_cpu = jpeg_on_cpu
         self.readers = max(1, readers)
         self.text_preprocessors = tuple(text_preprocessors)  # run by the readers (READER_TEXT_PREPROCESSORS)
         self.reader_pids: list[int] = []  # of the current iteration (tests check that none outlives it)
@@ -260,6 +254,5 @@ class Loader:
     def _submit(self, pool: ThreadPoolExecutor, raw: RawBatch) -> Future[Batch]:
         stem = raw.shard.stem
         if self.decode_device is not None:
-            return pool.submit(prepare_batch_on_device, stem, raw, self.transforms, self.needs_text, self.decode_device,
-                               self.jpeg_on_cpu)
+            return pool.submit(prepare_batch_on_device, stem, raw, self.transforms, self.needs_text, self.decode_device)
         return pool.submit(prepare_batch, stem, raw, self.transforms, self.needs_text, self.pin_memory)

@@ -145,16 +145,14 @@ def test_tokenizing_in_the_readers_gives_the_same_rows_and_text_features(engine:
                                    atol=1e-6)
 
 
-@pytest.mark.parametrize("jpeg_on_cpu", [False, True], ids=["on", "resize"])
-def test_decoding_on_the_device_gives_the_same_rows_and_features(engine: Engine, shard_dir: Path, jpeg_on_cpu: bool) -> None:
+def test_decoding_on_the_device_gives_the_same_rows_and_features(engine: Engine, shard_dir: Path) -> None:
     refs = _refs(shard_dir)
     reference = list(engine.run(refs))
     engine.decode_on_device = True  # the GPU fast path's code, run on the CPU device
-    engine.jpeg_on_cpu = jpeg_on_cpu  # gpu_decode: resize (JPEGs decoded in the loader threads, then uploaded)
     try:
         fast = list(engine.run(refs))
     finally:
-        engine.decode_on_device = engine.jpeg_on_cpu = False
+        engine.decode_on_device = False
     for ref, got in zip(reference, fast):
         assert got.keys == ref.keys and got.uids == ref.uids
         assert [(f.key, f.reason) for f in got.stats.failures] == [(f.key, f.reason) for f in ref.stats.failures]
@@ -163,16 +161,15 @@ def test_decoding_on_the_device_gives_the_same_rows_and_features(engine: Engine,
 
 
 @pytest.mark.parametrize(("gpu_decode", "device", "transforms", "expected"), [
-    ("auto", "cuda", ["clip-aug"], (True, False)),
-    ("auto", "cpu", ["clip-aug"], (False, False)),
-    ("on", "cpu", ["clip-aug", "dedup-aug"], (True, False)),
-    ("resize", "cuda", ["clip-aug", "faces-aug"], (True, True)),
-    ("resize", "cuda", ["clip-aug", "my-plugin-aug"], (False, False)),  # a plugin's transform: the PIL path
-    ("off", "cuda", ["clip-aug"], (False, False)),
-    ("resize", "cuda", [], (False, False)),  # text only: nothing to decode
+    ("auto", "cuda", ["clip-aug"], True),
+    ("auto", "cpu", ["clip-aug"], False),
+    ("on", "cpu", ["clip-aug", "dedup-aug"], True),
+    ("on", "cuda", ["clip-aug", "my-plugin-aug"], False),  # a plugin's transform: the PIL path
+    ("off", "cuda", ["clip-aug"], False),
+    ("auto", "cuda", [], False),  # text only: nothing to decode
 ])
 def test_gpu_decode_chooses_where_images_are_decoded_and_resized(gpu_decode: str, device: str, transforms: list[str],
-                                                                  expected: tuple[bool, bool]) -> None:
+                                                                  expected: bool) -> None:
     config = parse_config({"models": ["oai-clip-vit-b32"], "nworkers": 1, "batch_size": 4, "device": "cpu",
                            "input_tars": "x.tar", "output_metadata_dir": "out", "gpu_decode": gpu_decode})
     assert device_preprocessing(config, torch.device(device), transforms) == expected
