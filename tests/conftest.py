@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,3 +188,20 @@ def hold_plugin(folder: Path) -> HoldPlugin:
     plugin.path.write_text(_HOLD_PLUGIN.format(started=str(plugin.started), hold=str(plugin.hold)))
     return plugin
 
+
+def gone(pids: list[int], within_s: float = 10.0) -> bool:
+    """Whether none of these processes runs (or is a zombie) within `within_s`."""
+    deadline = time.monotonic() + within_s
+    while True:
+        if not any(Path(f"/proc/{pid}").exists() and "zombie" not in _process_state(pid) for pid in pids):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
+def _process_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return "zombie"

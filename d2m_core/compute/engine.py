@@ -69,7 +69,11 @@ class _Open:
 
 
 class Engine:
-    """Runs already-built models over shards; device and dtype are explicit, models are loaded once."""
+    """Runs already-built models over shards; device and dtype are explicit, models are loaded once.
+
+    What the models read (inputs, preprocessors, dependencies) comes from their classes' attributes, so an
+    engine may be made from the model classes, start reading (`read_ahead`) while the models build, and be
+    handed the built models (`use`) before it runs."""
 
     def __init__(self, models: dict[str, Any], *, device: torch.device, dtype: torch.dtype, batch_size: int, nworkers: int,
                  readers: int = DEFAULT_READERS) -> None:
@@ -85,6 +89,34 @@ class Engine:
         self.text_preprocessors = {pre: TEXT_PREPROCESSORS[pre]() for inp, pre in dict.fromkeys(pairs) if inp == "text"}
         self.decode_on_device = False  # the GPU fast path: decode and resize in the loader, on `device`
         self.text_in_readers = False  # GPU runs: the reader processes tokenize (READER_TEXT_PREPROCESSORS)
+        self._ahead: Loader | None = None
+
+    def use(self, models: dict[str, Any]) -> None:
+        """The built models, for an engine made from their classes (same names)."""
+        if set(models) != set(self.models):
+            raise ValueError(f"models {sorted(models)} are not the engine's {sorted(self.models)}")
+        self.models = dict(models)
+
+    def read_ahead(self, shards: Sequence[ShardRef]) -> Loader:
+        """Start the reader processes for `shards` now; `run` over the same shards takes them over."""
+        self.close()
+        self._ahead = self.loader(shards)
+        self._ahead.start()
+        return self._ahead
+
+    def close(self) -> None:
+        """Stop readers started by `read_ahead` that no run took over."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.close()
+
+    def _loader_for(self, shards: Sequence[ShardRef]) -> Loader:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.shards == list(shards):
+            return ahead
+        if ahead is not None:
+            ahead.close()
+        return self.loader(shards)
 
     def loader(self, shards: Sequence[ShardRef]) -> Loader:
         return Loader(
@@ -162,7 +194,7 @@ class Engine:
         order = [s.stem for s in shards]
         done, first_batch = 0, True
         t_wait = time.perf_counter()
-        for item in self.loader(shards):
+        for item in self._loader_for(shards):
             now = time.perf_counter()
             if isinstance(item, ShardStart):
                 result = ShardResult(shard=item.shard, stats=ShardStats(shard=item.shard.stem))

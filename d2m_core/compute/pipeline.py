@@ -51,21 +51,31 @@ def load_models(config: D2MConfig, names: Sequence[str], device: torch.device, d
     return models, [resolved[n].record for n in order]
 
 
-def build_engine(config: D2MConfig, feature_assets: Sequence[str], device: torch.device | None = None) -> tuple[Engine, list[WeightsRecord]]:
-    """Models for these feature assets, on `device` (default: the config's), loaded once."""
+def build_engine(config: D2MConfig, feature_assets: Sequence[str], device: torch.device | None = None,
+                 read_ahead: Sequence[ShardRef] = ()) -> tuple[Engine, list[WeightsRecord]]:
+    """Models for these feature assets, on `device` (default: the config's), loaded once. With `read_ahead`,
+    the reader processes start on those shards first, so their start-up and first batches overlap the model
+    build; the engine's `run` over them takes them over (`Engine.close` stops them otherwise)."""
     selected_assets(config)
     names = [catalog.FEATURE_ASSETS[a].model for a in feature_assets]
     device = device or resolve_device(config.device)
     dtype = resolve_dtype(config.precision, device)
-    started = time.perf_counter()
-    log.info("%s: building models %s on %s", MODEL_BUILD_START, ", ".join(names), device)
-    models, weights = load_models(config, names, device, dtype)
-    if config.torch_compile:
-        compile_models(models, config.batch_size, device, dtype)
-    engine = Engine(models, device=device, dtype=dtype, batch_size=config.batch_size, nworkers=config.nworkers,
-                    readers=config.reader_processes)
+    engine = Engine({name: model_class(name) for name in names}, device=device, dtype=dtype, batch_size=config.batch_size,
+                    nworkers=config.nworkers, readers=config.reader_processes)
     engine.decode_on_device = device_preprocessing(config, device, [t.name for t in engine.image_transforms])
     engine.text_in_readers = device.type == "cuda"  # keeps the tokenizer's GIL time off the device stage
+    started = time.perf_counter()
+    try:
+        if read_ahead:
+            engine.read_ahead(read_ahead)
+        log.info("%s: building models %s on %s", MODEL_BUILD_START, ", ".join(names), device)
+        models, weights = load_models(config, names, device, dtype)
+        if config.torch_compile:
+            compile_models(models, config.batch_size, device, dtype)
+        engine.use(models)
+    except BaseException:
+        engine.close()
+        raise
     log.info("%s in %.2f s", MODEL_BUILD_DONE, time.perf_counter() - started)
     return engine, weights
 
@@ -212,10 +222,13 @@ def process_shards(
         if not features:
             yield from writer.map(lambda ref: finish(ShardOutcome(stem=ref.stem, stats=stored_stats(config, ref.stem))), shards)
             return
-        engine, weights = build_engine(config, features, device)
+        engine, weights = build_engine(config, features, device, read_ahead=shards)
         write = lambda r: finish_shard(config, write_feature_pass(config, r, features, weights), scorers,  # noqa: E731
                                        metadata, computed_features(r, features), r.jsons)
-        yield from _computed_and_written(engine, shards, writer, write, progress, progress_every_s)
+        try:
+            yield from _computed_and_written(engine, shards, writer, write, progress, progress_every_s)
+        finally:
+            engine.close()
 
 
 _END = object()

@@ -113,6 +113,8 @@ def _plugin_factory(cls: type) -> Callable[..., PluginModel]:
 
     build.name = cls.name if hasattr(cls, "name") else ""  # type: ignore[attr-defined]
     build.dependencies = list(cls.dependencies)  # type: ignore[attr-defined]
+    build.raw_inputs = list(cls.raw_inputs)  # type: ignore[attr-defined]  # what the engine reads before building
+    build.preprocessors = list(cls.preprocessors)  # type: ignore[attr-defined]
     build.plugin_path = True  # type: ignore[attr-defined]
     build.weights_files = []  # type: ignore[attr-defined]
     return build

@@ -190,14 +190,31 @@ class Loader:
         self.readers = max(1, readers)
         self.text_preprocessors = tuple(text_preprocessors)  # run by the readers (READER_TEXT_PREPROCESSORS)
         self.reader_pids: list[int] = []  # of the current iteration (tests check that none outlives it)
+        self._started: ReaderPool | None = None
+
+    def start(self) -> None:
+        """Start the reader processes now, before iterating: they import, read and tokenize ahead (into their
+        rings) while the caller does something else, e.g. build the models. `close` stops them if the loader
+        is never iterated; an iteration takes them over (and stops them when it ends)."""
+        if self._started is None:
+            self._started = ReaderPool(self.shards, batch_size=self.batch_size, processes=self.readers,
+                                       text_preprocessors=self.text_preprocessors)
+            self.reader_pids = self._started.pids
+
+    def close(self) -> None:
+        """Stop and reap readers started by `start` and not taken over by an iteration."""
+        readers, self._started = self._started, None
+        if readers is not None:
+            readers.stop()
+            readers.close()
 
     def __iter__(self) -> Iterator[Item]:
         out: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
+        self.start()
+        readers, self._started = self._started, None
+        assert readers is not None
         pool = ThreadPoolExecutor(max_workers=self.nworkers, thread_name_prefix="d2m-decode")
-        readers = ReaderPool(self.shards, batch_size=self.batch_size, processes=self.readers,
-                             text_preprocessors=self.text_preprocessors)
-        self.reader_pids = readers.pids
         dispatcher = threading.Thread(target=self._dispatch, args=(readers, out, pool, stop), name="d2m-dispatch",
                                       daemon=True)
         dispatcher.start()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tar_samples
+from conftest import gone as _gone, tar_samples
 from d2m_core.compute.engine import Engine
 from d2m_core.compute.pipeline import build_engine, device_preprocessing
 from d2m_core.config import parse_config
@@ -29,11 +29,14 @@ def test_loader_brackets_shards_and_keeps_a_last_batch_of_one(shard_dir: Path) -
     assert isinstance(items[0], ShardStart) and isinstance(items[4], ShardEnd)
 
 
+def engine_config():
+    return parse_config({"models": ["oai-clip-vit-b32"], "nworkers": 2, "batch_size": 4, "device": "cpu",
+                         "input_tars": "unused.tar", "output_metadata_dir": "/unused"})
+
+
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    config = parse_config({"models": ["oai-clip-vit-b32"], "nworkers": 2, "batch_size": 4, "device": "cpu",
-                           "input_tars": "unused.tar", "output_metadata_dir": "/unused"})
-    return build_engine(config, ["clip_b32_features"])[0]
+    return build_engine(engine_config(), ["clip_b32_features"])[0]
 
 
 def test_one_pass_gives_aligned_unit_norm_features_and_records_failures(engine: Engine, shard_dir: Path) -> None:
@@ -121,6 +124,50 @@ def test_progress_is_reported_while_a_shard_runs(engine: Engine, shard_dir: Path
     assert [e.samples for e in running if e.shard == "00001"] == [4, 8, 9]
     finished = [(e.shard, e.shards_done) for e in events if e.finished]  # in the order shards complete
     assert [done for _, done in finished] == [1, 2] and sorted(shard for shard, _ in finished) == ["00000", "00001"]
+
+
+def _started_ahead(monkeypatch: pytest.MonkeyPatch) -> list[Loader]:
+    """The loaders `Engine.read_ahead` starts, as it starts them."""
+    started: list[Loader] = []
+    read_ahead = Engine.read_ahead
+    monkeypatch.setattr(Engine, "read_ahead", lambda self, shards: started.append(read_ahead(self, shards)) or started[-1])
+    return started
+
+
+def test_readers_started_before_the_model_build_feed_the_run_over_those_shards(engine: Engine, shard_dir: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from d2m_core.compute import pipeline
+
+    refs = _refs(shard_dir)
+    started = _started_ahead(monkeypatch)
+    running: list[bool] = []
+    load_models = pipeline.load_models
+    monkeypatch.setattr(pipeline, "load_models", lambda *a: running.append(not _gone(started[0].reader_pids, 0)) or load_models(*a))
+    early, _ = build_engine(engine_config(), ["clip_b32_features"], read_ahead=refs)
+    pids = started[0].reader_pids
+    assert running == [True] and len(pids) == 2  # reading while the models built
+    results = list(early.run(refs))  # takes the readers over
+    assert _gone(pids)
+    for new, ref in zip(results, engine.run(refs)):
+        assert new.keys == ref.keys and len(new.keys) > 0
+        np.testing.assert_array_equal(new.outputs["oai-clip-vit-b32"]["image"], ref.outputs["oai-clip-vit-b32"]["image"])
+    other, _ = build_engine(engine_config(), ["clip_b32_features"], read_ahead=refs)
+    other.close()  # never run: close stops them
+    assert _gone(started[1].reader_pids)
+
+
+def test_a_failed_model_build_stops_the_readers_it_started(shard_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from d2m_core.compute import pipeline
+
+    started = _started_ahead(monkeypatch)
+
+    def fail(*args: object) -> None:
+        raise RuntimeError("weights vanished")
+
+    monkeypatch.setattr(pipeline, "load_models", fail)
+    with pytest.raises(RuntimeError, match="weights vanished"):
+        build_engine(engine_config(), ["clip_b32_features"], read_ahead=_refs(shard_dir))
+    assert len(started) == 1 and _gone(started[0].reader_pids)
 
 
 @pytest.mark.parametrize("on_device", [False, True], ids=["pil", "device-decode"])

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import gone as _gone
 from d2m_core.reading.loader import Batch, Loader, ShardStart
 from d2m_core.reading.readers import RawBatch, ReaderError, ReaderPool
 from d2m_core.reading.reading import iter_samples
@@ -20,22 +21,6 @@ from d2m_core.reading.shards import ShardRef
 
 def _refs(shard_dir: Path) -> list[ShardRef]:
     return [ShardRef(p.stem, str(p)) for p in sorted(shard_dir.glob("*.tar"))]
-
-
-def _gone(pids: list[int], within_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        if not any(Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid) for pid in pids):
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
-    except (OSError, IndexError):
-        return "zombie"
 
 
 def _loader(refs: list[ShardRef], readers: int, batch_size: int = 4) -> Loader:
@@ -95,6 +80,26 @@ def test_no_reader_outlives_an_abandoned_or_failing_loop(shard_dir: Path) -> Non
             if isinstance(item, Batch):
                 raise RuntimeError("consumer failed")
     assert _gone(loader.reader_pids)
+
+
+def test_readers_started_ahead_are_taken_over_by_the_loop_or_stopped_by_close(shard_dir: Path) -> None:
+    refs = _refs(shard_dir)
+    loader = _loader(refs, readers=2, batch_size=3)
+    loader.start()
+    pids = loader.reader_pids
+    assert len(pids) == 2 and not _gone(pids, within_s=0)
+    loader.start()  # once only
+    assert loader.reader_pids == pids
+    keys = [k for item in loader if isinstance(item, Batch) for k in item.keys + [f.key for f in item.failures]]
+    assert loader.reader_pids == pids  # the loop read with the readers started ahead, then stopped them
+    assert sorted(keys) == sorted(s.key for r in refs for s in iter_samples(r))
+    assert _gone(pids)
+    loader.start()
+    again = loader.reader_pids
+    assert again != pids and not _gone(again, within_s=0)
+    loader.close()  # never iterated: close reaps them
+    assert _gone(again)
+    loader.close()  # and a second close is harmless
 
 
 def test_a_crashed_reader_fails_the_loop_instead_of_hanging(shard_dir: Path) -> None:
