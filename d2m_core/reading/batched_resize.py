@@ -21,6 +21,7 @@ own kernels and PIL's integer arithmetic (tests/core/test_fastpath.py pins the b
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -56,7 +57,10 @@ def _filter(x: torch.Tensor, mode: str) -> torch.Tensor:
 
 def weights(axes: Sequence[Axis], count: int, canvas: int, mode: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-image weight matrices of one pass: (N, count, canvas) float32 over the canvas's real pixels, and
-    (N, count) float32, the weight each output gives the white padding (times 255, added after the product)."""
+    (N, count) float32, the weight each output gives the white padding (times 255, added after the product).
+
+    The taps are computed only where they can be non-zero (each output's window of at most 2 x support + 1
+    positions, in float64), then scattered into the dense matrices."""
     f64 = torch.float64
     table = torch.tensor([(a.length, a.real_lo, a.real, a.full, a.out_lo) for a in axes], dtype=f64)
     length, real_lo, real, full, out_lo = table.to(device, non_blocking=True).T[:, :, None]  # each (N, 1)
@@ -66,20 +70,18 @@ def weights(axes: Sequence[Axis], count: int, canvas: int, mode: str, device: to
     centre = (out_lo + torch.arange(count, dtype=f64, device=device)[None] + 0.5) * scale  # (N, count)
     lo = (centre - support + 0.5).trunc().clamp(min=0.0)  # C's (int) cast truncates toward zero
     hi = torch.minimum((centre + support + 0.5).trunc(), length)
-    # Taps over the padded axis (0 .. max length): their sum normalises; the real pixels' share goes in the matrix.
-    span = int(max(a.length for a in axes))
-    position = torch.arange(span, dtype=f64, device=device)[None, None]  # (1, 1, span)
+    window = math.ceil(2.0 * SUPPORT[mode] * max(max(a.length / a.full, 1.0) for a in axes)) + 2
+    position = lo[..., None] + torch.arange(window, dtype=f64, device=device)  # (N, count, window)
     taps = _filter((position - centre[..., None] + 0.5) / stretch[..., None], mode)
-    taps = taps * ((position >= lo[..., None]) & (position < hi[..., None]))
-    total = taps.sum(-1, keepdim=True)
+    taps = taps * (position < hi[..., None])
+    total = taps.sum(-1, keepdim=True)  # the taps' sum normalises; the real pixels' share goes in the matrix
     taps = taps / torch.where(total == 0.0, torch.ones_like(total), total)
     inside = (position >= real_lo[..., None]) & (position < (real_lo + real)[..., None])
     padding = (taps * ~inside).sum(-1)
-    # Canvas column j of image i is padded position real_lo_i + j.
-    index = (real_lo[..., None] + torch.arange(canvas, dtype=f64, device=device)[None, None]).long()  # (N, 1, canvas)
-    valid = torch.arange(canvas, device=device)[None, None] < real[..., None]
-    gathered = torch.gather(taps, 2, index.clamp(max=span - 1).expand(-1, count, -1))
-    return (gathered * valid).to(torch.float32), padding.to(torch.float32)
+    column = (position - real_lo[..., None]).clamp(0, canvas - 1).long()  # canvas column j: position real_lo + j
+    matrix = torch.zeros((len(axes), count, canvas), dtype=torch.float32, device=device)
+    matrix.scatter_add_(2, column, (taps * inside).to(torch.float32))  # the clamped ones add zeros
+    return matrix, padding.to(torch.float32)
 
 
 def matmul_is_exact(device: torch.device) -> bool:
