@@ -54,8 +54,11 @@ def load_models(config: D2MConfig, names: Sequence[str], device: torch.device, d
 def build_engine(config: D2MConfig, feature_assets: Sequence[str], device: torch.device | None = None,
                  read_ahead: Sequence[ShardRef] = ()) -> tuple[Engine, list[WeightsRecord]]:
     """Models for these feature assets, on `device` (default: the config's), loaded once. With `read_ahead`,
-    the reader processes start on those shards first, so their start-up and first batches overlap the model
-    build; the engine's `run` over them takes them over (`Engine.close` stops them otherwise)."""
+    when the readers tokenize (`readers_tokenize`: their start-up imports torch, seconds), they start on those
+    shards first, so that start-up and their first batches overlap the model build; the engine's `run` over
+    them takes them over (`Engine.close` stops them otherwise). Readers that do not tokenize start in a
+    fraction of a second, and reading ahead would only take cores from the build (0.7 s later to the first
+    batch on 2 cores)."""
     selected_assets(config)
     names = [catalog.FEATURE_ASSETS[a].model for a in feature_assets]
     device = device or resolve_device(config.device)
@@ -63,10 +66,10 @@ def build_engine(config: D2MConfig, feature_assets: Sequence[str], device: torch
     engine = Engine({name: model_class(name) for name in names}, device=device, dtype=dtype, batch_size=config.batch_size,
                     nworkers=config.nworkers, readers=config.reader_processes)
     engine.decode_on_device = device_preprocessing(config, device, [t.name for t in engine.image_transforms])
-    engine.text_in_readers = device.type == "cuda"  # keeps the tokenizer's GIL time off the device stage
+    engine.text_in_readers = readers_tokenize(device)
     started = time.perf_counter()
     try:
-        if read_ahead:
+        if read_ahead and engine.text_in_readers:
             engine.read_ahead(read_ahead)
         log.info("%s: building models %s on %s", MODEL_BUILD_START, ", ".join(names), device)
         models, weights = load_models(config, names, device, dtype)
@@ -78,6 +81,12 @@ def build_engine(config: D2MConfig, feature_assets: Sequence[str], device: torch
         raise
     log.info("%s in %.2f s", MODEL_BUILD_DONE, time.perf_counter() - started)
     return engine, weights
+
+
+def readers_tokenize(device: torch.device) -> bool:
+    """Whether the reader processes tokenize captions: on CUDA, which keeps the tokenizer's GIL time off the
+    device stage's process."""
+    return device.type == "cuda"
 
 
 def device_preprocessing(config: D2MConfig, device: torch.device, transforms: Sequence[str]) -> bool:

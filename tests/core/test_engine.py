@@ -140,6 +140,7 @@ def test_readers_started_before_the_model_build_feed_the_run_over_those_shards(e
 
     refs = _refs(shard_dir)
     started = _started_ahead(monkeypatch)
+    monkeypatch.setattr(pipeline, "readers_tokenize", lambda device: True)  # as on CUDA: the readers start slowly
     running: list[bool] = []
     load_models = pipeline.load_models
     monkeypatch.setattr(pipeline, "load_models", lambda *a: running.append(not _gone(started[0].reader_pids, 0)) or load_models(*a))
@@ -154,12 +155,16 @@ def test_readers_started_before_the_model_build_feed_the_run_over_those_shards(e
     other, _ = build_engine(engine_config(), ["clip_b32_features"], read_ahead=refs)
     other.close()  # never run: close stops them
     assert _gone(started[1].reader_pids)
+    monkeypatch.setattr(pipeline, "readers_tokenize", lambda device: False)
+    build_engine(engine_config(), ["clip_b32_features"], read_ahead=refs)
+    assert len(started) == 2  # readers that start fast are not started ahead
 
 
 def test_a_failed_model_build_stops_the_readers_it_started(shard_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from d2m_core.compute import pipeline
 
     started = _started_ahead(monkeypatch)
+    monkeypatch.setattr(pipeline, "readers_tokenize", lambda device: True)
 
     def fail(*args: object) -> None:
         raise RuntimeError("weights vanished")
