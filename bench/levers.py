@@ -162,6 +162,36 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     return {"min": round(float(c.min()), 5), "mean": round(float(c.mean()), 5)}
 
 
+def _measure(model: str, label: str, make: Callable[[], torch.nn.Module], x: torch.Tensor, reference: torch.Tensor,
+             compiled: bool = False) -> None:
+    """Build one variant, compile it (timed) if asked, time it on `x`, emit a line; an error is a line too."""
+    try:
+        with torch.no_grad():
+            network = make()
+            fields: dict[str, Any] = {}
+            if compiled:
+                import torch._inductor.config as inductor_config
+
+                inductor_config.freezing = True  # as d2m_core.compute.compiled
+                t0 = time.perf_counter()
+                network = torch.compile(network)
+                network(x)
+                torch.cuda.synchronize()
+                fields["compile_s"] = round(time.perf_counter() - t0, 1)
+            ms, out = _time(lambda: network(x), repeats=3)
+        _emit(kind="model", model=model, variant=label, batch=x.shape[0], ms=ms, samples_per_s=round(1000 * x.shape[0] / ms),
+              cosine_vs_fp32=_cosine(out, reference), **fields)
+    except Exception as err:  # noqa: BLE001 - a lever that fails is a result
+        _emit(kind="model", model=model, variant=label, error=f"{type(err).__name__}: {err}"[:400])
+    torch.cuda.empty_cache()
+
+
+def _reference(network: torch.nn.Module, x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The float32 network's outputs, `chunk` rows at a time."""
+    with torch.no_grad():
+        return torch.cat([network(x[k:k + chunk]) for k in range(0, x.shape[0], chunk)])
+
+
 def models_main(args: argparse.Namespace) -> None:
     import copy
 
@@ -174,100 +204,44 @@ def models_main(args: argparse.Namespace) -> None:
     decoded = fastpath.decode_batch(data, device)
     images = [i for i in decoded.images if i is not None and fastpath.aspect_failure(*i.shape[-2:]) is None]
     pixels = fastpath.prepare_tensors(images, ["clip-aug", "dedup-aug"])
-    clip_in = normalize_uint8(pixels["clip-aug"][0], CLIP_MEAN, CLIP_STD, torch.float32)
-    isc_in = normalize_uint8(pixels["dedup-aug"][0], HALF, HALF, torch.float32)
-    batch = clip_in.shape[0]
-    only = set(args.only.split(",")) if args.only else None
+    only = set(args.only.split(",")) if args.only else {"isc", "l14"}
 
-    def want(name: str) -> bool:
-        return only is None or name in only
-
-    # ISC
-    if want("isc"):
+    if "isc" in only:
+        x = normalize_uint8(pixels["dedup-aug"][0], HALF, HALF, torch.float32).contiguous(memory_format=torch.channels_last)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             base = isc_mod.stable_random_init(isc_mod.build_isc_net()).eval()
-        ref_model = copy.deepcopy(base).to(device).to(memory_format=torch.channels_last)
-        with torch.no_grad():
-            x32 = isc_in.contiguous(memory_format=torch.channels_last)
-            reference = torch.cat([ref_model(x32[k:k + 64]) for k in range(0, batch, 64)])
-        del ref_model
-        x16 = isc_in.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        variants: dict[str, Callable[[], torch.nn.Module]] = {
-            "bf16": lambda: copy.deepcopy(base).to(device, torch.bfloat16).to(memory_format=torch.channels_last),
-        }
+        reference = _reference(copy.deepcopy(base).to(device).to(memory_format=torch.channels_last), x, 64)
 
-        def folded() -> torch.nn.Module:
-            m = copy.deepcopy(base)
-            n = fold_batchnorm(m)
-            _emit(kind="isc_fold", folded=n)
-            return m.to(device, torch.bfloat16).to(memory_format=torch.channels_last)
+        def bf16(fold: bool = False) -> torch.nn.Module:
+            network = copy.deepcopy(base)
+            if fold:
+                _emit(kind="isc_fold", folded=fold_batchnorm(network))
+            return network.to(device, torch.bfloat16).to(memory_format=torch.channels_last)
 
-        variants["bf16_bn_folded"] = folded
-        for label, make in variants.items():
-            with torch.no_grad():
-                m = make()
-                ms, out = _time(lambda: m(x16), repeats=3)
-            _emit(kind="model", model="isc", variant=label, batch=batch, ms=ms, samples_per_s=round(1000 * batch / ms),
-                  cosine_vs_fp32=_cosine(out, reference))
-            del m
+        x16 = x.to(torch.bfloat16)
+        _measure("isc", "bf16", bf16, x16, reference)
+        _measure("isc", "bf16_bn_folded", lambda: bf16(fold=True), x16, reference)
         if args.compile:
-            for label, make in (("bf16_compiled", variants["bf16"]),):
-                import torch._inductor.config as inductor_config
-                inductor_config.freezing = True
-                with torch.no_grad():
-                    m = make()
-                    t0 = time.perf_counter()
-                    compiled = torch.compile(m)
-                    compiled(x16)
-                    torch.cuda.synchronize()
-                    compile_s = time.perf_counter() - t0
-                    ms, out = _time(lambda: compiled(x16), repeats=3)
-                _emit(kind="model", model="isc", variant=label, batch=batch, ms=ms, compile_s=round(compile_s, 1),
-                      samples_per_s=round(1000 * batch / ms), cosine_vs_fp32=_cosine(out, reference))
-                del m, compiled
-        torch.cuda.empty_cache()
+            _measure("isc", "bf16_compiled", bf16, x16, reference, compiled=True)
 
-    if want("l14"):
+    if "l14" in only:
+        x = normalize_uint8(pixels["clip-aug"][0], CLIP_MEAN, CLIP_STD, torch.float32)
         torch.manual_seed(0)
         base = _load_open_clip(OaiClipVitL14.arch, _random_weights(OaiClipVitL14)).visual.eval()
-        ref_model = copy.deepcopy(base).to(device)
-        with torch.no_grad():
-            reference = torch.cat([ref_model(clip_in[k:k + 128]) for k in range(0, batch, 128)])
-        del ref_model
-        x16 = clip_in.to(torch.bfloat16)
+        reference = _reference(copy.deepcopy(base).to(device), x, 128)
 
-        def fp8() -> torch.nn.Module:
-            m = copy.deepcopy(base).to(device, torch.bfloat16)
-            _emit(kind="l14_fp8", linears=fp8_mlps(m))
-            return m
+        def bf16(fp8: bool = False) -> torch.nn.Module:
+            network = copy.deepcopy(base).to(device, torch.bfloat16)
+            if fp8:
+                _emit(kind="l14_fp8", linears=fp8_mlps(network))
+            return network
 
-        for label, make in (("bf16", lambda: copy.deepcopy(base).to(device, torch.bfloat16)), ("fp8_mlp", fp8)):
-            try:
-                with torch.inference_mode():
-                    m = make()
-                    ms, out = _time(lambda: m(x16), repeats=3)
-                _emit(kind="model", model="l14", variant=label, batch=batch, ms=ms, samples_per_s=round(1000 * batch / ms),
-                      cosine_vs_fp32=_cosine(out, reference))
-                del m
-            except Exception as err:  # noqa: BLE001
-                _emit(kind="model", model="l14", variant=label, error=f"{type(err).__name__}: {err}"[:400])
+        x16 = x.to(torch.bfloat16)
+        _measure("l14", "bf16", bf16, x16, reference)
+        _measure("l14", "fp8_mlp", lambda: bf16(fp8=True), x16, reference)
         if args.compile:
-            for label, make in (("bf16_compiled", lambda: copy.deepcopy(base).to(device, torch.bfloat16)),):
-                try:
-                    with torch.no_grad():
-                        m = make()
-                        t0 = time.perf_counter()
-                        compiled = torch.compile(m)
-                        compiled(x16)
-                        torch.cuda.synchronize()
-                        compile_s = time.perf_counter() - t0
-                        ms, out = _time(lambda: compiled(x16), repeats=3)
-                    _emit(kind="model", model="l14", variant=label, batch=batch, ms=ms, compile_s=round(compile_s, 1),
-                          samples_per_s=round(1000 * batch / ms), cosine_vs_fp32=_cosine(out, reference))
-                    del m, compiled
-                except Exception as err:  # noqa: BLE001
-                    _emit(kind="model", model="l14", variant=label, error=f"{type(err).__name__}: {err}"[:400])
+            _measure("l14", "bf16_compiled", bf16, x16, reference, compiled=True)
 
 
 def _random_weights(cls: Any) -> Any:

@@ -211,10 +211,10 @@ class Loader:
     def __iter__(self) -> Iterator[Item]:
         out: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
+        pool = ThreadPoolExecutor(max_workers=self.nworkers, thread_name_prefix="d2m-decode")
         self.start()
         readers, self._started = self._started, None
         assert readers is not None
-        pool = ThreadPoolExecutor(max_workers=self.nworkers, thread_name_prefix="d2m-decode")
         dispatcher = threading.Thread(target=self._dispatch, args=(readers, out, pool, stop), name="d2m-dispatch",
                                       daemon=True)
         dispatcher.start()
