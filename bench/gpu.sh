@@ -21,7 +21,7 @@
 # then runs the CUDA tests. Stages run in the order of STAGES; a failed step is reported and the next one runs.
 # Knobs (environment): DEVICE (0), PRECISION (bf16), SHARDS (4), SAMPLES (10000), CONFIGS ("basic datacomp"),
 # RUN_CONFIGS ("basic datacomp"), OVERHEAD_CONFIGS (RUN_CONFIGS), READERS (4), NWORKERS (8), SHARD_DIR (.bench/gpu),
-# RESULTS (bench/results), FASTPATH_IMAGES (2048), GPU_DECODE (the configs' gpu_decode, e.g. off),
+# RESULTS (bench/results), FASTPATH_IMAGES (2048), GPU_DECODE (the configs' gpu_decode, e.g. readers or off),
 # COMPILE_CONFIGS (configs run with torch_compile: true, e.g. "datacomp"; none by default),
 # STAGES ("shards bench run parts fastpath loader writer overhead tests"), STEP_TIMEOUT (s per step, 300),
 # CUDA_TESTS_MORE (more test files for the tests stage, e.g. tests/core/test_model_faces.py where insightface

@@ -399,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--processes", type=int, default=2, help="--stage loader: reader processes")
     bench.add_argument("--device", default=None, help="override the yml's device ('cpu', 0, 'cuda:1')")
     bench.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default=None, help="override the yml's precision")
-    bench.add_argument("--gpu-decode", choices=["auto", "on", "off"], default=None, help="override the yml's gpu_decode")
+    bench.add_argument("--gpu-decode", choices=["auto", "on", "off", "readers"], default=None, help="override the yml's gpu_decode")
     bench.add_argument("--make-shards", type=int, default=2, help="shards to make when the folder is empty")
     bench.add_argument("--make-samples", type=int, default=256, help="samples per shard made")
     bench.add_argument("--repeats", type=int, default=3, help="model-only passes over one batch")

@@ -112,7 +112,7 @@ class D2MConfig(BaseModel):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     artifacts_dir: str | None = None
     max_failure_rate: float = Field(default=0.1, ge=0.0, le=1.0)  # the failure_rate check's threshold
-    gpu_decode: Literal["auto", "on", "off"] = "auto"  # decode/resize on the device: auto = on CUDA
+    gpu_decode: Literal["auto", "on", "off", "readers"] = "auto"  # decode/resize on the device: auto = on CUDA; readers: the readers decode
     filters: list[FilterSpec] = Field(default_factory=list)  # DataComp baselines as assets
     filter_cron: str = "0 * * * *"  # how often filters made stale by new shards re-run
     reshard: ReshardSpec | None = None

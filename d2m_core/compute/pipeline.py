@@ -66,6 +66,7 @@ def build_engine(config: D2MConfig, feature_assets: Sequence[str], device: torch
     engine = Engine({name: model_class(name) for name in names}, device=device, dtype=dtype, batch_size=config.batch_size,
                     nworkers=config.nworkers, readers=config.reader_processes)
     engine.decode_on_device = device_preprocessing(config, device, [t.name for t in engine.image_transforms])
+    engine.decode_in_readers = engine.decode_on_device and config.gpu_decode == "readers"
     engine.text_in_readers = readers_tokenize(device)
     started = time.perf_counter()
     try:
@@ -91,9 +92,10 @@ def readers_tokenize(device: torch.device) -> bool:
 
 def device_preprocessing(config: D2MConfig, device: torch.device, transforms: Sequence[str]) -> bool:
     """Whether the loader preprocesses images (decodes and resizes them) on `device`, for `gpu_decode`:
-    auto = on CUDA; on; off. Only the built-in transforms have a device implementation: with a plugin's,
-    the PIL path; with no image transforms there is nothing to decode."""
-    on_device = config.gpu_decode == "on" or (config.gpu_decode == "auto" and device.type == "cuda")
+    auto = on CUDA; on; readers (the reader processes decode with PIL, the device resizes); off. Only the
+    built-in transforms have a device implementation: with a plugin's, the PIL path; with no image
+    transforms there is nothing to decode."""
+    on_device = config.gpu_decode in ("on", "readers") or (config.gpu_decode == "auto" and device.type == "cuda")
     return bool(transforms) and on_device and supports(transforms)
 
 

@@ -441,13 +441,43 @@ def aspect_failure(height: int, width: int) -> str | None:
     return None
 
 
+def pixels_batch(pixels: Sequence[memoryview | bytes | None], shapes: Sequence[tuple[int, int] | None],
+                 errors: Sequence[str | None], device: torch.device | str) -> DecodedBatch:
+    """Images decoded elsewhere (the reader processes, with PIL: `gpu_decode: readers`), RGB pixels of
+    height x width x 3 bytes, as a DecodedBatch on `device`: packed into one buffer (pinned, on CUDA) and
+    copied up at once; each image a (3, H, W) view of the device's copy. A row with an error keeps it."""
+    device = torch.device(device)
+    rows = [i for i, (data, shape) in enumerate(zip(pixels, shapes)) if data is not None and shape is not None]
+    images: list[torch.Tensor | None] = [None] * len(pixels)
+    backends: list[str | None] = [None] * len(pixels)
+    failures = list(errors)
+    for i in set(range(len(pixels))) - set(rows):
+        failures[i] = failures[i] or "cannot decode image: the reader sent no pixels"
+    if rows:
+        # bytes (an image that travelled inline) are read-only, which torch.frombuffer warns about: copied
+        parts = [torch.frombuffer(p if isinstance(p, memoryview) else bytearray(p), dtype=torch.uint8)
+                 for p in (pixels[i] for i in rows)]
+        sizes = [len(part) for part in parts]
+        packed = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=device.type == "cuda")
+        torch.cat(parts, out=packed)
+        flat = packed.to(device, non_blocking=True)  # torch's pinned-memory cache keeps `packed` until the copy ends
+        for i, part in zip(rows, flat.split(sizes)):
+            height, width = shapes[i]  # type: ignore[misc]
+            images[i], backends[i] = part.view(height, width, 3).permute(2, 0, 1), "pil"
+    return DecodedBatch(images=images, failures=failures, backends=backends)
+
+
 def preprocess_batch(data: Sequence[bytes], names: Sequence[str], device: torch.device | str, *,
                      use_torchvision: bool = True) -> DevicePreprocessed:
     """Decode `data` onto `device` and run the named transforms: the device counterpart of the loader's
     per-image `decode_image` + `prepare`, with the same failure reasons (decode errors, clip-aug's aspect
     limit). Out-of-memory errors propagate (the engine splits the batch); any other error of one image's
     transforms becomes that image's failure."""
-    decoded = decode_batch(data, device, use_torchvision=use_torchvision)
+    return preprocess_decoded(decode_batch(data, device, use_torchvision=use_torchvision), names)
+
+
+def preprocess_decoded(decoded: DecodedBatch, names: Sequence[str]) -> DevicePreprocessed:
+    """The named transforms of a decoded batch (see preprocess_batch), its failures kept."""
     result = DevicePreprocessed(kept=[], failures={i: r for i, r in enumerate(decoded.failures) if r is not None},
                                 decoded_by=decoded.by_backend())
     candidates = []

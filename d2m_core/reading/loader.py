@@ -128,8 +128,9 @@ def prepare_batch(shard: str, raw: RawBatch, transforms: Sequence[ImageTransform
 def prepare_batch_on_device(
     shard: str, raw: RawBatch, transforms: Sequence[ImageTransform], needs_text: bool, device: torch.device,
 ) -> Batch:
-    """Like prepare_batch, but decoding (nvJPEG on CUDA, PIL fallback) and resizing run batched on `device`."""
-    from d2m_core.reading.fastpath import preprocess_batch
+    """Like prepare_batch, but decoding (nvJPEG on CUDA, PIL fallback) and resizing run batched on `device`; a
+    batch its reader decoded (RGB pixels: `gpu_decode: readers`) is only uploaded and resized."""
+    from d2m_core.reading.fastpath import pixels_batch, preprocess_batch, preprocess_decoded
 
     start = time.perf_counter()
     batch = Batch(shard=shard, samples_read=len(raw))
@@ -142,8 +143,14 @@ def prepare_batch_on_device(
         else:
             failures.append((row, SampleFailure(raw.keys[row], raw.uids[row], reason)))
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    names = [t.name for t in transforms]
     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-        result = preprocess_batch([raw.images[row] for row in usable], [t.name for t in transforms], device)
+        if raw.shapes is not None and raw.decode_errors is not None:
+            decoded = pixels_batch([raw.images[row] for row in usable], [raw.shapes[row] for row in usable],
+                                   [raw.decode_errors[row] for row in usable], device)
+            result = preprocess_decoded(decoded, names)
+        else:
+            result = preprocess_batch([raw.images[row] for row in usable], names, device)
     if stream is not None:
         stream.synchronize()
     for position, reason in result.failures.items():
@@ -160,7 +167,8 @@ class Loader:
     """Iterate `ShardStart, Batch..., ShardEnd` for each shard (shards interleaved when `readers` > 1), with
     bounded read-ahead.
 
-    With `decode_device` set, workers decode and resize on that device (the GPU fast path); otherwise
+    With `decode_device` set, workers decode and resize on that device (the GPU fast path; with
+    `decode_in_readers` the reader processes decode, and workers upload and resize); otherwise
     with PIL on the CPU, handing uint8 batches (pinned for a CUDA device) to the device stage. With no
     transforms the images are not decoded at all (batches carry the samples' keys, texts and json).
     """
@@ -178,6 +186,7 @@ class Loader:
         decode_device: torch.device | None = None,
         readers: int = DEFAULT_READERS,
         text_preprocessors: Sequence[str] = (),
+        decode_in_readers: bool = False,
     ) -> None:
         self.shards = list(shards)
         self.batch_size = batch_size
@@ -187,6 +196,7 @@ class Loader:
         self.pin_memory = pin_memory
         self.prefetch = prefetch_batches or 2 * self.nworkers + 2
         self.decode_device = decode_device
+        self.decode_in_readers = decode_in_readers and decode_device is not None  # only the device path takes pixels
         self.readers = max(1, readers)
         self.text_preprocessors = tuple(text_preprocessors)  # run by the readers (READER_TEXT_PREPROCESSORS)
         self.reader_pids: list[int] = []  # of the current iteration (tests check that none outlives it)
@@ -198,7 +208,7 @@ class Loader:
         is never iterated; an iteration takes them over (and stops them when it ends)."""
         if self._started is None:
             self._started = ReaderPool(self.shards, batch_size=self.batch_size, processes=self.readers,
-                                       text_preprocessors=self.text_preprocessors)
+                                       text_preprocessors=self.text_preprocessors, decode=self.decode_in_readers)
             self.reader_pids = self._started.pids
 
     def close(self) -> None:

@@ -2,8 +2,8 @@
 
 Kept apart so that a reader imports only what reading a tar needs: this module, `reading` and the standard
 library's tar, json and compression code; no numpy, no multiprocessing, no subprocess (torch only when it
-tokenizes captions). Its pipes speak `multiprocessing.connection.Connection`'s framing (a 4-byte big-endian
-length, or -1 and an 8-byte one), so the parent reads and writes them with Connection.
+tokenizes captions, PIL only when it decodes images). Its pipes speak `multiprocessing.connection.Connection`'s
+framing (a 4-byte big-endian length, or -1 and an 8-byte one), so the parent reads and writes them with Connection.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class Job:
     batch_size: int
     ring_bytes: int
     text_preprocessors: tuple[str, ...] = ()  # run here on each batch's captions (READER_TEXT_PREPROCESSORS)
+    decode: bool = False  # decode each image here (PIL, `decode_image`): its RGB pixels go through the ring
 
 
 class Pipe:
@@ -137,6 +138,34 @@ def columns(samples: Sequence[RawSample], inline: dict[int, bytes]) -> Columns:
             [raw.json for raw in samples], [raw.members.get("txt") for raw in samples], exts, offsets, lengths)
 
 
+Pixels = tuple[list["tuple[int, int] | None"], list["str | None"]]  # per row: (height, width), decode error
+
+
+def decode_into_ring(samples: Sequence[RawSample], place: Any) -> Pixels:
+    """Decode each usable sample's image (`decode_image`, as the loader's PIL path) and put its RGB pixels
+    (height x width x 3 bytes) where its encoded bytes were: in the ring through `place`, or inline. Returns
+    each row's (height, width) and decode error; an image that fails keeps no member (its error says why)."""
+    from d2m_core.reading.decoding import DecodeError, decode_image  # PIL: imported by readers that decode
+
+    shapes: list[tuple[int, int] | None] = []
+    errors: list[str | None] = []
+    for raw in samples:
+        ext = next((e for e in IMAGE_EXTENSIONS if e in raw.members), None) if raw.problem is None else None
+        shape, error = None, None
+        if ext is not None:
+            try:
+                image = decode_image(bytes(raw.members[ext]))
+            except DecodeError as err:
+                error = str(err)
+                del raw.members[ext]
+            else:
+                shape = (image.height, image.width)
+                raw.members[ext] = place(memoryview(image.tobytes()))
+        shapes.append(shape)
+        errors.append(error)
+    return shapes, errors
+
+
 def _text_preprocessors(names: Sequence[str]) -> dict[str, Any]:
     if not names:
         return {}  # the reader then never imports torch
@@ -173,20 +202,21 @@ def child_main(argv: Sequence[str]) -> int:
 
         def send_batch(index: int, samples: list[RawSample]) -> None:
             inline: dict[int, bytes] = {}
+            pixels = decode_into_ring(samples, writer.place) if job.decode else None
             batch = columns(samples, inline)
             texts = {}
             if preprocessors:  # captions decoded only when this reader tokenizes
                 captions = [raw.text or "" for raw in samples]
                 texts = {name: prepare(captions).numpy() for name, prepare in preprocessors.items()}
             writer.drain(block=False)  # keeps the release pipe from filling up
-            out.send(pickle.dumps(("batch", index, batch, inline, writer.written, texts), protocol=5))
+            out.send(pickle.dumps(("batch", index, batch, inline, writer.written, texts, pixels), protocol=5))
             writer.sent = writer.written
 
         for index, stem, url in job.shards:
             out.send(pickle.dumps(("start", index)))
             error, buffer = None, []
             try:
-                for raw in iter_samples(ShardRef(stem, url), image_sink=writer.place):
+                for raw in iter_samples(ShardRef(stem, url), image_sink=None if job.decode else writer.place):
                     buffer.append(raw)
                     if len(buffer) == job.batch_size:
                         send_batch(index, buffer)

@@ -7,11 +7,12 @@ anonymous shared-memory file (the ring) and two pipes. Shards are dealt round-ro
 i, i+N, i+2N, ... in order, so N readers work on N shards at once and their batches arrive interleaved.
 
 Parent -> child: the job (pickled), then release counters (8 bytes each): the ring is free up to there.
-Child -> parent: pickled messages: ("start", index), ("batch", index, columns, inline, ring_end, texts),
+Child -> parent: pickled messages: ("start", index), ("batch", index, columns, inline, ring_end, texts, pixels),
 ("end", index, error), ("done",), or ("failed", traceback). Each image is copied into the ring straight from
 the tar's read buffer as it is read; a batch's images stay there until the parent releases the batch
 (`ReaderPool.release`). An image the ring cannot hold (larger than the ring, or the ring full of the batch
-being read) travels in the batch's message (`inline`, by row).
+being read) travels in the batch's message (`inline`, by row). A reader that decodes (`decode=True`) puts
+each image's RGB pixels there instead, `pixels` giving each row's (height, width) and decode error.
 
 Readers ignore Ctrl-C (the parent stops them), die with the parent (PR_SET_PDEATHSIG), and are stopped
 and reaped by `ReaderPool.close` on every exit path: end of the run, an error, Ctrl-C.
@@ -35,6 +36,7 @@ from d2m_core.reading.reading import IMAGE_EXTENSIONS, RawSample
 from d2m_core.reading.shards import ShardRef
 
 RING_BYTES = 128 * 2**20  # per reader; a batch of 512 DataComp-like samples is about 22 MB
+DECODED_RING_BYTES = 2**30  # per reader that decodes: a batch of 512 images of 512 x 384 px is 302 MB of pixels
 
 
 class ReaderError(RuntimeError):
@@ -57,6 +59,10 @@ class RawBatch:
     images: list[memoryview | bytes | None]  # the encoded image of each sample without a problem
     image_exts: list[str | None]
     texts: dict[str, Any] = field(default_factory=dict)  # text preprocessor -> its (B, ...) array, one row a sample
+    # From readers that decode (`decode=True`): `images` are RGB pixels (height x width x 3 bytes), each row's
+    # (height, width) in `shapes` and its decode error in `decode_errors` (None where it decoded or has no image).
+    shapes: list[tuple[int, int] | None] | None = None
+    decode_errors: list[str | None] | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -139,15 +145,16 @@ class ReaderPool:
     """`processes` reader processes over `shards`; iterate for ShardBegins / RawBatch / ShardDone items (each
     shard's items in order, shards interleaved), call `release` once a batch's images are used, `close` at the end."""
 
-    def __init__(self, shards: Sequence[ShardRef], *, batch_size: int, processes: int, ring_bytes: int = RING_BYTES,
-                 text_preprocessors: Sequence[str] = ()) -> None:
+    def __init__(self, shards: Sequence[ShardRef], *, batch_size: int, processes: int, ring_bytes: int | None = None,
+                 text_preprocessors: Sequence[str] = (), decode: bool = False) -> None:
         self.shards = list(shards)
         count = max(1, min(processes, len(self.shards)))
+        ring_bytes = ring_bytes or (DECODED_RING_BYTES if decode else RING_BYTES)
         self._readers: list[_Reader] = []
         try:
             for i in range(count):
                 mine = [(j, s.stem, s.url) for j, s in enumerate(self.shards) if j % count == i]
-                self._readers.append(_Reader(Job(mine, batch_size, ring_bytes, tuple(text_preprocessors))))
+                self._readers.append(_Reader(Job(mine, batch_size, ring_bytes, tuple(text_preprocessors), decode)))
         except BaseException:
             self.close()
             raise
@@ -181,11 +188,13 @@ class ReaderPool:
                     raise ReaderError(f"reader process {reader.process.pid} failed:\n{message[1]}")
 
     def _batch(self, number: int, reader: _Reader, message: tuple) -> RawBatch:
-        _, index, (keys, problems, uids, jsons, captions, exts, offsets, lengths), inline, end, texts = message
+        _, index, (keys, problems, uids, jsons, captions, exts, offsets, lengths), inline, end, texts, pixels = message
         view = reader.view
         images = [view[at:at + length] if at >= 0 else inline[row] if at == -1 else None
                   for row, (at, length) in enumerate(zip(offsets, lengths))]
-        return RawBatch(self.shards[index], number, end, keys, problems, uids, jsons, captions, images, exts, texts)
+        shapes, errors = pixels if pixels is not None else (None, None)
+        return RawBatch(self.shards[index], number, end, keys, problems, uids, jsons, captions, images, exts, texts,
+                        shapes, errors)
 
     def release(self, batch: RawBatch) -> None:
         """The batch's images are no longer needed: its reader may reuse their place in the ring."""

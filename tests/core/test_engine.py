@@ -197,14 +197,16 @@ def test_tokenizing_in_the_readers_gives_the_same_rows_and_text_features(engine:
                                    atol=1e-6)
 
 
-def test_decoding_on_the_device_gives_the_same_rows_and_features(engine: Engine, shard_dir: Path) -> None:
+@pytest.mark.parametrize("in_readers", [False, True], ids=["device-decode", "readers-decode"])
+def test_decoding_on_the_device_gives_the_same_rows_and_features(engine: Engine, shard_dir: Path, in_readers: bool) -> None:
     refs = _refs(shard_dir)
     reference = list(engine.run(refs))
     engine.decode_on_device = True  # the GPU fast path's code, run on the CPU device
+    engine.decode_in_readers = in_readers  # `gpu_decode: readers`: PIL's pixels from the readers, resized here
     try:
         fast = list(engine.run(refs))
     finally:
-        engine.decode_on_device = False
+        engine.decode_on_device = engine.decode_in_readers = False
     for ref, got in zip(reference, fast):
         assert got.keys == ref.keys and got.uids == ref.uids
         assert [(f.key, f.reason) for f in got.stats.failures] == [(f.key, f.reason) for f in ref.stats.failures]
@@ -216,6 +218,7 @@ def test_decoding_on_the_device_gives_the_same_rows_and_features(engine: Engine,
     ("auto", "cuda", ["clip-aug"], True),
     ("auto", "cpu", ["clip-aug"], False),
     ("on", "cpu", ["clip-aug", "dedup-aug"], True),
+    ("readers", "cpu", ["clip-aug"], True),
     ("on", "cuda", ["clip-aug", "my-plugin-aug"], False),  # a plugin's transform: the PIL path
     ("off", "cuda", ["clip-aug"], False),
     ("auto", "cuda", [], False),  # text only: nothing to decode

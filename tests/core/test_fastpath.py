@@ -282,3 +282,14 @@ def test_cuda_decode_and_transforms_stay_within_tolerance(shard_images: list[byt
         assert diff.max() <= MAX_LEVELS and (diff > 0).float().mean() < 1e-3, (name, diff.max())
     out = fast.finish(torch.bfloat16)
     assert out["clip-aug"].device.type == "cuda" and out["faces-aug"][1].device.type == "cuda"
+
+
+def test_pixels_from_the_readers_become_device_images_and_keep_their_errors() -> None:
+    """`gpu_decode: readers`: RGB bytes (from the ring, or inline bytes) -> (3, H, W) uint8; errors kept."""
+    rgb = np.arange(2 * 5 * 3, dtype=np.uint8).reshape(2, 5, 3)
+    decoded = fastpath.pixels_batch([rgb.tobytes(), memoryview(bytearray(rgb[:, :4].tobytes())), None],
+                                    [(2, 5), (2, 4), None], [None, None, "cannot decode image: broken"], "cpu")
+    assert torch.equal(decoded.images[0], torch.from_numpy(rgb).permute(2, 0, 1))
+    assert torch.equal(decoded.images[1], torch.from_numpy(np.ascontiguousarray(rgb[:, :4])).permute(2, 0, 1))
+    assert decoded.images[2] is None and decoded.failures == [None, None, "cannot decode image: broken"]
+    assert decoded.ok == [0, 1]

@@ -112,6 +112,23 @@ def test_every_sample_is_a_row_or_a_failure(name: str, corpus: dict[str, FaultCa
     json.dumps(result.stats.as_dict(), ensure_ascii=False).encode("utf-8")
 
 
+@pytest.mark.parametrize("in_readers", [False, True], ids=["device-decode", "readers-decode"])
+def test_the_device_path_gives_the_corpus_the_same_rows_and_failures(engine: Engine, corpus: dict[str, FaultCase],
+                                                                     results: dict[str, ShardResult], in_readers: bool) -> None:
+    """The GPU fast path's code on the CPU device, decoding with nvJPEG's stand-in (torchvision) and PIL or in
+    the reader processes (`gpu_decode: readers`): every shard's rows, failures and reasons as the PIL path's."""
+    order = _run_order(corpus)
+    engine.decode_on_device, engine.decode_in_readers = True, in_readers
+    try:
+        out = list(engine.run([_ref(corpus[n]) for n in order]))
+    finally:
+        engine.decode_on_device = engine.decode_in_readers = False
+    for got in out:
+        ref = results[got.shard.stem]
+        assert (got.error, got.keys, got.uids) == (ref.error, ref.keys, ref.uids), got.shard.stem
+        assert [(f.key, f.reason) for f in got.stats.failures] == [(f.key, f.reason) for f in ref.stats.failures]
+
+
 @pytest.mark.parametrize("name", UNREADABLE)
 def test_unreadable_tar_fails_the_shard_naming_it_and_the_next_shard_completes(
         name: str, corpus: dict[str, FaultCase], results: dict[str, ShardResult]) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import gone as _gone
+from d2m_core.reading.decoding import DecodeError, decode_image
 from d2m_core.reading.loader import Batch, Loader, ShardStart
 from d2m_core.reading.readers import RawBatch, ReaderError, ReaderPool
 from d2m_core.reading.reading import iter_samples
@@ -65,6 +66,39 @@ def test_images_arrive_as_read_through_the_ring_or_inline(shard_dir: Path, ring_
     for stem, samples in expected.items():
         assert got[stem] == [(k, p, j, None if p else i, t) for k, p, j, i, t in samples]
     assert sum(len(v) for v in got.values()) > 2 * 5  # several batches per reader: the ring was reused
+
+
+@pytest.mark.parametrize("ring_bytes", [None, 1_000])
+def test_readers_that_decode_send_pils_pixels_and_its_errors(shard_dir: Path, ring_bytes: int | None) -> None:
+    """`gpu_decode: readers`: each usable image decoded as the PIL path decodes it, its RGB bytes through the ring
+    (or inline, when the ring holds less than a batch), a decode error as DecodeError words it."""
+    refs = _refs(shard_dir)
+    expected: dict[str, list[object]] = {r.stem: [] for r in refs}
+    for ref in refs:
+        for sample in iter_samples(ref):
+            if sample.problem is not None or sample.image is None:
+                expected[ref.stem].append(None)
+                continue
+            try:
+                image = decode_image(sample.image)
+            except DecodeError as err:
+                expected[ref.stem].append(str(err))
+            else:
+                expected[ref.stem].append(((image.height, image.width), image.tobytes()))
+    got: dict[str, list[object]] = {r.stem: [] for r in refs}
+    pool = ReaderPool(refs, batch_size=5, processes=2, ring_bytes=ring_bytes, decode=True)
+    try:
+        for item in pool:
+            if isinstance(item, RawBatch):
+                assert item.shapes is not None and item.decode_errors is not None
+                for row, (shape, error) in enumerate(zip(item.shapes, item.decode_errors)):
+                    got[item.shard.stem].append(error if error else None if shape is None else (shape, bytes(item.images[row])))
+                pool.release(item)
+    finally:
+        pool.close()
+    assert got == expected
+    outcomes = [o for rows in got.values() for o in rows]
+    assert any(isinstance(o, str) for o in outcomes) and sum(isinstance(o, tuple) for o in outcomes) > 10
 
 
 def test_no_reader_outlives_an_abandoned_or_failing_loop(shard_dir: Path) -> None:
