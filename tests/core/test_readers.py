@@ -147,7 +147,8 @@ def test_a_crashed_reader_fails_the_loop_instead_of_hanging(shard_dir: Path) -> 
 
 
 CTRL_C_SCRIPT = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal: a test runner may pass SIGINT ignored
 from d2m_core.reading.loader import Loader
 from d2m_core.reading.shards import ShardRef
 refs = [ShardRef(p.split("/")[-1][:-4], p) for p in sys.argv[1:]]
