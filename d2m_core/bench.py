@@ -232,7 +232,7 @@ def device_parts(config: D2MConfig, shards: Sequence[ShardRef], shard_dir: str, 
             prepared = prepared or item
     loader_s = time.perf_counter() - start
     result: dict[str, Any] = {"kind": "device_parts", "transforms": transforms, "decode_on_device": engine.decode_on_device,
-                              "loader_samples": samples, "loader_samples_per_s": round(samples / loader_s, 1)}
+                              "decode_in_readers": engine.decode_in_readers, "loader_samples": samples, "loader_samples_per_s": round(samples / loader_s, 1)}
     if prepared is None:
         return result
     parts: dict[str, list[float]] = {"decode": [], "resize_batched": [], "resize_per_size": []}
