@@ -170,3 +170,13 @@ def test_ctrl_c_stops_the_readers(shard_dir: Path) -> None:
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0 and "KeyboardInterrupt" in err
     assert _gone(pids)
+
+
+def test_the_loader_benchmark_counts_every_sample_with_or_without_decoding(shard_dir: Path) -> None:
+    from d2m_core.bench import loader_stage
+
+    refs = _refs(shard_dir)
+    held = sum(1 for ref in refs for _ in iter_samples(ref))
+    for decode in (False, True):  # `--decode`: the readers decode (gpu_decode: readers)
+        out = loader_stage(refs, processes=2, batch_size=4, decode=decode)
+        assert (out["samples"], out["decode"]) == (held, decode) and out["samples_per_s"] > 0
