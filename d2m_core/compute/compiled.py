@@ -40,11 +40,9 @@ def bucket(rows: int, batch_size: int) -> int:
 class StaticBatch(nn.Module):
     """`module` compiled for fixed batch sizes (see `bucket`): forward pads the batch, runs, and cuts back."""
 
-    def __init__(self, module: nn.Module, batch_size: int, memory_format: torch.memory_format = torch.contiguous_format,
-                 backend: str = "inductor") -> None:
+    def __init__(self, module: nn.Module, batch_size: int, memory_format: torch.memory_format = torch.contiguous_format) -> None:
         super().__init__()
-        self.module = module
-        self.compiled = torch.compile(module, dynamic=False, backend=backend)
+        self.compiled = torch.compile(module, dynamic=False)
         self.batch_size = batch_size
         self.memory_format = memory_format
 

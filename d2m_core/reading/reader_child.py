@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from d2m_core.reading.reading import IMAGE_EXTENSIONS, RawSample, ShardReadError, iter_samples
+from d2m_core.reading.reading import RawSample, ShardReadError, iter_samples
 from d2m_core.reading.shards import ShardRef
 
 COUNTER = struct.Struct("<q")  # a release: the ring is free up to this position
@@ -123,7 +123,7 @@ def columns(samples: Sequence[RawSample], inline: dict[int, bytes]) -> Columns:
     lengths: list[int] = []
     for row, raw in enumerate(samples):
         members = raw.members
-        ext = next((e for e in IMAGE_EXTENSIONS if e in members), None) if raw.problem is None else None
+        ext = raw.image_ext if raw.problem is None else None
         at, length = -2, 0
         if ext is not None:
             placed = members[ext]
@@ -150,7 +150,7 @@ def decode_into_ring(samples: Sequence[RawSample], place: Any) -> Pixels:
     shapes: list[tuple[int, int] | None] = []
     errors: list[str | None] = []
     for raw in samples:
-        ext = next((e for e in IMAGE_EXTENSIONS if e in raw.members), None) if raw.problem is None else None
+        ext = raw.image_ext if raw.problem is None else None
         shape, error = None, None
         if ext is not None:
             try:

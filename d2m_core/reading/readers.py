@@ -32,7 +32,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from d2m_core.reading.reader_child import COUNTER, Job
-from d2m_core.reading.reading import IMAGE_EXTENSIONS, RawSample
+from d2m_core.reading.reading import RawSample
 from d2m_core.reading.shards import ShardRef
 
 RING_BYTES = 128 * 2**20  # per reader; a batch of 512 DataComp-like samples is about 22 MB
@@ -70,7 +70,7 @@ class RawBatch:
     @classmethod
     def of(cls, shard: ShardRef, samples: Sequence[RawSample]) -> RawBatch:
         """The batch of samples read in this process (images as bytes; nothing to release)."""
-        exts = [next((e for e in IMAGE_EXTENSIONS if e in s.members), None) if s.problem is None else None for s in samples]
+        exts = [s.image_ext if s.problem is None else None for s in samples]
         return cls(shard, -1, 0, [s.key for s in samples], [s.problem for s in samples], [s.uid for s in samples],
                    [s.json for s in samples], [s.members.get("txt") for s in samples],
                    [None if e is None else s.members[e] for s, e in zip(samples, exts)], exts)

@@ -71,11 +71,14 @@ class RawSample:
         return uid if isinstance(uid, str) and uid.strip() else None
 
     @property
+    def image_ext(self) -> str | None:
+        """The extension of the image member the sample is read by (the first of IMAGE_EXTENSIONS it holds)."""
+        return next((ext for ext in IMAGE_EXTENSIONS if ext in self.members), None)
+
+    @property
     def image(self) -> bytes | None:
-        for ext in IMAGE_EXTENSIONS:
-            if ext in self.members:
-                return self.members[ext]
-        return None
+        ext = self.image_ext
+        return None if ext is None else self.members[ext]
 
     @property
     def text(self) -> str | None:
