@@ -14,7 +14,8 @@
 #   <gpu>-parts.jsonl      `d2m bench --stage parts`: where a batch's time goes (the loader with device preprocessing
 #                          and a consumer that only counts; decoding; resizing batched and per image size; each model)
 #   <gpu>-fastpath.jsonl   the device preprocessing path (nvJPEG decode + tensor transforms) against PIL
-#   <gpu>-loader.jsonl     `d2m bench --stage loader` with 1, 2 and 4 reading processes
+#   <gpu>-loader.jsonl     `d2m bench --stage loader` with 1, 2 and 4 reading processes (LOADER_PROCESSES; with
+#                          LOADER_DECODE=1 the readers decode, as gpu_decode: readers)
 #   <gpu>-writer.jsonl     `d2m bench --stage writer` (the output stage alone, on this machine's CPU)
 #   <gpu>-run-overhead.jsonl  `d2m bench --stage run-overhead`: one Dagster run over the first shard, launched as a
 #                          run worker process (launch to model build and first batch, teardown)
@@ -41,6 +42,7 @@ FASTPATH_IMAGES="${FASTPATH_IMAGES:-2048}"
 GPU_DECODE="${GPU_DECODE:-}"
 COMPILE_CONFIGS="${COMPILE_CONFIGS:-}"
 READERS="${READERS:-4}"
+LOADER_PROCESSES="${LOADER_PROCESSES:-1 2 4}"
 NWORKERS="${NWORKERS:-8}"
 SHARD_DIR="${SHARD_DIR:-.bench/gpu}"
 RESULTS="${RESULTS:-bench/results}"
@@ -184,8 +186,9 @@ stage_parts() {
 stage_loader() {
     say "loader stage -> $RESULTS/$SLUG-loader.jsonl"
     : >"$RESULTS/$SLUG-loader.jsonl"
-    for n in 1 2 4; do
-        step "$D2M" bench --stage loader --shards "$SHARD_DIR" --processes "$n" | tee -a "$RESULTS/$SLUG-loader.jsonl" || status=1
+    for n in $LOADER_PROCESSES; do
+        step "$D2M" bench --stage loader --shards "$SHARD_DIR" --processes "$n" ${LOADER_DECODE:+--decode} \
+            | tee -a "$RESULTS/$SLUG-loader.jsonl" || status=1
     done
 }
 

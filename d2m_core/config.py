@@ -116,7 +116,7 @@ class D2MConfig(BaseModel):
     filters: list[FilterSpec] = Field(default_factory=list)  # DataComp baselines as assets
     filter_cron: str = "0 * * * *"  # how often filters made stale by new shards re-run
     reshard: ReshardSpec | None = None
-    reader_processes: int = Field(default=2, gt=0)  # processes reading tars, each a shard at a time
+    reader_processes: int = Field(default=2, gt=0)  # processes reading tars, a shard each (gpu_decode readers: shared)
     torch_compile: bool = False  # torch.compile ISC's and CLIP's image towers (d2m_core.compute.compiled)
 
     @field_validator("gpu_decode", mode="before")

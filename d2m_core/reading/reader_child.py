@@ -35,6 +35,9 @@ class Job:
     ring_bytes: int
     text_preprocessors: tuple[str, ...] = ()  # run here on each batch's captions (READER_TEXT_PREPROCESSORS)
     decode: bool = False  # decode each image here (PIL, `decode_image`): its RGB pixels go through the ring
+    # (stripe, stripes): of each shard, send only batches b with b % stripes == stripe (the others are read and
+    # dropped). Several readers share one shard so, when a run has fewer shards than readers that decode.
+    stripe: tuple[int, int] = (0, 1)
 
 
 class Pipe:
@@ -200,7 +203,12 @@ def child_main(argv: Sequence[str]) -> int:
         writer = RingWriter(ring, job.ring_bytes, inbox)
         preprocessors = _text_preprocessors(job.text_preprocessors)
 
-        def send_batch(index: int, samples: list[RawSample]) -> None:
+        stripe, stripes = job.stripe
+        placing = not job.decode and stripes == 1  # encoded images go to the ring as read (a stripe's travel inline)
+
+        def send_batch(index: int, number: int, samples: list[RawSample]) -> None:
+            if number % stripes != stripe:
+                return  # another reader's batch
             inline: dict[int, bytes] = {}
             pixels = decode_into_ring(samples, writer.place) if job.decode else None
             batch = columns(samples, inline)
@@ -209,22 +217,22 @@ def child_main(argv: Sequence[str]) -> int:
                 captions = [raw.text or "" for raw in samples]
                 texts = {name: prepare(captions).numpy() for name, prepare in preprocessors.items()}
             writer.drain(block=False)  # keeps the release pipe from filling up
-            out.send(pickle.dumps(("batch", index, batch, inline, writer.written, texts, pixels), protocol=5))
+            out.send(pickle.dumps(("batch", index, number, batch, inline, writer.written, texts, pixels), protocol=5))
             writer.sent = writer.written
 
         for index, stem, url in job.shards:
             out.send(pickle.dumps(("start", index)))
-            error, buffer = None, []
+            error, buffer, number = None, [], 0
             try:
-                for raw in iter_samples(ShardRef(stem, url), image_sink=None if job.decode else writer.place):
+                for raw in iter_samples(ShardRef(stem, url), image_sink=writer.place if placing else None):
                     buffer.append(raw)
                     if len(buffer) == job.batch_size:
-                        send_batch(index, buffer)
-                        buffer = []
+                        send_batch(index, number, buffer)
+                        buffer, number = [], number + 1
             except ShardReadError as err:
                 error = str(err)
             if buffer:
-                send_batch(index, buffer)
+                send_batch(index, number, buffer)
             out.send(pickle.dumps(("end", index, error)))
         out.send(pickle.dumps(("done",)))
         return 0

@@ -5,9 +5,11 @@ reading nor copying images costs the parent's CPU (or its GIL).
 Each reader is a child process (running `reader_child.child_main`, which imports only the reading code) given one
 anonymous shared-memory file (the ring) and two pipes. Shards are dealt round-robin: reader i reads shards
 i, i+N, i+2N, ... in order, so N readers work on N shards at once and their batches arrive interleaved.
+Readers that decode, when there are more of them than shards, share shards instead (`stripes`): the readers of
+one shard each read all of it and decode every k-th batch, and the pool puts the batches back in tar order.
 
 Parent -> child: the job (pickled), then release counters (8 bytes each): the ring is free up to there.
-Child -> parent: pickled messages: ("start", index), ("batch", index, columns, inline, ring_end, texts, pixels),
+Child -> parent: pickled messages: ("start", index), ("batch", index, number, columns, inline, ring_end, texts, pixels),
 ("end", index, error), ("done",), or ("failed", traceback). Each image is copied into the ring straight from
 the tar's read buffer as it is read; a batch's images stay there until the parent releases the batch
 (`ReaderPool.release`). An image the ring cannot hold (larger than the ring, or the ring full of the batch
@@ -103,6 +105,27 @@ class ShardDone:
 RawItem = ShardBegins | RawBatch | ShardDone
 
 
+def stripes(shards: int, processes: int) -> list[int]:
+    """How many readers share each of `shards` shards when `processes` readers decode: every reader gets one
+    shard's stripe while there are fewer shards than readers (the first shards take the extra readers); one
+    reader a shard otherwise."""
+    if shards >= processes or shards == 0:
+        return [1] * shards
+    return [processes // shards + (1 if j < processes % shards else 0) for j in range(shards)]
+
+
+@dataclass
+class _Merge:
+    """One shard's batches coming from its readers' stripes, put back in tar order."""
+
+    stripes: int
+    started: bool = False
+    ended: int = 0  # stripes that sent their "end"
+    error: str | None = None
+    next: int = 0  # the batch number to hand on next
+    waiting: dict[int, RawBatch] = field(default_factory=dict)
+
+
 _CHILD_MAIN = "import sys; from d2m_core.reading.reader_child import child_main; sys.exit(child_main(sys.argv[1:]))"
 
 
@@ -148,13 +171,20 @@ class ReaderPool:
     def __init__(self, shards: Sequence[ShardRef], *, batch_size: int, processes: int, ring_bytes: int | None = None,
                  text_preprocessors: Sequence[str] = (), decode: bool = False) -> None:
         self.shards = list(shards)
-        count = max(1, min(processes, len(self.shards)))
+        self._stripes = stripes(len(self.shards), processes) if decode else [1] * len(self.shards)
         ring_bytes = ring_bytes or (DECODED_RING_BYTES if decode else RING_BYTES)
         self._readers: list[_Reader] = []
         try:
-            for i in range(count):
-                mine = [(j, s.stem, s.url) for j, s in enumerate(self.shards) if j % count == i]
-                self._readers.append(_Reader(Job(mine, batch_size, ring_bytes, tuple(text_preprocessors), decode)))
+            if sum(self._stripes) > len(self.shards):  # one reader a stripe
+                jobs = [([(j, shard.stem, shard.url)], (k, count)) for j, (shard, count)
+                        in enumerate(zip(self.shards, self._stripes)) for k in range(count)]
+            else:
+                count = max(1, min(processes, len(self.shards)))
+                jobs = [([(j, s.stem, s.url) for j, s in enumerate(self.shards) if j % count == i], (0, 1))
+                        for i in range(count)]
+            for mine, stripe in jobs:
+                self._readers.append(_Reader(Job(mine, batch_size, ring_bytes, tuple(text_preprocessors), decode,
+                                                 stripe)))
         except BaseException:
             self.close()
             raise
@@ -165,6 +195,7 @@ class ReaderPool:
 
     def __iter__(self) -> Iterator[RawItem]:
         live = {r.messages: (i, r) for i, r in enumerate(self._readers)}
+        merges = [_Merge(count) for count in self._stripes]
         while live:
             for conn in wait(list(live)):
                 number, reader = live[conn]
@@ -176,19 +207,40 @@ class ReaderPool:
                                       "before finishing its shards") from None
                 kind = message[0]
                 if kind == "batch":
-                    yield self._batch(number, reader, message)
+                    merge = merges[message[1]]
+                    merge.waiting[message[2]] = self._batch(number, reader, message)
+                    while merge.next in merge.waiting:
+                        yield merge.waiting.pop(merge.next)
+                        merge.next += 1
                 elif kind == "start":
-                    yield ShardBegins(self.shards[message[1]])
+                    merge = merges[message[1]]
+                    if not merge.started:
+                        merge.started = True
+                        yield ShardBegins(self.shards[message[1]])
                 elif kind == "end":
-                    yield ShardDone(self.shards[message[1]], message[2])
+                    merge = merges[message[1]]
+                    merge.ended += 1
+                    merge.error = merge.error or message[2]
+                    if merge.ended == merge.stripes:
+                        yield ShardDone(self.shards[message[1]], self._finish(merge))
                 elif kind == "done":
                     reader.finished = True
                     del live[conn]
                 else:
                     raise ReaderError(f"reader process {reader.process.pid} failed:\n{message[1]}")
 
+    def _finish(self, merge: _Merge) -> str | None:
+        """The shard's error once all its stripes ended. Batches left waiting behind a gap (readers that read
+        the shard differently, e.g. a network error in one of them) are dropped and the shard fails. They are
+        not released: a release frees its reader's ring up to the batch, over batches still being prepared,
+        and a reader that shares a shard reads nothing else."""
+        if not merge.waiting:
+            return merge.error
+        merge.waiting.clear()
+        return merge.error or (f"the readers sharing this shard read it differently: batch {merge.next} never came")
+
     def _batch(self, number: int, reader: _Reader, message: tuple) -> RawBatch:
-        _, index, (keys, problems, uids, jsons, captions, exts, offsets, lengths), inline, end, texts, pixels = message
+        _, index, _, (keys, problems, uids, jsons, captions, exts, offsets, lengths), inline, end, texts, pixels = message
         view = reader.view
         images = [view[at:at + length] if at >= 0 else inline[row] if at == -1 else None
                   for row, (at, length) in enumerate(zip(offsets, lengths))]

@@ -15,9 +15,10 @@ import pytest
 from conftest import gone as _gone
 from d2m_core.reading.decoding import DecodeError, decode_image
 from d2m_core.reading.loader import Batch, Loader, ShardStart
-from d2m_core.reading.readers import RawBatch, ReaderError, ReaderPool
+from d2m_core.reading.readers import RawBatch, ReaderError, ReaderPool, ShardBegins, stripes
 from d2m_core.reading.reading import iter_samples
 from d2m_core.reading.shards import ShardRef
+from d2m_core.testdata.faults import make_fault_shards
 
 
 def _refs(shard_dir: Path) -> list[ShardRef]:
@@ -101,6 +102,56 @@ def test_readers_that_decode_send_pils_pixels_and_its_errors(shard_dir: Path, ri
     assert any(isinstance(o, str) for o in outcomes) and sum(isinstance(o, tuple) for o in outcomes) > 10
 
 
+def test_readers_spread_over_the_shards_they_decode() -> None:
+    """More decoding readers than shards: every reader takes a stripe of one shard (the first shards the extra
+    readers); otherwise one reader a shard."""
+    assert stripes(4, 12) == [3, 3, 3, 3]
+    assert stripes(5, 12) == [3, 3, 2, 2, 2]
+    assert stripes(1, 3) == [3]
+    assert stripes(8, 4) == [1] * 8 and stripes(4, 4) == [1] * 4
+    assert stripes(0, 4) == []
+
+
+def _handed_over(pool: ReaderPool) -> dict[str, list[tuple]]:
+    """Per shard, what the pool hands on, in order: its start, each batch's rows (key, problem, shape, decode
+    error, pixels) and its end with the error."""
+    got: dict[str, list[tuple]] = {}
+    try:
+        for item in pool:
+            if isinstance(item, RawBatch):
+                assert item.shapes is not None and item.decode_errors is not None
+                rows = [(k, p, shape, error, None if shape is None else bytes(image)) for k, p, shape, error, image
+                        in zip(item.keys, item.problems, item.shapes, item.decode_errors, item.images)]
+                got[item.shard.stem].append(("batch", rows))
+                pool.release(item)
+            elif isinstance(item, ShardBegins):
+                assert item.shard.stem not in got
+                got[item.shard.stem] = [("start",)]
+            else:
+                got[item.shard.stem].append(("end", item.error))
+    finally:
+        pool.close()
+    return got
+
+
+def test_readers_that_share_a_shard_hand_it_over_as_one_reader_does(shard_dir: Path, tmp_path: Path) -> None:
+    """Readers that decode, more of them than shards, share each shard in stripes of batches: the pool hands on
+    the same batches, in tar order, with the same failures and the same shard errors (the fault corpus's
+    truncated and unreadable tars) as one reader a shard."""
+    corpus = make_fault_shards(tmp_path / "faults")
+    refs = _refs(shard_dir) + [ShardRef(name, str(case.path)) for name, case in corpus.items()
+                               if name.startswith(("truncated-", "corrupt-", "zeroed-")) or name in ("empty", "not-a-tar")]
+    alone = _handed_over(ReaderPool(refs, batch_size=2, processes=1, decode=True))
+    shared = ReaderPool(refs[:2], batch_size=2, processes=5, decode=True)
+    assert len(shared.pids) == 5
+    assert _handed_over(shared) == {r.stem: alone[r.stem] for r in refs[:2]}
+    faults = refs[2:]
+    shared = ReaderPool(faults, batch_size=1, processes=2 * len(faults) + 1, decode=True)
+    assert _handed_over(shared) == _handed_over(ReaderPool(faults, batch_size=1, processes=1, decode=True))
+    assert sum(len(items) - 2 for items in alone.values()) > 10  # batches, not only starts and ends
+    assert any(items[-1][1] for items in alone.values()) and any(not items[-1][1] for items in alone.values())
+
+
 def test_no_reader_outlives_an_abandoned_or_failing_loop(shard_dir: Path) -> None:
     loader = _loader(_refs(shard_dir), readers=2, batch_size=1)
     items = iter(loader)
@@ -151,6 +202,7 @@ import signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal: a test runner may pass SIGINT ignored
 from d2m_core.reading.loader import Loader
 from d2m_core.reading.shards import ShardRef
+from d2m_core.testdata.faults import make_fault_shards
 refs = [ShardRef(p.split("/")[-1][:-4], p) for p in sys.argv[1:]]
 loader = Loader(refs * 50, batch_size=1, transforms=[], needs_text=True, nworkers=1, readers=2)
 for i, item in enumerate(loader):
