@@ -21,7 +21,8 @@
 #                          run worker process (launch to model build and first batch, teardown)
 # then runs the CUDA tests. Stages run in the order of STAGES; a failed step is reported and the next one runs.
 # Knobs (environment): DEVICE (0), PRECISION (bf16), SHARDS (4), SAMPLES (10000), CONFIGS ("basic datacomp"),
-# RUN_CONFIGS ("basic datacomp"), OVERHEAD_CONFIGS (RUN_CONFIGS), READERS (4), NWORKERS (8), SHARD_DIR (.bench/gpu),
+# RUN_CONFIGS ("basic datacomp"), RUN_SHARDS (the shards a `d2m run` reads: SHARD_DIR's, or this many links to them in
+# turn, so that a run's fixed cost weighs as in a long run), OVERHEAD_CONFIGS (RUN_CONFIGS), READERS (4), NWORKERS (8), SHARD_DIR (.bench/gpu),
 # RESULTS (bench/results), FASTPATH_IMAGES (2048), GPU_DECODE (the configs' gpu_decode, e.g. readers or off),
 # COMPILE_CONFIGS (configs run with torch_compile: true, e.g. "datacomp"; none by default),
 # STAGES ("shards bench run parts fastpath loader writer overhead tests"), STEP_TIMEOUT (s per step, 300),
@@ -43,6 +44,7 @@ GPU_DECODE="${GPU_DECODE:-}"
 COMPILE_CONFIGS="${COMPILE_CONFIGS:-}"
 READERS="${READERS:-4}"
 LOADER_PROCESSES="${LOADER_PROCESSES:-1 2 4}"
+RUN_SHARDS="${RUN_SHARDS:-}"
 NWORKERS="${NWORKERS:-8}"
 SHARD_DIR="${SHARD_DIR:-.bench/gpu}"
 RESULTS="${RESULTS:-bench/results}"
@@ -97,8 +99,8 @@ mkdir -p "$RESULTS"
 echo "{\"gpu\": \"$GPU\", \"cores\": $(nproc), \"python\": \"$("$PY" -V 2>&1)\", \"torch\": \"$("$PY" -c 'import torch; print(torch.__version__)')\", \"date\": \"$(date -u +%FT%TZ)\"}" >&2
 
 # A config with this run's shards and output folder, READERS reading processes and NWORKERS threads.
-tuned() {  # tuned CONFIG -> path of the copy
-    "$PY" - "$1" "$SHARD_DIR" "$SCRATCH" "$READERS" "$NWORKERS" "$PRECISION" "$GPU_DECODE" "$COMPILE_CONFIGS" <<'EOF2'
+tuned() {  # tuned CONFIG [SHARDS] -> path of the copy
+    "$PY" - "$1" "${2:-$SHARD_DIR}" "$SCRATCH" "$READERS" "$NWORKERS" "$PRECISION" "$GPU_DECODE" "$COMPILE_CONFIGS" <<'EOF2'
 import sys, yaml
 from pathlib import Path
 name, shards, scratch, readers, nworkers, precision, gpu_decode, compiled = sys.argv[1:]
@@ -131,12 +133,25 @@ stage_bench() {  # end to end in one process, model-only, bf16-vs-fp32 fidelity
     done
 }
 
+run_shards() {  # the folder `d2m run` reads: SHARD_DIR, or RUN_SHARDS links to its tars, in turn
+    [ -z "$RUN_SHARDS" ] && { echo "$SHARD_DIR"; return; }
+    local dir="$SCRATCH/run-shards" tars i
+    if [ ! -d "$dir" ]; then
+        mkdir -p "$dir"
+        tars=("$(realpath "$SHARD_DIR")"/*.tar)
+        for ((i = 0; i < RUN_SHARDS; i++)); do
+            ln -s "${tars[i % ${#tars[@]}]}" "$dir/$(printf '%05d' "$i").tar"
+        done
+    fi
+    echo "$dir"
+}
+
 stage_run() {  # `d2m run` through Dagster, a fresh instance each, wall time from the command's start to its exit
     : >"$RESULTS/$SLUG-run.jsonl"
     for config in $RUN_CONFIGS; do
         say "d2m run configs/$config.yml through Dagster -> $RESULTS/$SLUG-run.jsonl"
         local yml log start end
-        yml="$(tuned "$config")"
+        yml="$(tuned "$config" "$(run_shards)")"
         log="$SCRATCH/run-$config.log"
         mkdir -p "$SCRATCH/dagster-$config"
         start=$(date +%s%N)
@@ -149,9 +164,9 @@ stage_run() {  # `d2m run` through Dagster, a fresh instance each, wall time fro
             tail -n 40 "$log" >&2
         fi
         "$PY" - "$config" "$(( (end - start) / 1000000 ))" "$GPU" "$READERS" "$NWORKERS" "$log" "$SCRATCH/out-$config" \
-            "$COMPILE_CONFIGS" <<'EOF2' | tee -a "$RESULTS/$SLUG-run.jsonl"
+            "$COMPILE_CONFIGS" "$(compgen -G "$(run_shards)/*.tar" | wc -l)" <<'EOF2' | tee -a "$RESULTS/$SLUG-run.jsonl"
 import glob, json, re, sys
-config, ms, gpu, readers, nworkers, log, out, compiled = sys.argv[1:]
+config, ms, gpu, readers, nworkers, log, out, compiled, shards = sys.argv[1:]
 summary = [l.strip() for l in open(log, errors="replace") if l.startswith("d2m run:")]
 found = re.search(r"([\d,]+) samples in", summary[-1]) if summary else None
 samples, wall = int(found.group(1).replace(",", "")) if found else 0, int(ms) / 1000
@@ -160,7 +175,7 @@ for path in glob.glob(f"{out}/*.json"):
     data = json.load(open(path))
     for key, value in (data.get("timings", {}) if isinstance(data, dict) else {}).items():
         timings[key] = round(timings.get(key, 0.0) + value, 2)
-print(json.dumps({"kind": "d2m_run", "config": config, "gpu": gpu, "samples": samples, "wall_s": wall,
+print(json.dumps({"kind": "d2m_run", "config": config, "gpu": gpu, "shards": int(shards), "samples": samples, "wall_s": wall,
                   "samples_per_s": round(samples / wall, 1), "reader_processes": int(readers),
                   "nworkers": int(nworkers), "torch_compile": config in compiled.split(),
                   "summary": summary[-1] if summary else None, "shard_timings_s": timings}))

@@ -134,10 +134,16 @@ class Engine:
             decode_in_readers=self.decode_in_readers,
         )
 
-    def forward(self, batch: Batch, timings: dict[str, float] | None = None) -> dict[str, dict[str, Field]]:
+    def forward(self, batch: Batch, timings: dict[str, float] | None = None,
+                phases: dict[str, float] | None = None) -> dict[str, dict[str, Field]]:
         """All models on one batch; returns model -> field -> (B, ...) float32 arrays (or per-sample lists).
-        With `timings`, adds each part's seconds to it ("inputs", then one entry per model; the device is
-        synchronised around each part, so only a benchmark asks for them)."""
+
+        Every model is issued before any output is copied back, so the device never waits for the CPU between
+        two models. With `timings`, adds each part's seconds to it ("inputs", then one entry per model; the
+        device is synchronised around each part, so only a benchmark asks for them). With `phases`, adds
+        `dispatch_s` (issuing the inputs and models: CPU work, and waits for the GIL), `sync_s` (waiting for
+        the device to finish and copying the outputs back) and `engine_cpu_s` (this thread's CPU time in all)."""
+        start, cpu = time.perf_counter(), time.thread_time()
         clock = _PartClock(self.device, timings)
         inputs: dict[tuple[str, str], Any] = {}
         for t in self.image_transforms:
@@ -150,23 +156,30 @@ class Engine:
             inputs[("text", name)] = text.to(self.device, non_blocking=True) if isinstance(text, torch.Tensor) else text
         clock.lap("inputs")
         raw: dict[str, Any] = {}
-        outputs: dict[str, dict[str, Field]] = {}
         with torch.inference_mode():
             for name in self.order:
                 model = self.models[name]
                 args = [inputs[(i, p)] for i, p in zip(model.raw_inputs, model.preprocessors)]
                 args += [raw[d] for d in model.dependencies]
                 raw[name] = model(*args)
-                values = raw[name] if isinstance(raw[name], (tuple, list)) else (raw[name],)
-                outputs[name] = {f: _to_rows(v) for f, v in zip(model.output_fields, values)}
                 clock.lap(name)
+            issued = time.perf_counter()
+            outputs: dict[str, dict[str, Field]] = {}
+            for name in self.order:
+                values = raw[name] if isinstance(raw[name], (tuple, list)) else (raw[name],)
+                outputs[name] = {f: _to_rows(v) for f, v in zip(self.models[name].output_fields, values)}
+        if phases is not None:
+            end = time.perf_counter()
+            for key, value in (("dispatch_s", issued - start), ("sync_s", end - issued),
+                               ("engine_cpu_s", time.thread_time() - cpu)):
+                phases[key] = phases.get(key, 0.0) + value
         return outputs
 
-    def forward_fitting(self, batch: Batch) -> dict[str, dict[str, Field]]:
+    def forward_fitting(self, batch: Batch, phases: dict[str, float] | None = None) -> dict[str, dict[str, Field]]:
         """`forward`, but a batch that runs out of device memory is split in half and each half retried
         (recursively, in order); a single sample that still does not fit raises DeviceOutOfMemoryError."""
         try:
-            return self.forward(batch)
+            return self.forward(batch, phases=phases)
         except Exception as err:  # noqa: BLE001 - only out-of-memory errors are handled, the rest re-raised
             if not is_out_of_memory(err):
                 raise
@@ -182,8 +195,8 @@ class Engine:
         half = (size + 1) // 2
         log.warning("shard %s: batch of %d split into %d + %d after out of memory on %s (%s)",
                     batch.shard, size, half, size - half, self.device, reason)
-        first = self.forward_fitting(_slice(batch, 0, half))
-        second = self.forward_fitting(_slice(batch, half, size))
+        first = self.forward_fitting(_slice(batch, 0, half), phases)
+        second = self.forward_fitting(_slice(batch, half, size), phases)
         return {model: {name: _join(rows, second[model][name]) for name, rows in fields.items()}
                 for model, fields in first.items()}
 
@@ -200,7 +213,8 @@ class Engine:
             now = time.perf_counter()
             if isinstance(item, ShardStart):
                 result = ShardResult(shard=item.shard, stats=ShardStats(shard=item.shard.stem))
-                result.stats.timings = {"loader_wait_s": 0.0, "decode_s": 0.0, "model_s": 0.0}
+                result.stats.timings = {"loader_wait_s": 0.0, "decode_s": 0.0, "model_s": 0.0, "dispatch_s": 0.0,
+                                        "sync_s": 0.0, "engine_cpu_s": 0.0}
                 parts = {m: {f: [] for f in self.models[m].output_fields} for m in self.order}
                 open_[item.shard.stem] = _Open(result, parts, now, now)
             elif isinstance(item, Batch):
@@ -239,7 +253,7 @@ class Engine:
         result.stats.failures.extend(batch.failures)
         if len(batch) == 0:
             return
-        outputs = self.forward_fitting(batch)
+        outputs = self.forward_fitting(batch, result.stats.timings)
         for model, fields in outputs.items():
             for name, rows in fields.items():
                 if len(rows) != len(batch):

@@ -56,6 +56,10 @@ def test_one_pass_gives_aligned_unit_norm_features_and_records_failures(engine: 
         assert out["image"].dtype == np.float32
         assert np.allclose(np.linalg.norm(out["image"], axis=1), 1, atol=1e-5)
         assert np.allclose(np.linalg.norm(out["text"], axis=1), 1, atol=1e-5)
+        # the model time split where the engine thread spends it (issuing, waiting for the device), and its CPU
+        timings = result.stats.timings
+        assert 0 < timings["dispatch_s"] and 0 <= timings["sync_s"] and 0 < timings["engine_cpu_s"]
+        assert timings["dispatch_s"] + timings["sync_s"] <= timings["model_s"]
 
 
 def test_rows_do_not_depend_on_batching(engine: Engine, shard_dir: Path) -> None:
