@@ -24,7 +24,7 @@ SEED_OPTIONAL_FIELDS = (
     "warn_and_continue",
 )
 D2M_FIELDS = ("dataset", "weights_dir", "precision", "artifacts_dir", "max_failure_rate", "gpu_decode", "torch_compile",
-              "filters", "filter_cron", "reshard", "reader_processes")
+              "cuda_graphs", "filters", "filter_cron", "reshard", "reader_processes")
 DATASET_NAME = re.compile(r"^[A-Za-z0-9_]+$")  # Dagster's rule for names (asset key parts, partitions, sensors)
 
 
@@ -118,6 +118,7 @@ class D2MConfig(BaseModel):
     reshard: ReshardSpec | None = None
     reader_processes: int = Field(default=2, gt=0)  # processes reading tars, a shard each (gpu_decode readers: shared)
     torch_compile: bool = False  # torch.compile ISC's and CLIP's image towers (d2m_core.compute.compiled)
+    cuda_graphs: bool = False  # capture them and CLIP's text towers as CUDA graphs, replayed per batch (CUDA only)
 
     @field_validator("gpu_decode", mode="before")
     @classmethod

@@ -18,7 +18,7 @@ import pyarrow as pa
 import torch
 
 from d2m_core import catalog
-from d2m_core.compute.compiled import compile_models
+from d2m_core.compute.compiled import static_models
 from d2m_core.compute.device import resolve_device, resolve_dtype
 from d2m_core.compute.engine import MODEL_BUILD_DONE, MODEL_BUILD_START, Engine, Progress, ShardResult
 from d2m_core.compute.models import create_model, model_class, resolve_model_weights, topo_order
@@ -74,8 +74,7 @@ def build_engine(config: D2MConfig, feature_assets: Sequence[str], device: torch
             engine.read_ahead(read_ahead)
         log.info("%s: building models %s on %s", MODEL_BUILD_START, ", ".join(names), device)
         models, weights = load_models(config, names, device, dtype)
-        if config.torch_compile:
-            compile_models(models, config.batch_size, device, dtype)
+        static_models(models, config.batch_size, device, dtype, compile=config.torch_compile, graphs=config.cuda_graphs)
         engine.use(models)
     except BaseException:
         engine.close()

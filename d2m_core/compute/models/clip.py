@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 import torch
 
+from d2m_core.compute.compiled import StaticInput
 from d2m_core.compute.weights import ResolvedWeights, WeightsFile
 from d2m_core.compute.weights_files import MODEL_FILES
 from d2m_core.lightimports import open_clip_for_openai_models
@@ -65,7 +66,9 @@ class OaiClip:
     to_device = True
     output_fields: dict[str, int] = {}
     weights_files: list[WeightsFile] = []
-    compiled_parts = {"model.visual": ((3, 224, 224), torch.contiguous_format)}  # the image tower, with torch_compile
+    # torch_compile compiles the image tower; cuda_graphs captures it and the text tower (77 token ids a caption)
+    static_parts = {"model.visual": StaticInput((3, 224, 224)),
+                    "model.encode_text": StaticInput((77,), dtype=torch.long, compile=False)}
 
     def __init__(self, device: torch.device | int | str, *, dtype: torch.dtype = torch.float32, weights: ResolvedWeights) -> None:
         self.device = torch.device(device)

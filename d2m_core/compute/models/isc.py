@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from d2m_core.compute.compiled import StaticInput
 from d2m_core.compute.weights import ResolvedWeights, WeightsError
 from d2m_core.compute.weights_files import MODEL_FILES
 
@@ -159,7 +160,7 @@ class IscFtV107:
     to_device = True
     output_fields = {"image": FEATURE_DIM}
     weights_files = MODEL_FILES["dedup-isc-ft-v107"]
-    compiled_parts = {"model": ((3, INPUT_SIZE, INPUT_SIZE), torch.channels_last)}  # with torch_compile
+    static_parts = {"model": StaticInput((3, INPUT_SIZE, INPUT_SIZE), torch.channels_last)}  # torch_compile, cuda_graphs
 
     def __init__(self, device: torch.device | int | str, *, dtype: torch.dtype = torch.float32, weights: ResolvedWeights) -> None:
         self.device = torch.device(device)
