@@ -25,7 +25,7 @@
 # turn, so that a run's fixed cost weighs as in a long run), OVERHEAD_CONFIGS (RUN_CONFIGS), READERS (4), NWORKERS (8), SHARD_DIR (.bench/gpu),
 # RESULTS (bench/results), FASTPATH_IMAGES (2048), GPU_DECODE (the configs' gpu_decode, e.g. readers or off),
 # COMPILE_CONFIGS (configs run with torch_compile: true, e.g. "datacomp"; none by default), GRAPH_CONFIGS (likewise
-# cuda_graphs: true),
+# cuda_graphs: true), DECODE_SHARE (reader_decode_share, with GPU_DECODE=readers: e.g. 0.7),
 # STAGES ("shards bench run parts fastpath loader writer overhead tests"), STEP_TIMEOUT (s per step, 300),
 # CUDA_TESTS_MORE (more test files for the tests stage, e.g. tests/core/test_model_faces.py where insightface
 # and onnxruntime-gpu are installed),
@@ -44,6 +44,7 @@ FASTPATH_IMAGES="${FASTPATH_IMAGES:-2048}"
 GPU_DECODE="${GPU_DECODE:-}"
 COMPILE_CONFIGS="${COMPILE_CONFIGS:-}"
 GRAPH_CONFIGS="${GRAPH_CONFIGS:-}"
+DECODE_SHARE="${DECODE_SHARE:-}"
 READERS="${READERS:-4}"
 LOADER_PROCESSES="${LOADER_PROCESSES:-1 2 4}"
 RUN_SHARDS="${RUN_SHARDS:-}"
@@ -103,10 +104,10 @@ echo "{\"gpu\": \"$GPU\", \"cores\": $(nproc), \"python\": \"$("$PY" -V 2>&1)\",
 # A config with this run's shards and output folder, READERS reading processes and NWORKERS threads.
 tuned() {  # tuned CONFIG [SHARDS] -> path of the copy
     "$PY" - "$1" "${2:-$SHARD_DIR}" "$SCRATCH" "$READERS" "$NWORKERS" "$PRECISION" "$GPU_DECODE" "$COMPILE_CONFIGS" \
-        "$GRAPH_CONFIGS" <<'EOF2'
+        "$GRAPH_CONFIGS" "$DECODE_SHARE" <<'EOF2'
 import sys, yaml
 from pathlib import Path
-name, shards, scratch, readers, nworkers, precision, gpu_decode, compiled, graphed = sys.argv[1:]
+name, shards, scratch, readers, nworkers, precision, gpu_decode, compiled, graphed, share = sys.argv[1:]
 cfg = yaml.safe_load(Path(f"configs/{name}.yml").read_text())
 cfg.update(input_tars=str(Path(shards).resolve() / "*.tar"), output_metadata_dir=f"{scratch}/out-{name}",
            reader_processes=int(readers), nworkers=int(nworkers), precision=precision, dataset=f"gpu{name}")
@@ -116,6 +117,8 @@ if name in compiled.split():
     cfg["torch_compile"] = True
 if name in graphed.split():
     cfg["cuda_graphs"] = True
+if share:
+    cfg["reader_decode_share"] = float(share)
 path = Path(scratch) / f"{name}-tuned.yml"
 path.write_text(yaml.safe_dump(cfg, sort_keys=False))
 print(path)
@@ -169,9 +172,10 @@ stage_run() {  # `d2m run` through Dagster, a fresh instance each, wall time fro
             tail -n 40 "$log" >&2
         fi
         "$PY" - "$config" "$(( (end - start) / 1000000 ))" "$GPU" "$READERS" "$NWORKERS" "$log" "$SCRATCH/out-$config" \
-            "$COMPILE_CONFIGS" "$GRAPH_CONFIGS" "$(compgen -G "$(run_shards)/*.tar" | wc -l)" <<'EOF2' | tee -a "$RESULTS/$SLUG-run.jsonl"
+            "$COMPILE_CONFIGS" "$GRAPH_CONFIGS" "$DECODE_SHARE" "$(compgen -G "$(run_shards)/*.tar" | wc -l)" <<'EOF2' \
+            | tee -a "$RESULTS/$SLUG-run.jsonl"
 import glob, json, re, sys
-config, ms, gpu, readers, nworkers, log, out, compiled, graphed, shards = sys.argv[1:]
+config, ms, gpu, readers, nworkers, log, out, compiled, graphed, share, shards = sys.argv[1:]
 summary = [l.strip() for l in open(log, errors="replace") if l.startswith("d2m run:")]
 found = re.search(r"([\d,]+) samples in", summary[-1]) if summary else None
 samples, wall = int(found.group(1).replace(",", "")) if found else 0, int(ms) / 1000
@@ -183,7 +187,7 @@ for path in glob.glob(f"{out}/*.json"):
 print(json.dumps({"kind": "d2m_run", "config": config, "gpu": gpu, "shards": int(shards), "samples": samples, "wall_s": wall,
                   "samples_per_s": round(samples / wall, 1), "reader_processes": int(readers),
                   "nworkers": int(nworkers), "torch_compile": config in compiled.split(),
-                  "cuda_graphs": config in graphed.split(),
+                  "cuda_graphs": config in graphed.split(), "reader_decode_share": float(share or 1),
                   "summary": summary[-1] if summary else None, "shard_timings_s": timings}))
 EOF2
     done

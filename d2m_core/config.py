@@ -24,7 +24,7 @@ SEED_OPTIONAL_FIELDS = (
     "warn_and_continue",
 )
 D2M_FIELDS = ("dataset", "weights_dir", "precision", "artifacts_dir", "max_failure_rate", "gpu_decode", "torch_compile",
-              "cuda_graphs", "filters", "filter_cron", "reshard", "reader_processes")
+              "cuda_graphs", "filters", "filter_cron", "reshard", "reader_processes", "reader_decode_share")
 DATASET_NAME = re.compile(r"^[A-Za-z0-9_]+$")  # Dagster's rule for names (asset key parts, partitions, sensors)
 
 
@@ -117,6 +117,7 @@ class D2MConfig(BaseModel):
     filter_cron: str = "0 * * * *"  # how often filters made stale by new shards re-run
     reshard: ReshardSpec | None = None
     reader_processes: int = Field(default=2, gt=0)  # processes reading tars, a shard each (gpu_decode readers: shared)
+    reader_decode_share: float = Field(default=1.0, ge=0.0, le=1.0)  # gpu_decode readers: batches they decode, 0-1
     torch_compile: bool = False  # torch.compile ISC's and CLIP's image towers (d2m_core.compute.compiled)
     cuda_graphs: bool = False  # capture them and CLIP's text towers as CUDA graphs, replayed per batch (CUDA only)
 

@@ -89,6 +89,7 @@ class Engine:
         self.text_preprocessors = {pre: TEXT_PREPROCESSORS[pre]() for inp, pre in dict.fromkeys(pairs) if inp == "text"}
         self.decode_on_device = False  # the GPU fast path: decode and resize in the loader, on `device`
         self.decode_in_readers = False  # with it, the reader processes decode (PIL); the loader uploads and resizes
+        self.decode_share = 1.0  # of the batches, when the readers decode; the loader decodes the rest on the device
         self.text_in_readers = False  # GPU runs: the reader processes tokenize (READER_TEXT_PREPROCESSORS)
         self._ahead: Loader | None = None
 
@@ -132,6 +133,7 @@ class Engine:
             text_preprocessors=[n for n in self.text_preprocessors if n in READER_TEXT_PREPROCESSORS]
             if self.text_in_readers else [],
             decode_in_readers=self.decode_in_readers,
+            decode_share=self.decode_share,
         )
 
     def forward(self, batch: Batch, timings: dict[str, float] | None = None,

@@ -67,6 +67,7 @@ def build_engine(config: D2MConfig, feature_assets: Sequence[str], device: torch
                     nworkers=config.nworkers, readers=config.reader_processes)
     engine.decode_on_device = device_preprocessing(config, device, [t.name for t in engine.image_transforms])
     engine.decode_in_readers = engine.decode_on_device and config.gpu_decode == "readers"
+    engine.decode_share = config.reader_decode_share
     engine.text_in_readers = readers_tokenize(device)
     started = time.perf_counter()
     try:

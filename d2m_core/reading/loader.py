@@ -168,7 +168,8 @@ class Loader:
     bounded read-ahead.
 
     With `decode_device` set, workers decode and resize on that device (the GPU fast path; with
-    `decode_in_readers` the reader processes decode, and workers upload and resize); otherwise
+    `decode_in_readers` the reader processes decode `decode_share` of the batches, and workers upload and
+    resize those and decode and resize the rest); otherwise
     with PIL on the CPU, handing uint8 batches (pinned for a CUDA device) to the device stage. With no
     transforms the images are not decoded at all (batches carry the samples' keys, texts and json).
     """
@@ -187,6 +188,7 @@ class Loader:
         readers: int = DEFAULT_READERS,
         text_preprocessors: Sequence[str] = (),
         decode_in_readers: bool = False,
+        decode_share: float = 1.0,
     ) -> None:
         self.shards = list(shards)
         self.batch_size = batch_size
@@ -197,6 +199,7 @@ class Loader:
         self.prefetch = prefetch_batches or 2 * self.nworkers + 2
         self.decode_device = decode_device
         self.decode_in_readers = decode_in_readers and decode_device is not None  # only the device path takes pixels
+        self.decode_share = decode_share  # of the batches, with decode_in_readers; the device decodes the rest
         self.readers = max(1, readers)
         self.text_preprocessors = tuple(text_preprocessors)  # run by the readers (READER_TEXT_PREPROCESSORS)
         self.reader_pids: list[int] = []  # of the current iteration (tests check that none outlives it)
@@ -208,7 +211,8 @@ class Loader:
         is never iterated; an iteration takes them over (and stops them when it ends)."""
         if self._started is None:
             self._started = ReaderPool(self.shards, batch_size=self.batch_size, processes=self.readers,
-                                       text_preprocessors=self.text_preprocessors, decode=self.decode_in_readers)
+                                       text_preprocessors=self.text_preprocessors, decode=self.decode_in_readers,
+                                       decode_share=self.decode_share)
             self.reader_pids = self._started.pids
 
     def close(self) -> None:

@@ -35,6 +35,7 @@ class Job:
     ring_bytes: int
     text_preprocessors: tuple[str, ...] = ()  # run here on each batch's captions (READER_TEXT_PREPROCESSORS)
     decode: bool = False  # decode each image here (PIL, `decode_image`): its RGB pixels go through the ring
+    decode_share: float = 1.0  # with decode: the share of batches decoded here (`decodes`); the rest stay encoded
     # (stripe, stripes): of each shard, send only batches b with b % stripes == stripe (the others are read and
     # dropped). Several readers share one shard so, when a run has fewer shards than readers that decode.
     stripe: tuple[int, int] = (0, 1)
@@ -169,6 +170,21 @@ def decode_into_ring(samples: Sequence[RawSample], place: Any) -> Pixels:
     return shapes, errors
 
 
+def decodes(number: int, share: float) -> bool:
+    """Whether a reader that decodes a `share` of a shard's batches decodes batch `number`: spread evenly
+    (0.75: three of every four), the same batches whichever reader reads them."""
+    return int((number + 1) * share + 1e-9) > int(number * share + 1e-9)
+
+
+def place_encoded(samples: Sequence[RawSample], place: Any) -> None:
+    """Put each usable sample's encoded image in the ring through `place` (or inline), as a reader that does
+    not decode places them while reading."""
+    for raw in samples:
+        ext = raw.image_ext if raw.problem is None else None
+        if ext is not None:
+            raw.members[ext] = place(memoryview(raw.members[ext]))
+
+
 def _text_preprocessors(names: Sequence[str]) -> dict[str, Any]:
     if not names:
         return {}  # the reader then never imports torch
@@ -204,13 +220,17 @@ def child_main(argv: Sequence[str]) -> int:
         preprocessors = _text_preprocessors(job.text_preprocessors)
 
         stripe, stripes = job.stripe
-        placing = not job.decode and stripes == 1  # encoded images go to the ring as read (a stripe's travel inline)
+        placing = not job.decode and stripes == 1  # encoded images go to the ring as read (else as a batch is sent)
 
         def send_batch(index: int, number: int, samples: list[RawSample]) -> None:
             if number % stripes != stripe:
                 return  # another reader's batch
             inline: dict[int, bytes] = {}
-            pixels = decode_into_ring(samples, writer.place) if job.decode else None
+            pixels = None
+            if job.decode and decodes(number, job.decode_share):
+                pixels = decode_into_ring(samples, writer.place)
+            elif not placing:  # read without the ring: placed now, encoded (the device decodes them)
+                place_encoded(samples, writer.place)
             batch = columns(samples, inline)
             texts = {}
             if preprocessors:  # captions decoded only when this reader tokenizes

@@ -14,7 +14,8 @@ Child -> parent: pickled messages: ("start", index), ("batch", index, number, co
 the tar's read buffer as it is read; a batch's images stay there until the parent releases the batch
 (`ReaderPool.release`). An image the ring cannot hold (larger than the ring, or the ring full of the batch
 being read) travels in the batch's message (`inline`, by row). A reader that decodes (`decode=True`) puts
-each image's RGB pixels there instead, `pixels` giving each row's (height, width) and decode error.
+each image's RGB pixels there instead, `pixels` giving each row's (height, width) and decode error; with
+`decode_share` below 1 it leaves the other batches encoded (`pixels` None), for the device's decoder.
 
 Readers ignore Ctrl-C (the parent stops them), die with the parent (PR_SET_PDEATHSIG), and are stopped
 and reaped by `ReaderPool.close` on every exit path: end of the run, an error, Ctrl-C.
@@ -169,7 +170,7 @@ class ReaderPool:
     shard's items in order, shards interleaved), call `release` once a batch's images are used, `close` at the end."""
 
     def __init__(self, shards: Sequence[ShardRef], *, batch_size: int, processes: int, ring_bytes: int | None = None,
-                 text_preprocessors: Sequence[str] = (), decode: bool = False) -> None:
+                 text_preprocessors: Sequence[str] = (), decode: bool = False, decode_share: float = 1.0) -> None:
         self.shards = list(shards)
         self._stripes = stripes(len(self.shards), processes) if decode else [1] * len(self.shards)
         ring_bytes = ring_bytes or (DECODED_RING_BYTES if decode else RING_BYTES)
@@ -184,7 +185,7 @@ class ReaderPool:
                         for i in range(count)]
             for mine, stripe in jobs:
                 self._readers.append(_Reader(Job(mine, batch_size, ring_bytes, tuple(text_preprocessors), decode,
-                                                 stripe)))
+                                                 decode_share, stripe)))
         except BaseException:
             self.close()
             raise

@@ -112,17 +112,21 @@ def test_every_sample_is_a_row_or_a_failure(name: str, corpus: dict[str, FaultCa
     json.dumps(result.stats.as_dict(), ensure_ascii=False).encode("utf-8")
 
 
-@pytest.mark.parametrize("in_readers", [False, True], ids=["device-decode", "readers-decode"])
+@pytest.mark.parametrize(("in_readers", "share"), [(False, 1.0), (True, 1.0), (True, 0.5)],
+                         ids=["device-decode", "readers-decode", "readers-decode-half"])
 def test_the_device_path_gives_the_corpus_the_same_rows_and_failures(engine: Engine, corpus: dict[str, FaultCase],
-                                                                     results: dict[str, ShardResult], in_readers: bool) -> None:
-    """The GPU fast path's code on the CPU device, decoding with nvJPEG's stand-in (torchvision) and PIL or in
-    the reader processes (`gpu_decode: readers`): every shard's rows, failures and reasons as the PIL path's."""
+                                                                     results: dict[str, ShardResult], in_readers: bool,
+                                                                     share: float) -> None:
+    """The GPU fast path's code on the CPU device, decoding with nvJPEG's stand-in (torchvision) and PIL, in
+    the reader processes (`gpu_decode: readers`), or half the batches each way (`reader_decode_share: 0.5`):
+    every shard's rows, failures and reasons as the PIL path's."""
     order = _run_order(corpus)
-    engine.decode_on_device, engine.decode_in_readers = True, in_readers
+    engine.decode_on_device, engine.decode_in_readers, engine.decode_share = True, in_readers, share
     try:
         out = list(engine.run([_ref(corpus[n]) for n in order]))
     finally:
         engine.decode_on_device = engine.decode_in_readers = False
+        engine.decode_share = 1.0
     for got in out:
         ref = results[got.shard.stem]
         assert (got.error, got.keys, got.uids) == (ref.error, ref.keys, ref.uids), got.shard.stem

@@ -15,6 +15,7 @@ import pytest
 from conftest import gone as _gone
 from d2m_core.reading.decoding import DecodeError, decode_image
 from d2m_core.reading.loader import Batch, Loader, ShardStart
+from d2m_core.reading.reader_child import decodes
 from d2m_core.reading.readers import RawBatch, ReaderError, ReaderPool, ShardBegins, stripes
 from d2m_core.reading.reading import iter_samples
 from d2m_core.reading.shards import ShardRef
@@ -100,6 +101,36 @@ def test_readers_that_decode_send_pils_pixels_and_its_errors(shard_dir: Path, ri
     assert got == expected
     outcomes = [o for rows in got.values() for o in rows]
     assert any(isinstance(o, str) for o in outcomes) and sum(isinstance(o, tuple) for o in outcomes) > 10
+
+
+def test_readers_that_decode_part_of_the_batches_leave_the_others_encoded(shard_dir: Path) -> None:
+    """`reader_decode_share`: the batches a reader does not decode arrive as read (encoded, for the device's
+    decoder), the others as PIL's pixels, spread evenly."""
+    assert [decodes(n, 0.75) for n in range(8)] == [False, True, True, True, False, True, True, True]
+    assert all(decodes(n, 1.0) for n in range(100)) and not any(decodes(n, 0.0) for n in range(100))
+    refs = _refs(shard_dir)
+    encoded = {r.stem: [s.image for s in iter_samples(r)] for r in refs}
+    kinds: list[str] = []
+    pool = ReaderPool(refs, batch_size=2, processes=2, decode=True, decode_share=0.5)
+    try:
+        for item in pool:
+            if not isinstance(item, RawBatch):
+                continue
+            start = len([k for k in kinds if k.startswith(item.shard.stem)]) * 2
+            expected = encoded[item.shard.stem][start:start + len(item)]
+            if item.shapes is None:
+                kinds.append(f"{item.shard.stem} encoded")
+                assert [None if i is None else bytes(i) for i in item.images] == expected
+            else:
+                kinds.append(f"{item.shard.stem} decoded")
+                for image, shape, data in zip(item.images, item.shapes, expected):
+                    if shape is not None:
+                        assert bytes(image) == decode_image(data).tobytes()
+            pool.release(item)
+    finally:
+        pool.close()
+    for ref in refs:  # batch 0 encoded, 1 decoded, ...
+        assert [k.split()[1] for k in kinds if k.startswith(ref.stem)] == ["encoded", "decoded"] * 2 + ["encoded"]
 
 
 def test_readers_spread_over_the_shards_they_decode() -> None:
