@@ -72,7 +72,7 @@ def resize_bmm(canvas: torch.Tensor, rows: Any, cols: Any, size: int, mode: str,
 
 def resize_main(args: argparse.Namespace) -> None:
     device = torch.device("cuda")
-    data = fastpath._read_images(args.shards, args.images)
+    data = fastpath.read_images(args.shards, args.images)
     decoded = fastpath.decode_batch(data, device)
     images = [i for i in decoded.images if i is not None and fastpath.aspect_failure(*i.shape[-2:]) is None]
     for names in (["clip-aug"], ["clip-aug", "faces-aug", "dedup-aug"]):
@@ -200,7 +200,7 @@ def models_main(args: argparse.Namespace) -> None:
     from d2m_core.reading.transforms import CLIP_MEAN, CLIP_STD, HALF, normalize_uint8
 
     device = torch.device("cuda")
-    data = fastpath._read_images(args.shards, args.batch)
+    data = fastpath.read_images(args.shards, args.batch)
     decoded = fastpath.decode_batch(data, device)
     images = [i for i in decoded.images if i is not None and fastpath.aspect_failure(*i.shape[-2:]) is None]
     pixels = fastpath.prepare_tensors(images, ["clip-aug", "dedup-aug"])

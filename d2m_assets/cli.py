@@ -290,6 +290,8 @@ def _model_weights(model: str, directory: str | None):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from d2m_assets.commands import LAUNCHES
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="on an error, print the full traceback too")
     defaults = argparse.ArgumentDefaultsHelpFormatter
@@ -407,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--make-shards", type=int, default=2, help="shards to make when the folder is empty")
     bench.add_argument("--make-samples", type=int, default=256, help="samples per shard made")
     bench.add_argument("--repeats", type=int, default=3, help="model-only passes over one batch")
-    bench.add_argument("--launch", choices=["warm", "new"], default="warm",
+    bench.add_argument("--launch", choices=LAUNCHES, default="warm",
                        help="--stage run-overhead: warm (the daemon's steady state): the run goes to a worker the launcher "
                             "started ahead; new: a new run worker process (a daemon's first run; Slurm, Kubernetes)")
     bench.set_defaults(func=_cmd_bench)

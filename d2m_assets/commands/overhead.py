@@ -21,13 +21,13 @@ from typing import Any
 
 import yaml
 
+from d2m_assets.commands import LAUNCHES
 from d2m_core.compute.engine import FIRST_BATCH, MODEL_BUILD_DONE, MODEL_BUILD_START
 from d2m_core.reading.shards import ShardRef
 
 REPO = Path(__file__).resolve().parents[2]
 ASSET_JOB = "__ASSET_JOB"  # Dagster's implicit job of every asset: runs of asset selections are its subsets
 WORKER_START = "Started process for run"  # the run worker's first event: Python and dagster are imported
-LAUNCHES = ("warm", "new")
 SPARE_READY_S = 300  # how long a warm launch waits for the spare's imports
 
 

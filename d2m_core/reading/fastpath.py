@@ -45,6 +45,7 @@ import time
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -615,9 +616,10 @@ def throughput(data: Sequence[bytes], names: Sequence[str], device: torch.device
     return out
 
 
-def _read_images(shards: str, limit: int) -> list[bytes]:
+def read_images(shards: str | Path, limit: int) -> list[bytes]:
+    """Up to `limit` encoded images (jpg, jpeg, png, webp members) from the tars in folder `shards`, in
+    name order: benchmark input."""
     import tarfile
-    from pathlib import Path
 
     found: list[bytes] = []
     for tar_path in sorted(Path(shards).glob("*.tar")):
@@ -644,7 +646,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     names = [n for n in args.transforms.split(",") if n]
-    data = _read_images(args.shards, args.images)
+    data = read_images(args.shards, args.images)
     if not data:
         parser.error(f"no images in {args.shards}/*.tar")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
