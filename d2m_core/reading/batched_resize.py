@@ -113,13 +113,48 @@ def resize(canvas: torch.Tensor, rows: Sequence[Axis], cols: Sequence[Axis], siz
 
 
 def canvas_of(images: Sequence[torch.Tensor]) -> torch.Tensor:
-    """uint8 (3, H, W) images on one device -> float32 (N, 3, max H, max W), each at the top left."""
+    """uint8 (3, H, W) images on one device -> float32 (N, 3, max H, max W), each at the top left.
+
+    Images that are (H, W, 3) pixels in one flat buffer, seen as (3, H, W) (`fastpath.pixels_batch`: the
+    readers' decoded images, uploaded in one copy), are gathered from it in a few operations whatever their
+    number; others are copied in one by one."""
     height = max(i.shape[-2] for i in images)
     width = max(i.shape[-1] for i in images)
+    flat = _shared_buffer(images)
+    if flat is not None:
+        return _gathered(flat, images, height, width)
     canvas = torch.zeros((len(images), 3, height, width), dtype=torch.uint8, device=images[0].device)
     for slot, image in zip(canvas, images):
         slot[:, : image.shape[-2], : image.shape[-1]].copy_(image)
     return canvas.to(torch.float32)
+
+
+def _shared_buffer(images: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The one-dimensional uint8 buffer that every image views as (H, W, 3) pixels, or None."""
+    storage = images[0].untyped_storage()
+    for image in images:
+        height, width = image.shape[-2:]
+        if (image.dtype != torch.uint8 or image.stride() != (1, 3 * width, 3)
+                or image.untyped_storage().data_ptr() != storage.data_ptr()):
+            return None
+    return images[0].new_empty(0).set_(storage)
+
+
+def _gathered(flat: torch.Tensor, images: Sequence[torch.Tensor], height: int, width: int) -> torch.Tensor:
+    device = flat.device
+    table = torch.tensor([(i.storage_offset(), i.shape[-2], i.shape[-1]) for i in images], dtype=torch.int64)
+    offset, rows, cols = table.to(device, non_blocking=True).T[:, :, None, None]  # each (N, 1, 1)
+    y = torch.arange(height, device=device)[None, :, None]
+    x = torch.arange(width, device=device)[None, None, :]
+    inside = (y < rows) & (x < cols)  # (N, H, W)
+    index = torch.where(inside, offset + y * (3 * cols) + 3 * x, 0)  # of each pixel's red byte
+    if flat.numel() < 2**31:
+        index = index.to(torch.int32)  # half the memory
+    canvas = torch.empty((len(images), 3, height, width), dtype=torch.float32, device=device)
+    for channel in range(3):
+        values = torch.index_select(flat, 0, (index + channel).view(-1)).view(index.shape)
+        canvas[:, channel] = values.masked_fill_(~inside, 0)
+    return canvas
 
 
 def chunks(sizes: Sequence[tuple[int, int]]) -> list[list[int]]:

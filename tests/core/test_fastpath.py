@@ -293,3 +293,22 @@ def test_pixels_from_the_readers_become_device_images_and_keep_their_errors() ->
     assert torch.equal(decoded.images[1], torch.from_numpy(np.ascontiguousarray(rgb[:, :4])).permute(2, 0, 1))
     assert decoded.images[2] is None and decoded.failures == [None, None, "cannot decode image: broken"]
     assert decoded.ok == [0, 1]
+
+
+def test_readers_pixels_are_gathered_into_the_same_canvas_and_model_inputs(shard_images: list[bytes],
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Images that view one uploaded buffer (`pixels_batch`) are gathered into the batched resize's canvas in a
+    few operations: the same canvas, value for value, and the same model inputs as images copied in one by one."""
+    decoded = [decode_image(data) for data in shard_images[:24]]
+    batch = fastpath.pixels_batch([image.tobytes() for image in decoded], [(i.height, i.width) for i in decoded],
+                                  [None] * len(decoded), "cpu")
+    views = [batch.images[i] for i in batch.ok]
+    alone = [view.clone() for view in views]
+    assert batched_resize._shared_buffer(views) is not None and batched_resize._shared_buffer(alone) is None
+    assert len({tuple(v.shape) for v in views}) > 5  # differently sized, as DataComp's are
+    assert torch.equal(batched_resize.canvas_of(views), batched_resize.canvas_of(alone))
+    assert torch.equal(batched_resize.canvas_of(views[3:9]), batched_resize.canvas_of(alone[3:9]))  # offsets kept
+    monkeypatch.setattr(batched_resize, "ON_CPU", True)
+    gathered, copied = fastpath.prepare_tensors(views, NAMES), fastpath.prepare_tensors(alone, NAMES)
+    for name in NAMES:
+        assert torch.equal(gathered[name][0], copied[name][0]), name
