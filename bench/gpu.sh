@@ -15,7 +15,7 @@
 #                          and a consumer that only counts; decoding; resizing batched and per image size; each model)
 #   <gpu>-fastpath.jsonl   the device preprocessing path (nvJPEG decode + tensor transforms) against PIL
 #   <gpu>-loader.jsonl     `d2m bench --stage loader` with 1, 2 and 4 reading processes (LOADER_PROCESSES; with
-#                          LOADER_DECODE=1 the readers decode, as gpu_decode: readers)
+#                          LOADER_DECODE=1 the readers decode, as gpu_decode: readers, and batches go up to DEVICE)
 #   <gpu>-writer.jsonl     `d2m bench --stage writer` (the output stage alone, on this machine's CPU)
 #   <gpu>-run-overhead.jsonl  `d2m bench --stage run-overhead`: one Dagster run over the first shard, launched as a
 #                          run worker process (launch to model build and first batch, teardown)
@@ -212,7 +212,7 @@ stage_loader() {
     say "loader stage -> $RESULTS/$SLUG-loader.jsonl"
     : >"$RESULTS/$SLUG-loader.jsonl"
     for n in $LOADER_PROCESSES; do
-        step "$D2M" bench --stage loader --shards "$SHARD_DIR" --processes "$n" ${LOADER_DECODE:+--decode} \
+        step "$D2M" bench --stage loader --shards "$SHARD_DIR" --processes "$n" ${LOADER_DECODE:+--decode --device $DEVICE} \
             | tee -a "$RESULTS/$SLUG-loader.jsonl" || status=1
     done
 }

@@ -188,7 +188,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         batch_size = load_config(args.yml).batch_size if args.yml else 512
         print(json.dumps(loader_stage(expand_shards(args.shards), processes=args.processes, batch_size=batch_size,
-                                      decode=args.decode)))
+                                      decode=args.decode, device=args.device or "cpu")))
         return 0
     if args.yml is None:
         print(f"d2m: error: --stage {args.stage} needs --yml", file=sys.stderr)
@@ -402,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--processes", type=int, default=2, help="--stage loader: reader processes")
     bench.add_argument("--decode", action="store_true",
                        help="--stage loader: the readers decode the images (gpu_decode: readers) and the consumer takes "
-                            "their pixels (one packed copy a batch, on the CPU)")
+                            "their pixels (one packed copy a batch, uploaded to --device, default the CPU)")
     bench.add_argument("--device", default=None, help="override the yml's device ('cpu', 0, 'cuda:1')")
     bench.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default=None, help="override the yml's precision")
     bench.add_argument("--gpu-decode", choices=["auto", "on", "off", "readers"], default=None, help="override the yml's gpu_decode")

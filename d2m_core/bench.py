@@ -27,15 +27,19 @@ def machine_load() -> dict[str, Any]:
     return {"load_1m": round(os.getloadavg()[0], 2), "cores": os.cpu_count()}
 
 
-def loader_stage(shards: Sequence[ShardRef], *, processes: int, batch_size: int = 512, decode: bool = False) -> dict[str, Any]:
+def loader_stage(shards: Sequence[ShardRef], *, processes: int, batch_size: int = 512, decode: bool = False,
+                 device: str | int = "cpu") -> dict[str, Any]:
     """The loader as the GPU path uses it (images handed over encoded, to be decoded on the device; with
-    `decode`, decoded by the readers and packed into one buffer a batch, as `gpu_decode: readers` does before
-    its upload), with a consumer that only counts: samples/s, and the CPU time the consuming process spends
-    per sample."""
+    `decode`, decoded by the readers and packed into one buffer a batch, uploaded to `device`, as `gpu_decode:
+    readers` does before resizing), with a consumer that only counts: samples/s, and the CPU time the consuming
+    process spends per sample."""
     import resource
 
+    from d2m_core.compute.device import resolve_device
+
+    target = resolve_device(device)
     loader = Loader(shards, batch_size=batch_size, transforms=[], needs_text=True, nworkers=2, readers=processes,
-                    decode_device=torch.device("cpu") if decode else None, decode_in_readers=decode)
+                    decode_device=target if decode else None, decode_in_readers=decode)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu, start = time.process_time(), time.perf_counter()
     samples = first_samples = 0
@@ -50,7 +54,8 @@ def loader_stage(shards: Sequence[ShardRef], *, processes: int, batch_size: int 
     steady = (samples - first_samples) / max(seconds - (first or 0.0), 1e-9)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the readers, reaped by the loader
     readers_cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
-    return {"stage": "loader", "processes": processes, "decode": decode, "shards": len(shards), "batch_size": batch_size,
+    return {"stage": "loader", "processes": processes, "decode": decode, "device": str(target), "shards": len(shards),
+            "batch_size": batch_size,
             "samples": samples, "seconds": round(seconds, 3), "samples_per_s": round(samples / seconds, 1),
             "main_cpu_us_per_sample": round(cpu / max(samples, 1) * 1e6, 2),
             "first_batch_s": round(first or 0.0, 3), "samples_per_s_after_first_batch": round(steady, 1),

@@ -78,6 +78,7 @@ class Engine:
     def __init__(self, models: dict[str, Any], *, device: torch.device, dtype: torch.dtype, batch_size: int, nworkers: int,
                  readers: int = DEFAULT_READERS) -> None:
         self.order = topo_order(list(models), lambda n: models[n].dependencies)
+        self.issue_order = issue_order(self.order, models)
         self.models = models
         self.device = device
         self.dtype = dtype
@@ -159,7 +160,7 @@ class Engine:
         clock.lap("inputs")
         raw: dict[str, Any] = {}
         with torch.inference_mode():
-            for name in self.order:
+            for name in self.issue_order:
                 model = self.models[name]
                 args = [inputs[(i, p)] for i, p in zip(model.raw_inputs, model.preprocessors)]
                 args += [raw[d] for d in model.dependencies]
@@ -270,6 +271,16 @@ class Engine:
         for model, fields in parts.items():
             widths = self.models[model].output_fields
             result.outputs[model] = {name: _concat(chunks, widths.get(name, 0)) for name, chunks in fields.items()}
+
+
+def issue_order(order: list[str], models: dict[str, Any]) -> list[str]:
+    """The order to issue the models of a batch in: `order` (dependencies first), but the models that wait for
+    the device inside their call (`waits_for_device`: outputs made on the host) last, so that the device
+    has every other model's work queued while they wait."""
+    def waits(name: str) -> bool:
+        return bool(getattr(models[name], "waits_for_device", False))
+
+    return topo_order(sorted(order, key=waits), lambda n: models[n].dependencies)
 
 
 class _PartClock:

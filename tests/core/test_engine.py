@@ -121,6 +121,34 @@ def test_dependencies_run_first_and_get_their_outputs(shard_dir: Path) -> None:
     assert isinstance(head.calls[0][0], tuple) and head.calls[0][0][0].shape == (9,)
 
 
+def test_models_that_wait_for_the_device_are_issued_last(shard_dir: Path) -> None:
+    """A model whose call waits for the device (faces: its boxes are made on the host) goes after the others
+    (its dependencies before it), so the device has their work queued; the outputs keep the models' order."""
+    calls: list[str] = []
+    stubs = {n: _Stub(n, ["image"], ["clip-aug"]) for n in ("faces", "clip", "dedup")}
+    stubs["head"] = _Stub("head", [], [], dependencies=["faces"])
+    stubs["faces"].waits_for_device = True
+    for name, stub in stubs.items():
+        stub.calls = _Recorder(calls, name)
+    engine = Engine(stubs, device=torch.device("cpu"), dtype=torch.float32, batch_size=9, nworkers=1)
+    assert engine.order == ["faces", "clip", "dedup", "head"]
+    assert engine.issue_order == ["clip", "dedup", "faces", "head"]
+    result = next(engine.run(_refs(shard_dir)[1:]))
+    assert calls == ["clip", "dedup", "faces", "head"] and list(result.outputs) == engine.order
+
+
+class _Recorder(list):
+    """A stub's `calls`, also noting the order models are called in."""
+
+    def __init__(self, order: list[str], name: str) -> None:
+        super().__init__()
+        self.order, self.name = order, name
+
+    def append(self, inputs: object) -> None:
+        self.order.append(self.name)
+        super().append(inputs)
+
+
 def test_progress_is_reported_while_a_shard_runs(engine: Engine, shard_dir: Path) -> None:
     events = []
     list(engine.run(_refs(shard_dir), events.append, progress_every_s=0.0))

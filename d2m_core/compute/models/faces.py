@@ -263,6 +263,7 @@ class Scrfd10G:
     preprocessors = ["faces-aug"]
     dependencies: list[str] = []
     to_device = True
+    waits_for_device = True  # its boxes are lists made on the host (NMS keeps a data-dependent count): issued last
     output_fields = {"boxes": -1}  # -1 = ragged: per sample a list of [x1, y1, x2, y2]
     weights_files = MODEL_FILES["faces-scrfd10g"]
 
