@@ -137,15 +137,11 @@ class Engine:
             decode_share=self.decode_share,
         )
 
-    def forward(self, batch: Batch, timings: dict[str, float] | None = None,
-                phases: dict[str, float] | None = None) -> dict[str, dict[str, Field]]:
-        """All models on one batch; returns model -> field -> (B, ...) float32 arrays (or per-sample lists).
-
-        Every model is issued before any output is copied back, so the device never waits for the CPU between
-        two models. With `timings`, adds each part's seconds to it ("inputs", then one entry per model; the
-        device is synchronised around each part, so only a benchmark asks for them). With `phases`, adds
-        `dispatch_s` (issuing the inputs and models: CPU work, and waits for the GIL), `sync_s` (waiting for
-        the device to finish and copying the outputs back) and `engine_cpu_s` (this thread's CPU time in all)."""
+    def issue(self, batch: Batch, timings: dict[str, float] | None = None) -> _Issued:
+        """Issue all models on one batch (`issue_order`) and, on CUDA, the copies of their outputs to pinned host
+        memory, without waiting for the device: `collect` waits for this batch's work only, so the engine can
+        issue the next batch first. With `timings`, adds each part's seconds to it ("inputs", then one entry
+        per model; the device is synchronised around each part, so only a benchmark asks for them)."""
         start, cpu = time.perf_counter(), time.thread_time()
         clock = _PartClock(self.device, timings)
         inputs: dict[tuple[str, str], Any] = {}
@@ -166,17 +162,45 @@ class Engine:
                 args += [raw[d] for d in model.dependencies]
                 raw[name] = model(*args)
                 clock.lap(name)
-            issued = time.perf_counter()
-            outputs: dict[str, dict[str, Field]] = {}
-            for name in self.order:
-                values = raw[name] if isinstance(raw[name], (tuple, list)) else (raw[name],)
-                outputs[name] = {f: _to_rows(v) for f, v in zip(self.models[name].output_fields, values)}
+            values = {name: [_to_host(v) for v in (raw[name] if isinstance(raw[name], (tuple, list)) else (raw[name],))]
+                      for name in self.order}
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+        return _Issued(values, ready, time.perf_counter() - start, time.thread_time() - cpu)
+
+    def collect(self, issued: _Issued, phases: dict[str, float] | None = None) -> dict[str, dict[str, Field]]:
+        """A batch's outputs once the device has made them: model -> field -> (B, ...) float32 arrays (or
+        per-sample lists). With `phases`, adds `dispatch_s` (issuing: CPU work, and waits for the GIL), `sync_s`
+        (waiting here for the device) and `engine_cpu_s` (this thread's CPU time in both)."""
+        if issued.rows is not None:
+            return issued.rows
+        start, cpu = time.perf_counter(), time.thread_time()
+        if issued.ready is not None:
+            issued.ready.synchronize()
+        rows = {name: {f: _to_rows(v) for f, v in zip(self.models[name].output_fields, values)}
+                for name, values in issued.values.items()}
         if phases is not None:
-            end = time.perf_counter()
-            for key, value in (("dispatch_s", issued - start), ("sync_s", end - issued),
-                               ("engine_cpu_s", time.thread_time() - cpu)):
+            for key, value in (("dispatch_s", issued.dispatch_s), ("sync_s", time.perf_counter() - start),
+                               ("engine_cpu_s", issued.cpu_s + time.thread_time() - cpu)):
                 phases[key] = phases.get(key, 0.0) + value
-        return outputs
+        return rows
+
+    def forward(self, batch: Batch, timings: dict[str, float] | None = None,
+                phases: dict[str, float] | None = None) -> dict[str, dict[str, Field]]:
+        """`issue`, then `collect`: all models on one batch, its outputs as rows."""
+        return self.collect(self.issue(batch, timings), phases)
+
+    def issue_fitting(self, batch: Batch, phases: dict[str, float] | None = None) -> _Issued:
+        """`issue`, but a batch that runs out of device memory is computed in halves (`forward_fitting`)."""
+        try:
+            return self.issue(batch)
+        except Exception as err:  # noqa: BLE001 - only out-of-memory errors are handled, the rest re-raised
+            if not is_out_of_memory(err):
+                raise
+            reason = _reason(err)
+        return _Issued({}, None, 0.0, 0.0, rows=self._halves(batch, reason, phases))
 
     def forward_fitting(self, batch: Batch, phases: dict[str, float] | None = None) -> dict[str, dict[str, Field]]:
         """`forward`, but a batch that runs out of device memory is split in half and each half retried
@@ -186,8 +210,12 @@ class Engine:
         except Exception as err:  # noqa: BLE001 - only out-of-memory errors are handled, the rest re-raised
             if not is_out_of_memory(err):
                 raise
-            reason = " ".join(str(err).split())[:200]
-        # Outside the except block, so the failed attempt's tensors (held by the traceback) are freed first.
+            reason = _reason(err)
+        return self._halves(batch, reason, phases)
+
+    def _halves(self, batch: Batch, reason: str, phases: dict[str, float] | None) -> dict[str, dict[str, Field]]:
+        """A batch that ran out of device memory, computed in two halves (each split again as needed). Called
+        outside the except block, so the failed attempt's tensors (held by the traceback) are freed first."""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         size = len(batch)
@@ -206,11 +234,23 @@ class Engine:
     def run(self, shards: Sequence[ShardRef], progress: Callable[[Progress], None] | None = None,
             progress_every_s: float = 30.0) -> Iterator[ShardResult]:
         """Yield one ShardResult per shard, in shard order; an unreadable shard yields a result with `error` set.
-        Shards read at once (one per reader process) are computed batch by batch as their batches arrive."""
+        Shards read at once (one per reader process) are computed batch by batch as their batches arrive; each
+        batch is issued before the previous one's outputs are collected, so the device always has one queued."""
         open_: dict[str, _Open] = {}
         finished: dict[str, ShardResult] = {}
         order = [s.stem for s in shards]
         done, first_batch = 0, True
+        pending: _Pending | None = None  # the batch issued last, collected once the next one is issued
+
+        def collect(pending: _Pending) -> None:
+            self._collect(pending)
+            state = pending.state
+            if progress is not None and time.perf_counter() - state.t_report >= progress_every_s:
+                state.t_report = time.perf_counter()
+                written = len(state.result.keys)
+                progress(Progress(pending.batch.shard, done, len(shards), written,
+                                  written / max(state.t_report - state.t_start, 1e-9), None, finished=False))
+
         t_wait = time.perf_counter()
         for item in self._loader_for(shards):
             now = time.perf_counter()
@@ -228,15 +268,16 @@ class Engine:
                 timings = state.result.stats.timings
                 timings["loader_wait_s"] += now - t_wait
                 timings["decode_s"] += item.decode_s
-                self._consume(state.result, state.parts, item)
+                issued = self._issue(state.result, item)
                 timings["model_s"] += time.perf_counter() - now
+                if pending is not None:
+                    collect(pending)
+                pending = _Pending(state, item, issued) if issued is not None else None
                 pause_at("shard-computing", item.shard)  # test-only; returns at once unless a test set it
-                if progress is not None and time.perf_counter() - state.t_report >= progress_every_s:
-                    state.t_report = time.perf_counter()
-                    written = len(state.result.keys)
-                    progress(Progress(item.shard, done, len(shards), written,
-                                      written / max(state.t_report - state.t_start, 1e-9), None, finished=False))
             elif isinstance(item, ShardEnd):
+                if pending is not None:
+                    collect(pending)
+                    pending = None
                 state = open_.pop(item.shard.stem)
                 state.result.error = item.error
                 self._finish(state.result, state.parts)
@@ -251,12 +292,19 @@ class Engine:
                     yield finished.pop(order.pop(0))
             t_wait = time.perf_counter()
 
-    def _consume(self, result: ShardResult, parts: dict[str, dict[str, list[Field]]], batch: Batch) -> None:
+    def _issue(self, result: ShardResult, batch: Batch) -> _Issued | None:
+        """Count the batch's samples and failures and issue its models (None: no usable sample)."""
         result.stats.samples_read += batch.samples_read
         result.stats.failures.extend(batch.failures)
         if len(batch) == 0:
-            return
-        outputs = self.forward_fitting(batch, result.stats.timings)
+            return None
+        return self.issue_fitting(batch, result.stats.timings)
+
+    def _collect(self, pending: _Pending) -> None:
+        """The outputs of an issued batch, appended to its shard's rows."""
+        start = time.perf_counter()
+        result, parts, batch = pending.state.result, pending.state.parts, pending.batch
+        outputs = self.collect(pending.issued, result.stats.timings)
         for model, fields in outputs.items():
             for name, rows in fields.items():
                 if len(rows) != len(batch):
@@ -265,6 +313,7 @@ class Engine:
         result.keys.extend(batch.keys)
         result.uids.extend(batch.uids)
         result.jsons.extend(batch.jsons)
+        result.stats.timings["model_s"] += time.perf_counter() - start
 
     def _finish(self, result: ShardResult, parts: dict[str, dict[str, list[Field]]]) -> None:
         result.stats.samples_written = len(result.keys)
@@ -281,6 +330,25 @@ def issue_order(order: list[str], models: dict[str, Any]) -> list[str]:
         return bool(getattr(models[name], "waits_for_device", False))
 
     return topo_order(sorted(order, key=waits), lambda n: models[n].dependencies)
+
+
+@dataclass
+class _Issued:
+    """A batch whose models are issued: each model's outputs (host copies on their way, or host values), the
+    event after which they are there, and what issuing cost; or, after an out-of-memory split, its `rows`."""
+
+    values: dict[str, list[Any]]
+    ready: torch.cuda.Event | None
+    dispatch_s: float
+    cpu_s: float
+    rows: dict[str, dict[str, Field]] | None = None
+
+
+@dataclass
+class _Pending:
+    state: _Open
+    batch: Batch
+    issued: _Issued
 
 
 class _PartClock:
@@ -302,6 +370,10 @@ class _PartClock:
             now = time.perf_counter()
             self.timings[part] = self.timings.get(part, 0.0) + now - self.last
             self.last = now
+
+
+def _reason(err: BaseException) -> str:
+    return " ".join(str(err).split())[:200]
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -331,10 +403,21 @@ def _join(first: Field, second: Field) -> Field:
     return list(first) + list(second)
 
 
+def _to_host(value: Any) -> Any:
+    """A CUDA tensor's float32 copy on its way to pinned host memory (issued, not waited for); anything else
+    as it is."""
+    if isinstance(value, torch.Tensor) and value.is_cuda:
+        host = torch.empty(value.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(value.detach().float(), non_blocking=True)
+        return host
+    return value
+
+
 def _to_rows(value: Any) -> Field:
     """A model output for one batch as CPU float32 rows, or a plain list for per-sample lists."""
     if isinstance(value, torch.Tensor):
-        return value.detach().float().cpu().numpy()
+        rows = value.detach().float().cpu().numpy()
+        return rows.copy() if value.is_pinned() else rows  # pinned memory goes back to be reused, not kept
     if isinstance(value, np.ndarray):
         return value.astype(np.float32, copy=False)
     return list(value)
