@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 REQUIRED_FIELDS = ("models", "nworkers", "batch_size", "device", "input_tars", "output_metadata_dir")
 SEED_OPTIONAL_FIELDS = (
@@ -116,7 +116,8 @@ class D2MConfig(BaseModel):
     filters: list[FilterSpec] = Field(default_factory=list)  # DataComp baselines as assets
     filter_cron: str = "0 * * * *"  # how often filters made stale by new shards re-run
     reshard: ReshardSpec | None = None
-    reader_processes: int = Field(default=2, gt=0)  # processes reading tars, a shard each (gpu_decode readers: shared)
+    # processes reading tars, a shard each (gpu_decode readers: shared); auto: 2, or every core but 4 when they decode
+    reader_processes: PositiveInt | Literal["auto"] = "auto"
     reader_decode_share: float = Field(default=1.0, ge=0.0, le=1.0)  # gpu_decode readers: batches they decode, 0-1
     torch_compile: bool = False  # torch.compile ISC's and CLIP's image towers (d2m_core.compute.compiled)
     cuda_graphs: bool = False  # capture them and CLIP's text towers as CUDA graphs, replayed per batch (CUDA only)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import queue
 import threading
 import time
@@ -34,6 +35,7 @@ from d2m_core.outputs.reference import reference_record, reference_url
 from d2m_core.outputs.validation import inspect_shard
 from d2m_core.outputs.writers import write_datacomp_files, writes_npz
 from d2m_core.reading.fastpath import supports
+from d2m_core.reading.loader import DEFAULT_READERS
 from d2m_core.reading.shards import ShardRef
 from d2m_core.selection import artifact_url, selected_assets, stored_stats
 from d2m_core.testdata.pausepoints import pause_at
@@ -64,9 +66,10 @@ def build_engine(config: D2MConfig, feature_assets: Sequence[str], device: torch
     device = device or resolve_device(config.device)
     dtype = resolve_dtype(config.precision, device)
     engine = Engine({name: model_class(name) for name in names}, device=device, dtype=dtype, batch_size=config.batch_size,
-                    nworkers=config.nworkers, readers=config.reader_processes)
+                    nworkers=config.nworkers)
     engine.decode_on_device = device_preprocessing(config, device, [t.name for t in engine.image_transforms])
     engine.decode_in_readers = engine.decode_on_device and config.gpu_decode == "readers"
+    engine.readers = reader_processes(config.reader_processes, engine.decode_in_readers)
     engine.decode_share = config.reader_decode_share
     engine.text_in_readers = readers_tokenize(device)
     started = time.perf_counter()
@@ -82,6 +85,17 @@ def build_engine(config: D2MConfig, feature_assets: Sequence[str], device: torch
         raise
     log.info("%s in %.2f s", MODEL_BUILD_DONE, time.perf_counter() - started)
     return engine, weights
+
+
+def reader_processes(setting: int | str, decode: bool) -> int:
+    """The reader processes for `reader_processes`: a number as it is; auto: 2 (reading alone keeps up with a
+    GPU), or, when they decode, every core this process may use but 4 (on an H200's 16 cores, 12 decoded
+    4,952 samples/s and 16 fewer: the rest go to the loader threads, the models and the writer), 2 at least."""
+    if setting != "auto":
+        return int(setting)
+    if not decode:
+        return DEFAULT_READERS
+    return max(DEFAULT_READERS, len(os.sched_getaffinity(0)) - 4)
 
 
 def readers_tokenize(device: torch.device) -> bool:

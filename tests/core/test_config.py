@@ -93,3 +93,21 @@ def test_dataset_name_explicit_or_from_the_output_location() -> None:
     for bad in ("has space", "a/b", "x__y", ""):
         with pytest.raises(ConfigError, match="dataset"):
             parse_config(_minimal(dataset=bad))
+
+
+def test_reader_processes_auto_uses_the_cores_only_where_readers_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    from d2m_core.compute.pipeline import reader_processes
+
+    base = {"models": ["oai-clip-vit-b32"], "nworkers": 1, "batch_size": 4, "device": "cpu",
+            "input_tars": "x/*.tar", "output_metadata_dir": "/tmp/out"}
+    assert parse_config(base).reader_processes == "auto"
+    assert parse_config(base | {"reader_processes": 6}).reader_processes == 6
+    for bad in (0, "many"):
+        with pytest.raises(ConfigError, match="reader_processes"):
+            parse_config(base | {"reader_processes": bad})
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    assert reader_processes("auto", decode=False) == 2  # reading alone keeps up
+    assert reader_processes("auto", decode=True) == 12  # every core but 4
+    assert reader_processes(6, decode=True) == 6
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    assert reader_processes("auto", decode=True) == 2
