@@ -30,15 +30,14 @@ Columns = tuple[list[str], list["str | None"], list["str | None"], list["dict[st
 
 @dataclass
 class Job:
-    shards: list[tuple[int, str, str]]  # (index in the run, stem, url)
+    # (index in the run, stem, url, stripe, stripes): of the shard, send only batches b with b % stripes == stripe
+    # (the others are read and dropped); readers that decode share a last round's shards so (`readers.plan`)
+    shards: list[tuple[int, str, str, int, int]]
     batch_size: int
     ring_bytes: int
     text_preprocessors: tuple[str, ...] = ()  # run here on each batch's captions (READER_TEXT_PREPROCESSORS)
     decode: bool = False  # decode each image here (PIL, `decode_image`): its RGB pixels go through the ring
     decode_share: float = 1.0  # with decode: the share of batches decoded here (`decodes`); the rest stay encoded
-    # (stripe, stripes): of each shard, send only batches b with b % stripes == stripe (the others are read and
-    # dropped). Several readers share one shard so, when a run has fewer shards than readers that decode.
-    stripe: tuple[int, int] = (0, 1)
 
 
 class Pipe:
@@ -219,12 +218,7 @@ def child_main(argv: Sequence[str]) -> int:
         writer = RingWriter(ring, job.ring_bytes, inbox)
         preprocessors = _text_preprocessors(job.text_preprocessors)
 
-        stripe, stripes = job.stripe
-        placing = not job.decode and stripes == 1  # encoded images go to the ring as read (else as a batch is sent)
-
-        def send_batch(index: int, number: int, samples: list[RawSample]) -> None:
-            if number % stripes != stripe:
-                return  # another reader's batch
+        def send_batch(index: int, number: int, samples: list[RawSample], placing: bool) -> None:
             inline: dict[int, bytes] = {}
             pixels = None
             if job.decode and decodes(number, job.decode_share):
@@ -240,19 +234,21 @@ def child_main(argv: Sequence[str]) -> int:
             out.send(pickle.dumps(("batch", index, number, batch, inline, writer.written, texts, pixels), protocol=5))
             writer.sent = writer.written
 
-        for index, stem, url in job.shards:
+        for index, stem, url, stripe, stripes in job.shards:
             out.send(pickle.dumps(("start", index)))
+            placing = not job.decode and stripes == 1  # encoded images go to the ring as read (else when sent)
             error, buffer, number = None, [], 0
             try:
                 for raw in iter_samples(ShardRef(stem, url), image_sink=writer.place if placing else None):
                     buffer.append(raw)
                     if len(buffer) == job.batch_size:
-                        send_batch(index, number, buffer)
+                        if number % stripes == stripe:  # else another reader's batch
+                            send_batch(index, number, buffer, placing)
                         buffer, number = [], number + 1
             except ShardReadError as err:
                 error = str(err)
-            if buffer:
-                send_batch(index, number, buffer)
+            if buffer and number % stripes == stripe:
+                send_batch(index, number, buffer, placing)
             out.send(pickle.dumps(("end", index, error)))
         out.send(pickle.dumps(("done",)))
         return 0

@@ -5,8 +5,9 @@ reading nor copying images costs the parent's CPU (or its GIL).
 Each reader is a child process (running `reader_child.child_main`, which imports only the reading code) given one
 anonymous shared-memory file (the ring) and two pipes. Shards are dealt round-robin: reader i reads shards
 i, i+N, i+2N, ... in order, so N readers work on N shards at once and their batches arrive interleaved.
-Readers that decode, when there are more of them than shards, share shards instead (`stripes`): the readers of
-one shard each read all of it and decode every k-th batch, and the pool puts the batches back in tar order.
+Readers that decode share the shards of a last round that would leave some of them idle (`plan`, `stripes`): the
+readers of such a shard each read all of it and decode every k-th batch, and the pool puts the batches back in
+tar order.
 
 Parent -> child: the job (pickled), then release counters (8 bytes each): the ring is free up to there.
 Child -> parent: pickled messages: ("start", index), ("batch", index, number, columns, inline, ring_end, texts, pixels),
@@ -115,6 +116,26 @@ def stripes(shards: int, processes: int) -> list[int]:
     return [processes // shards + (1 if j < processes % shards else 0) for j in range(shards)]
 
 
+Task = tuple[int, int, int]  # (shard index, stripe, stripes): batches b of the shard with b % stripes == stripe
+
+
+def plan(shards: int, processes: int, share: bool) -> list[list[Task]]:
+    """Each reader's tasks, in order. Shards are dealt round-robin, one reader a shard; with `share` (readers
+    that decode), the shards of a last round that would leave readers idle are shared in stripes instead, so
+    that every reader works to the end: 4 shards and 12 readers, 3 a shard; 16 shards, 12 alone, then 3 a shard."""
+    if not share:
+        count = max(1, min(processes, shards))
+        return [[(j, 0, 1) for j in range(i, shards, count)] for i in range(count)]
+    full = shards - shards % processes
+    readers: list[list[Task]] = [[(j, 0, 1) for j in range(i, full, processes)] for i in range(processes)]
+    reader = 0
+    for j, count in zip(range(full, shards), stripes(shards - full, processes)):
+        for k in range(count):
+            readers[reader].append((j, k, count))
+            reader += 1
+    return [tasks for tasks in readers if tasks] or [[]]
+
+
 @dataclass
 class _Merge:
     """One shard's batches coming from its readers' stripes, put back in tar order."""
@@ -172,20 +193,17 @@ class ReaderPool:
     def __init__(self, shards: Sequence[ShardRef], *, batch_size: int, processes: int, ring_bytes: int | None = None,
                  text_preprocessors: Sequence[str] = (), decode: bool = False, decode_share: float = 1.0) -> None:
         self.shards = list(shards)
-        self._stripes = stripes(len(self.shards), processes) if decode else [1] * len(self.shards)
+        tasks = plan(len(self.shards), max(1, processes), share=decode)
+        self._stripes = [1] * len(self.shards)
+        for j, _, count in (task for mine in tasks for task in mine):
+            self._stripes[j] = count
         ring_bytes = ring_bytes or (DECODED_RING_BYTES if decode else RING_BYTES)
         self._readers: list[_Reader] = []
         try:
-            if sum(self._stripes) > len(self.shards):  # one reader a stripe
-                jobs = [([(j, shard.stem, shard.url)], (k, count)) for j, (shard, count)
-                        in enumerate(zip(self.shards, self._stripes)) for k in range(count)]
-            else:
-                count = max(1, min(processes, len(self.shards)))
-                jobs = [([(j, s.stem, s.url) for j, s in enumerate(self.shards) if j % count == i], (0, 1))
-                        for i in range(count)]
-            for mine, stripe in jobs:
-                self._readers.append(_Reader(Job(mine, batch_size, ring_bytes, tuple(text_preprocessors), decode,
-                                                 decode_share, stripe)))
+            for mine in tasks:
+                work = [(j, self.shards[j].stem, self.shards[j].url, stripe, count) for j, stripe, count in mine]
+                self._readers.append(_Reader(Job(work, batch_size, ring_bytes, tuple(text_preprocessors), decode,
+                                                 decode_share)))
         except BaseException:
             self.close()
             raise

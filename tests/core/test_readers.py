@@ -16,7 +16,7 @@ from conftest import gone as _gone
 from d2m_core.reading.decoding import DecodeError, decode_image
 from d2m_core.reading.loader import Batch, Loader, ShardStart
 from d2m_core.reading.reader_child import decodes
-from d2m_core.reading.readers import RawBatch, ReaderError, ReaderPool, ShardBegins, stripes
+from d2m_core.reading.readers import RawBatch, ReaderError, ReaderPool, ShardBegins, plan, stripes
 from d2m_core.reading.reading import iter_samples
 from d2m_core.reading.shards import ShardRef
 from d2m_core.testdata.faults import make_fault_shards
@@ -135,12 +135,20 @@ def test_readers_that_decode_part_of_the_batches_leave_the_others_encoded(shard_
 
 def test_readers_spread_over_the_shards_they_decode() -> None:
     """More decoding readers than shards: every reader takes a stripe of one shard (the first shards the extra
-    readers); otherwise one reader a shard."""
+    readers); otherwise one reader a shard, but for a last round that would leave readers idle."""
     assert stripes(4, 12) == [3, 3, 3, 3]
     assert stripes(5, 12) == [3, 3, 2, 2, 2]
     assert stripes(1, 3) == [3]
     assert stripes(8, 4) == [1] * 8 and stripes(4, 4) == [1] * 4
     assert stripes(0, 4) == []
+    # a reader's tasks: (shard, stripe, stripes); a last round that would leave readers idle is shared
+    assert plan(4, 12, share=True) == [[(j, k, 3)] for j in range(4) for k in range(3)]
+    tasks = plan(16, 12, share=True)
+    assert tasks[0] == [(0, 0, 1), (12, 0, 3)] and tasks[11] == [(11, 0, 1), (15, 2, 3)]
+    assert all(len(mine) == 2 for mine in tasks)  # every reader busy to the end
+    assert plan(24, 12, share=True) == plan(24, 12, share=False) == [[(i, 0, 1), (i + 12, 0, 1)] for i in range(12)]
+    assert plan(16, 12, share=False)[0] == [(0, 0, 1), (12, 0, 1)] and len(plan(16, 12, share=False)[5]) == 1
+    assert plan(0, 4, share=True) == plan(0, 4, share=False) == [[]]
 
 
 def _handed_over(pool: ReaderPool) -> dict[str, list[tuple]]:
@@ -166,9 +174,9 @@ def _handed_over(pool: ReaderPool) -> dict[str, list[tuple]]:
 
 
 def test_readers_that_share_a_shard_hand_it_over_as_one_reader_does(shard_dir: Path, tmp_path: Path) -> None:
-    """Readers that decode, more of them than shards, share each shard in stripes of batches: the pool hands on
-    the same batches, in tar order, with the same failures and the same shard errors (the fault corpus's
-    truncated and unreadable tars) as one reader a shard."""
+    """Readers that decode share shards in stripes of batches (all of them, with more readers than shards;
+    a last round's, with fewer): the pool hands on the same batches, in tar order, with the same failures and
+    the same shard errors (the fault corpus's truncated and unreadable tars) as one reader a shard."""
     corpus = make_fault_shards(tmp_path / "faults")
     refs = _refs(shard_dir) + [ShardRef(name, str(case.path)) for name, case in corpus.items()
                                if name.startswith(("truncated-", "corrupt-", "zeroed-")) or name in ("empty", "not-a-tar")]
@@ -177,8 +185,11 @@ def test_readers_that_share_a_shard_hand_it_over_as_one_reader_does(shard_dir: P
     assert len(shared.pids) == 5
     assert _handed_over(shared) == {r.stem: alone[r.stem] for r in refs[:2]}
     faults = refs[2:]
+    reference = _handed_over(ReaderPool(faults, batch_size=1, processes=1, decode=True))
     shared = ReaderPool(faults, batch_size=1, processes=2 * len(faults) + 1, decode=True)
-    assert _handed_over(shared) == _handed_over(ReaderPool(faults, batch_size=1, processes=1, decode=True))
+    assert _handed_over(shared) == reference
+    tail = ReaderPool(faults, batch_size=1, processes=len(faults) - 2, decode=True)  # the last 2 shards shared
+    assert len(tail.pids) == len(faults) - 2 and _handed_over(tail) == reference
     assert sum(len(items) - 2 for items in alone.values()) > 10  # batches, not only starts and ends
     assert any(items[-1][1] for items in alone.values()) and any(not items[-1][1] for items in alone.values())
 
