@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -244,7 +243,6 @@ import signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal: a test runner may pass SIGINT ignored
 from d2m_core.reading.loader import Loader
 from d2m_core.reading.shards import ShardRef
-from d2m_core.testdata.faults import make_fault_shards
 refs = [ShardRef(p.split("/")[-1][:-4], p) for p in sys.argv[1:]]
 loader = Loader(refs * 50, batch_size=1, transforms=[], needs_text=True, nworkers=1, readers=2)
 for i, item in enumerate(loader):
