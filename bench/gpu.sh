@@ -19,10 +19,12 @@
 #   <gpu>-writer.jsonl     `d2m bench --stage writer` (the output stage alone, on this machine's CPU)
 #   <gpu>-run-overhead.jsonl  `d2m bench --stage run-overhead`: one Dagster run over the first shard, launched as a
 #                          run worker process (launch to model build and first batch, teardown)
-# then runs the CUDA tests. Stages run in the order of STAGES; a failed step is reported and the next one runs.
+# then runs the CUDA tests (nvJPEG and the transforms; CUDA graphs). Stages run in the order of STAGES; a failed step
+# is reported and the next one runs.
 # Knobs (environment): DEVICE (0), PRECISION (bf16), SHARDS (4), SAMPLES (10000), CONFIGS ("basic datacomp"),
 # RUN_CONFIGS ("basic datacomp"), RUN_SHARDS (the shards a `d2m run` reads: SHARD_DIR's, or this many links to them in
-# turn, so that a run's fixed cost weighs as in a long run), OVERHEAD_CONFIGS (RUN_CONFIGS), READERS (4), NWORKERS (8), SHARD_DIR (.bench/gpu),
+# turn, so that a run's fixed cost weighs as in a long run), OVERHEAD_CONFIGS (RUN_CONFIGS), READERS (4), NWORKERS (8),
+# SHARD_DIR (.bench/gpu),
 # RESULTS (bench/results), FASTPATH_IMAGES (2048), GPU_DECODE (the configs' gpu_decode, e.g. readers or off),
 # COMPILE_CONFIGS (configs run with torch_compile: true, e.g. "datacomp"; none by default), GRAPH_CONFIGS (likewise
 # cuda_graphs: true), DECODE_SHARE (reader_decode_share, with GPU_DECODE=readers: e.g. 0.7),
@@ -239,7 +241,8 @@ stage_overhead() {  # a run's fixed cost around its work, on this machine (first
 
 stage_tests() {
     say "CUDA tests"
-    step "$PY" -m pytest -q -p no:cacheprovider tests/core/test_fastpath.py ${CUDA_TESTS_MORE:-} || status=1
+    step "$PY" -m pytest -q -p no:cacheprovider tests/core/test_fastpath.py tests/core/test_compiled.py ${CUDA_TESTS_MORE:-} \
+        || status=1
 }
 
 for stage in $STAGES; do
