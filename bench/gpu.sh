@@ -163,7 +163,14 @@ stage_run() {  # `d2m run` through Dagster, a fresh instance each, wall time fro
         local yml log start end
         yml="$(tuned "$config" "$(run_shards)")"
         log="$SCRATCH/run-$config.log"
+        local smi="$SCRATCH/smi-$config.csv" sampler=""
         mkdir -p "$SCRATCH/dagster-$config"
+        : >"$smi"
+        if [ "$DEVICE" != "cpu" ]; then  # the GPU's load through the run: busy (utilisation %) or waiting for the CPU
+            nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -i "$INDEX" -lms 500 \
+                >"$smi" 2>/dev/null &
+            sampler=$!
+        fi
         start=$(date +%s%N)
         if DAGSTER_HOME="$SCRATCH/dagster-$config" timeout "$STEP_TIMEOUT" "$D2M" run --yml "$yml" >"$log" 2>&1; then
             end=$(date +%s%N)
@@ -173,11 +180,16 @@ stage_run() {  # `d2m run` through Dagster, a fresh instance each, wall time fro
             status=1
             tail -n 40 "$log" >&2
         fi
+        [ -n "$sampler" ] && kill "$sampler" 2>/dev/null
         "$PY" - "$config" "$(( (end - start) / 1000000 ))" "$GPU" "$READERS" "$NWORKERS" "$log" "$SCRATCH/out-$config" \
-            "$COMPILE_CONFIGS" "$GRAPH_CONFIGS" "$DECODE_SHARE" "$(compgen -G "$(run_shards)/*.tar" | wc -l)" <<'EOF2' \
-            | tee -a "$RESULTS/$SLUG-run.jsonl"
-import glob, json, re, sys
-config, ms, gpu, readers, nworkers, log, out, compiled, graphed, share, shards = sys.argv[1:]
+            "$COMPILE_CONFIGS" "$GRAPH_CONFIGS" "$DECODE_SHARE" "$(compgen -G "$(run_shards)/*.tar" | wc -l)" "$smi" \
+            <<'EOF2' | tee -a "$RESULTS/$SLUG-run.jsonl"
+import glob, json, re, statistics, sys
+config, ms, gpu, readers, nworkers, log, out, compiled, graphed, share, shards, smi = sys.argv[1:]
+load = [[float(v) for v in line.split(",")] for line in open(smi) if line.count(",") == 1]
+busy = sorted(u for u, _ in load)  # utilisation every 0.5 s, start-up and teardown included
+gpu_load = {"gpu_util_median": statistics.median(busy), "gpu_util_p90": busy[int(0.9 * (len(busy) - 1))],
+            "gpu_mem_max_mib": max(m for _, m in load), "gpu_samples": len(load)} if load else {}
 summary = [l.strip() for l in open(log, errors="replace") if l.startswith("d2m run:")]
 found = re.search(r"([\d,]+) samples in", summary[-1]) if summary else None
 samples, wall = int(found.group(1).replace(",", "")) if found else 0, int(ms) / 1000
@@ -190,7 +202,7 @@ print(json.dumps({"kind": "d2m_run", "config": config, "gpu": gpu, "shards": int
                   "samples_per_s": round(samples / wall, 1), "reader_processes": int(readers),
                   "nworkers": int(nworkers), "torch_compile": config in compiled.split(),
                   "cuda_graphs": config in graphed.split(), "reader_decode_share": float(share or 1),
-                  "summary": summary[-1] if summary else None, "shard_timings_s": timings}))
+                  "summary": summary[-1] if summary else None, "shard_timings_s": timings} | gpu_load))
 EOF2
     done
 }
