@@ -19,8 +19,8 @@
 #   <gpu>-writer.jsonl     `d2m bench --stage writer` (the output stage alone, on this machine's CPU)
 #   <gpu>-run-overhead.jsonl  `d2m bench --stage run-overhead`: one Dagster run over the first shard, launched as a
 #                          run worker process (launch to model build and first batch, teardown)
-# then runs the CUDA tests (nvJPEG and the transforms; CUDA graphs). Stages run in the order of STAGES; a failed step
-# is reported and the next one runs.
+# then runs the CUDA tests (nvJPEG and the transforms; CUDA graphs; the engine issuing a batch without waiting for the
+# device). Stages run in the order of STAGES; a failed step is reported and the next one runs.
 # Knobs (environment): DEVICE (0), PRECISION (bf16), SHARDS (4), SAMPLES (10000), CONFIGS ("basic datacomp"),
 # RUN_CONFIGS ("basic datacomp"), RUN_SHARDS (the shards a `d2m run` reads: SHARD_DIR's, or this many links to them in
 # turn, so that a run's fixed cost weighs as in a long run), OVERHEAD_CONFIGS (RUN_CONFIGS), READERS (4), NWORKERS (8),
@@ -253,8 +253,8 @@ stage_overhead() {  # a run's fixed cost around its work, on this machine (first
 
 stage_tests() {
     say "CUDA tests"
-    step "$PY" -m pytest -q -p no:cacheprovider tests/core/test_fastpath.py tests/core/test_compiled.py ${CUDA_TESTS_MORE:-} \
-        || status=1
+    step "$PY" -m pytest -q -p no:cacheprovider tests/core/test_fastpath.py tests/core/test_compiled.py \
+        tests/core/test_engine.py::test_issuing_a_batch_on_cuda_never_waits_for_the_device ${CUDA_TESTS_MORE:-} || status=1
 }
 
 for stage in $STAGES; do

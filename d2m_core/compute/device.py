@@ -31,3 +31,12 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     return DTYPES[precision]
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A tensor on `device` without waiting for the device: a host tensor bound for CUDA is pinned first, since
+    torch copies from pageable memory synchronously (the stream's queued work done first, so the thread that
+    issues the models would wait for the previous batch)."""
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from d2m_core.compute.device import to_device
 from d2m_core.compute.models import topo_order
 from d2m_core.outputs.records import ShardStats
 from d2m_core.reading.loader import DEFAULT_READERS, Batch, Loader, ShardEnd, ShardStart
@@ -152,7 +153,7 @@ class Engine:
             inputs[("image", t.name)] = t.finish(pixels, batch.aux.get(t.name), self.dtype)
         for name, preprocess in self.text_preprocessors.items():
             text = batch.text_inputs[name] if name in batch.text_inputs else preprocess(batch.texts)
-            inputs[("text", name)] = text.to(self.device, non_blocking=True) if isinstance(text, torch.Tensor) else text
+            inputs[("text", name)] = to_device(text, self.device) if isinstance(text, torch.Tensor) else text
         clock.lap("inputs")
         raw: dict[str, Any] = {}
         with torch.inference_mode():

@@ -65,8 +65,9 @@ def _caption(data: bytes | None) -> str:
     return "" if data is None else data.decode("utf-8", errors="replace")  # RawSample.text, or ""
 
 
-def _keep_rows(batch: Batch, raw: RawBatch, rows: list[int]) -> None:
-    """Keys, uids, jsons, captions and the readers' preprocessed text rows of the samples kept, in batch order."""
+def _keep_rows(batch: Batch, raw: RawBatch, rows: list[int], pin: bool) -> None:
+    """Keys, uids, jsons, captions and the readers' preprocessed text rows of the samples kept, in batch order
+    (the text rows pinned with `pin`, for a copy to CUDA that does not wait for the device)."""
     if len(rows) == len(raw):
         batch.keys, batch.uids, batch.jsons = list(raw.keys), list(raw.uids), list(raw.jsons)
         batch.texts = [_caption(c) for c in raw.captions]
@@ -77,7 +78,8 @@ def _keep_rows(batch: Batch, raw: RawBatch, rows: list[int]) -> None:
         batch.jsons = [jsons[r] for r in rows]
         batch.texts = [_caption(captions[r]) for r in rows]
     for name, array in raw.texts.items():
-        batch.text_inputs[name] = torch.from_numpy(array[rows])
+        rows_of = torch.from_numpy(array[rows])
+        batch.text_inputs[name] = rows_of.pin_memory() if pin else rows_of
 
 
 def _read_failure(raw: RawBatch, row: int, needs_text: bool) -> str | None:
@@ -114,13 +116,14 @@ def prepare_batch(shard: str, raw: RawBatch, transforms: Sequence[ImageTransform
             rows.append(row)
         else:
             batch.failures.append(SampleFailure(raw.keys[row], raw.uids[row], reason))
-    _keep_rows(batch, raw, rows)
+    _keep_rows(batch, raw, rows, pin)
     for name, tensors in pixels.items():
         if tensors:
             stacked = torch.stack(tensors)
             batch.images[name] = stacked.pin_memory() if pin else stacked
         if aux[name]:
-            batch.aux[name] = torch.stack(aux[name])
+            side = torch.stack(aux[name])
+            batch.aux[name] = side.pin_memory() if pin else side
     batch.decode_s = time.perf_counter() - start
     return batch
 
@@ -156,7 +159,7 @@ def prepare_batch_on_device(
     for position, reason in result.failures.items():
         row = usable[position]
         failures.append((row, SampleFailure(raw.keys[row], raw.uids[row], reason)))
-    _keep_rows(batch, raw, [usable[position] for position in result.kept])
+    _keep_rows(batch, raw, [usable[position] for position in result.kept], device.type == "cuda")
     batch.failures = [f for _, f in sorted(failures, key=lambda pair: pair[0])]
     batch.images, batch.aux = result.pixels, result.aux
     batch.decode_s = time.perf_counter() - start

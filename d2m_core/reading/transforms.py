@@ -6,6 +6,7 @@ move to the GPU behind the same interface.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -58,9 +59,15 @@ def pil_to_uint8(image: Image.Image) -> torch.Tensor:
 def normalize_uint8(batch: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], dtype: torch.dtype) -> torch.Tensor:
     """(B,3,H,W) uint8 -> normalised float, computed in float32 as ToTensor+Normalize do, then cast."""
     x = batch.to(torch.float32).div_(255.0)
-    m = torch.tensor(mean, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
-    return x.sub_(m).div_(s).to(dtype)
+    return x.sub_(channel_values(mean, batch.device)).div_(channel_values(std, batch.device)).to(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def channel_values(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """Per-channel values as a float32 (1, C, 1, 1) tensor on `device`, made once a device: a tensor made from
+    a list for a CUDA device is a copy from pageable memory, which waits for all the work the device has queued."""
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1).to(device)
 
 
 @dataclass(frozen=True)
@@ -121,7 +128,7 @@ class FacesImageTransform:
 
     def finish(self, pixels: torch.Tensor, aux: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         assert aux is not None, "faces-aug needs the padding side data"
-        return normalize_uint8(pixels, HALF, HALF, torch.float32), aux.to(pixels.device)
+        return normalize_uint8(pixels, HALF, HALF, torch.float32), aux.to(pixels.device, non_blocking=True)
 
 
 class IdentityText:

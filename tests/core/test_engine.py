@@ -260,3 +260,26 @@ def test_gpu_decode_chooses_where_images_are_decoded_and_resized(gpu_decode: str
     config = parse_config({"models": ["oai-clip-vit-b32"], "nworkers": 1, "batch_size": 4, "device": "cpu",
                            "input_tars": "x.tar", "output_metadata_dir": "out", "gpu_decode": gpu_decode})
     assert device_preprocessing(config, torch.device(device), transforms) == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("gpu_decode", ["on", "readers", "off"])
+def test_issuing_a_batch_on_cuda_never_waits_for_the_device(shard_dir: Path, gpu_decode: str) -> None:
+    """What the engine's thread does for a batch (inputs up, every model issued, outputs' copies back) makes no
+    call that waits for the device, so the next batch is issued while this one runs: torch's sync debug mode
+    raises on any (a copy from pageable memory, a tensor made from a list, an item())."""
+    config = parse_config({"models": ["oai-clip-vit-b32"], "nworkers": 2, "batch_size": 4, "device": 0,
+                           "precision": "bf16", "gpu_decode": gpu_decode, "input_tars": "unused.tar",
+                           "output_metadata_dir": "/unused"})
+    engine = build_engine(config, ["clip_b32_features"])[0]
+    engine.text_in_readers = True
+    batches = [b for b in engine.loader(_refs(shard_dir)) if isinstance(b, Batch) and len(b)]
+    engine.forward(batches[0])  # warm-up: lazy initialisation, cached constants
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        issued = [engine.issue(batch) for batch in batches[1:]]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    rows = [engine.collect(i)["oai-clip-vit-b32"]["image"] for i in issued]
+    assert [len(r) for r in rows] == [len(b) for b in batches[1:]] and all(np.isfinite(r).all() for r in rows)

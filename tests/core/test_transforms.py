@@ -86,3 +86,19 @@ def test_extreme_aspect_ratios_are_refused_before_resizing() -> None:
         ClipImageTransform().prepare(Image.new("RGB", (1, 3000)))
     pixels, _ = ClipImageTransform().prepare(Image.new("RGB", (2, 400)))
     assert pixels.shape == (3, 224, 224)
+
+
+def test_normalising_reuses_the_channel_values_and_keeps_the_values() -> None:
+    """The mean and std tensors are made once a device (a tensor made from a list for CUDA is a copy that waits
+    for the device), and normalising gives what ToTensor + Normalize give."""
+    from d2m_core.reading.transforms import HALF, channel_values, normalize_uint8
+
+    cpu = torch.device("cpu")
+    assert channel_values(CLIP_MEAN, cpu) is channel_values(CLIP_MEAN, cpu)
+    pixels = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    expected = (pixels.float() / 255.0 - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    assert torch.equal(normalize_uint8(pixels, CLIP_MEAN, CLIP_STD, torch.float32), expected)
+    with torch.inference_mode():  # made in inference mode first, used outside it after
+        channel_values((0.25, 0.5, 0.75), cpu)
+    assert torch.equal(normalize_uint8(pixels, (0.25, 0.5, 0.75), HALF, torch.float32),
+                       (pixels.float() / 255.0 - torch.tensor([0.25, 0.5, 0.75]).view(1, 3, 1, 1)) / 0.5)

@@ -27,6 +27,7 @@ import torch
 if TYPE_CHECKING:
     import transformers
 
+from d2m_core.compute.device import to_device
 from d2m_core.compute.weights import ResolvedWeights, WeightsError
 from d2m_core.compute.weights_files import DETOXIFY_CHECKPOINT as CHECKPOINT_NAME
 from d2m_core.compute.weights_files import DETOXIFY_SHA256_PREFIX as EXPECTED_SHA256_PREFIX
@@ -212,7 +213,7 @@ class DetoxifyMultilingual:
     def __call__(self, texts: list[str]) -> tuple[torch.Tensor]:
         if len(texts) == 0:
             return (torch.zeros(0, dtype=torch.float32),)
-        inputs = {k: v.to(self.device) for k, v in self.tokenize(texts).items()}
+        inputs = {k: to_device(v, self.device) for k, v in self.tokenize(texts).items()}
         logits = self.model(**inputs)[0]
         probs = torch.sigmoid(logits[:, : len(self.class_names)].float())
         return (probs.max(dim=1).values,)  # copied back with the other models' outputs, without waiting here

@@ -282,7 +282,7 @@ class Scrfd10G:
         # blob = ((x + 1) * 127.5 - mean) / std, x = faces-aug's [-1, 1] pixels; the seed's entry: blob = x
         self.input_scale = PIXEL_MEAN / norm.std
         self.input_shift = (PIXEL_MEAN - norm.mean) / norm.std
-        self._centers: dict[tuple[int, int], torch.Tensor] = {}
+        self._centers: dict[tuple[int, int, torch.device], torch.Tensor] = {}
         self.strides: list[int] = list(STRIDES)
         if weights.is_random or spec.format == "scrfd-torch":
             net = self._load_net()
@@ -446,16 +446,17 @@ class Scrfd10G:
     # -- decoding -------------------------------------------------------------------------------------------
 
     def anchor_centers(self, height: int, width: int, device: torch.device) -> torch.Tensor:
-        """(N, 2) anchor centres for all levels, as insightface builds them: (x*stride, y*stride), per anchor."""
-        key = (height, width)
+        """(N, 2) anchor centres for all levels, as insightface builds them: (x*stride, y*stride), per anchor;
+        made once a size and device (a copy to CUDA from pageable memory waits for the device's queued work)."""
+        key = (height, width, device)
         if key not in self._centers:
             parts = []
             for stride in self.strides:
                 ys, xs = np.mgrid[: height // stride, : width // stride]
                 centers = (np.stack([xs, ys], axis=-1).astype(np.float32) * stride).reshape(-1, 2)
                 parts.append(np.repeat(centers, self.anchors, axis=0))
-            self._centers[key] = torch.from_numpy(np.concatenate(parts))
-        return self._centers[key].to(device)
+            self._centers[key] = torch.from_numpy(np.concatenate(parts)).to(device)
+        return self._centers[key]
 
     def decode(self, outputs: list[torch.Tensor], height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw (B, N, C) outputs -> (scores (B, N), boxes (B, N, 4) in input pixels, not clipped)."""
