@@ -325,8 +325,8 @@ class Engine:
 
 def issue_order(order: list[str], models: dict[str, Any]) -> list[str]:
     """The order to issue the models of a batch in: `order` (dependencies first), but the models that wait for
-    the device inside their call (`waits_for_device`: outputs made on the host) last, so that the device
-    has every other model's work queued while they wait."""
+    the device inside their call (`waits_for_device`: outputs made on the host, or inputs a library checks on
+    the host) last, so that the device has every other model's work queued while they wait."""
     def waits(name: str) -> bool:
         return bool(getattr(models[name], "waits_for_device", False))
 

@@ -180,6 +180,8 @@ class DetoxifyMultilingual:
     preprocessors = ["identity"]
     dependencies: list[str] = []
     to_device = False
+    # transformers checks the attention mask on the host (`padding_mask.all()` to skip it): issued after the rest
+    waits_for_device = True
     output_fields = {"score": 0}
     weights_files = MODEL_FILES["nsfw-detoxify"]
 
