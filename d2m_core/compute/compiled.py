@@ -161,7 +161,12 @@ def static_models(models: Mapping[str, Any], batch_size: int, device: torch.devi
             _replace(owner, leaf, wrapped)
             row_dtype = part.dtype or dtype
             if graphs:
-                wrapped.capture(part.shape, row_dtype, device, pool)
+                try:
+                    wrapped.capture(part.shape, row_dtype, device, pool)
+                except Exception as err:  # noqa: BLE001 - a part that cannot be captured runs as it is, said so
+                    wrapped.graphs.clear()
+                    log.warning("%s: %s could not be captured as a CUDA graph, so it runs without one: %s: %s",
+                                name, path, type(err).__name__, " ".join(str(err).split())[:300])
             else:
                 wrapped(torch.zeros((batch_size, *part.shape), dtype=row_dtype, device=device))
         if device.type == "cuda":

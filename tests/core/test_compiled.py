@@ -101,6 +101,27 @@ def test_cuda_graphs_need_cuda(caplog: pytest.LogCaptureFixture) -> None:
     assert "cuda_graphs: true needs a CUDA device" in caplog.text
 
 
+def test_a_part_that_cannot_be_captured_runs_without_a_graph(monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """A network that cannot be captured (one that waits for the device inside, say) still runs, padded,
+    without a graph, and the warning names it: results are not lost to an optimisation."""
+    def refuse(self: StaticBatch, *args: object) -> None:
+        self.graphs[8] = ("half-made", None, None)  # what a capture that failed part way may leave
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(StaticBatch, "capture", refuse)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)  # this machine has no CUDA device
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    model, eager = Tiny(), Tiny().net
+    with caplog.at_level(logging.WARNING):
+        static_models({"tiny": model}, batch_size=8, device=torch.device("cuda"), dtype=torch.float32,
+                      compile=False, graphs=True)
+    assert "tiny: net could not be captured as a CUDA graph, so it runs without one: RuntimeError" in caplog.text
+    assert isinstance(model.net, StaticBatch) and model.net.graphs == {}
+    with torch.inference_mode():
+        torch.testing.assert_close(model.net(_batch(5)), eager(_batch(5)), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")
 def test_cuda_graphs_replay_the_eager_outputs_for_every_batch_size() -> None:
     model = Tiny()
