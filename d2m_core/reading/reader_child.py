@@ -126,7 +126,7 @@ def columns(samples: Sequence[RawSample], inline: dict[int, bytes]) -> Columns:
     lengths: list[int] = []
     for row, raw in enumerate(samples):
         members = raw.members
-        ext = raw.image_ext if raw.problem is None else None
+        ext = raw.usable_image_ext
         at, length = -2, 0
         if ext is not None:
             placed = members[ext]
@@ -153,7 +153,7 @@ def decode_into_ring(samples: Sequence[RawSample], place: Any) -> Pixels:
     shapes: list[tuple[int, int] | None] = []
     errors: list[str | None] = []
     for raw in samples:
-        ext = raw.image_ext if raw.problem is None else None
+        ext = raw.usable_image_ext
         shape, error = None, None
         if ext is not None:
             try:
@@ -179,7 +179,7 @@ def place_encoded(samples: Sequence[RawSample], place: Any) -> None:
     """Put each usable sample's encoded image in the ring through `place` (or inline), as a reader that does
     not decode places them while reading."""
     for raw in samples:
-        ext = raw.image_ext if raw.problem is None else None
+        ext = raw.usable_image_ext
         if ext is not None:
             raw.members[ext] = place(memoryview(raw.members[ext]))
 

@@ -74,7 +74,7 @@ class RawBatch:
     @classmethod
     def of(cls, shard: ShardRef, samples: Sequence[RawSample]) -> RawBatch:
         """The batch of samples read in this process (images as bytes; nothing to release)."""
-        exts = [s.image_ext if s.problem is None else None for s in samples]
+        exts = [s.usable_image_ext for s in samples]
         return cls(shard, -1, 0, [s.key for s in samples], [s.problem for s in samples], [s.uid for s in samples],
                    [s.json for s in samples], [s.members.get("txt") for s in samples],
                    [None if e is None else s.members[e] for s, e in zip(samples, exts)], exts)

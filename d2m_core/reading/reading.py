@@ -76,6 +76,11 @@ class RawSample:
         return next((ext for ext in IMAGE_EXTENSIONS if ext in self.members), None)
 
     @property
+    def usable_image_ext(self) -> str | None:
+        """`image_ext` of a sample that can be used (no problem), else None: the image a batch carries."""
+        return self.image_ext if self.problem is None else None
+
+    @property
     def image(self) -> bytes | None:
         ext = self.image_ext
         return None if ext is None else self.members[ext]
