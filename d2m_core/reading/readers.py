@@ -123,10 +123,7 @@ def plan(shards: int, processes: int, share: bool) -> list[list[Task]]:
     """Each reader's tasks, in order. Shards are dealt round-robin, one reader a shard; with `share` (readers
     that decode), the shards of a last round that would leave readers idle are shared in stripes instead, so
     that every reader works to the end: 4 shards and 12 readers, 3 a shard; 16 shards, 12 alone, then 3 a shard."""
-    if not share:
-        count = max(1, min(processes, shards))
-        return [[(j, 0, 1) for j in range(i, shards, count)] for i in range(count)]
-    full = shards - shards % processes
+    full = shards - shards % processes if share else shards  # dealt one reader a shard; the rest shared
     readers: list[list[Task]] = [[(j, 0, 1) for j in range(i, full, processes)] for i in range(processes)]
     reader = 0
     for j, count in zip(range(full, shards), stripes(shards - full, processes)):
