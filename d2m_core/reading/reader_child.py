@@ -91,7 +91,7 @@ class RingWriter:
         self.ring, self.size, self.releases = ring, size, releases
         self.written = 0  # monotonic positions; physical = position % size
         self.released = 0
-        self.sent = 0  # the end of the images of the batches sent so far
+        self.sent = 0  # the end of the images and bodies of the batches sent so far
         self.reuse = size // 4
 
     def drain(self, block: bool) -> None:
@@ -138,7 +138,21 @@ def columns(samples: Sequence[RawSample], inline: dict[int, bytes]) -> Columns:
         offsets.append(at)
         lengths.append(length)
     return ([raw.key for raw in samples], [raw.problem for raw in samples], [raw.uid for raw in samples],
-            [raw.json for raw in samples], [raw.members.get("txt") for raw in samples], exts, offsets, lengths)
+            [_shared_keys(raw.json) for raw in samples], [raw.members.get("txt") for raw in samples], exts, offsets,
+            lengths)
+
+
+_KEYS: dict[str, str] = {}  # one str object per json key seen: pickled once a message, then referenced
+
+
+def _shared_keys(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The json with its keys replaced by equal str objects shared by every sample: the batch's message
+    pickles each key once (pickle's memo) instead of once a sample, and the parent unpickles fewer objects."""
+    if value is None:
+        return None
+    if len(_KEYS) > 4096:  # jsons with ever-new keys: start over rather than grow
+        _KEYS.clear()
+    return {_KEYS.setdefault(k, k): v for k, v in value.items()}
 
 
 Pixels = tuple[list["tuple[int, int] | None"], list["str | None"]]  # per row: (height, width), decode error
@@ -231,7 +245,9 @@ def child_main(argv: Sequence[str]) -> int:
                 captions = [raw.text or "" for raw in samples]
                 texts = {name: prepare(captions).numpy() for name, prepare in preprocessors.items()}
             writer.drain(block=False)  # keeps the release pipe from filling up
-            out.send(pickle.dumps(("batch", index, number, batch, inline, writer.written, texts, pixels), protocol=5))
+            body = pickle.dumps((index, number, batch, inline, texts, pixels), protocol=5)
+            placed = writer.place(memoryview(body))  # in the ring with the batch's images, or in the message
+            out.send(pickle.dumps(("batch", placed, writer.written)))
             writer.sent = writer.written
 
         for index, stem, url, stripe, stripes in job.shards:

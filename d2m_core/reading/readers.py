@@ -10,11 +10,13 @@ readers of such a shard each read all of it and decode every k-th batch, and the
 tar order.
 
 Parent -> child: the job (pickled), then release counters (8 bytes each): the ring is free up to there.
-Child -> parent: pickled messages: ("start", index), ("batch", index, number, columns, inline, ring_end, texts, pixels),
-("end", index, error), ("done",), or ("failed", traceback). Each image is copied into the ring straight from
-the tar's read buffer as it is read; a batch's images stay there until the parent releases the batch
-(`ReaderPool.release`). An image the ring cannot hold (larger than the ring, or the ring full of the batch
-being read) travels in the batch's message (`inline`, by row). A reader that decodes (`decode=True`) puts
+Child -> parent: pickled messages: ("start", index), ("batch", body, ring_end), ("end", index, error), ("done",),
+or ("failed", traceback). A batch's body, (index, number, columns, inline, texts, pixels) pickled, is placed in
+the ring after its images (`body` is its (offset, length) there), so that it is written and read once, not
+copied through the pipe. Each image is copied into the ring straight from the tar's read buffer as it is read;
+a batch's images and body stay there until the parent releases the batch (`ReaderPool.release`). An image or
+body the ring cannot hold (larger than the ring, or the ring full of the batch being read) travels in the
+message instead (an image in `inline`, by row; the body as `body`'s bytes). A reader that decodes (`decode=True`) puts
 each image's RGB pixels there instead, `pixels` giving each row's (height, width) and decode error; with
 `decode_share` below 1 it leaves the other batches encoded (`pixels` None), for the device's decoder.
 
@@ -223,8 +225,9 @@ class ReaderPool:
                                       "before finishing its shards") from None
                 kind = message[0]
                 if kind == "batch":
-                    merge = merges[message[1]]
-                    merge.waiting[message[2]] = self._batch(number, reader, message)
+                    index, position, batch = self._batch(number, reader, message)
+                    merge = merges[index]
+                    merge.waiting[position] = batch
                     while merge.next in merge.waiting:
                         yield merge.waiting.pop(merge.next)
                         merge.next += 1
@@ -255,14 +258,18 @@ class ReaderPool:
         merge.waiting.clear()
         return merge.error or (f"the readers sharing this shard read it differently: batch {merge.next} never came")
 
-    def _batch(self, number: int, reader: _Reader, message: tuple) -> RawBatch:
-        _, index, _, (keys, problems, uids, jsons, captions, exts, offsets, lengths), inline, end, texts, pixels = message
+    def _batch(self, number: int, reader: _Reader, message: tuple) -> tuple[int, int, RawBatch]:
+        """(shard index, batch number in the shard, the batch) of a "batch" message."""
+        _, placed, end = message
         view = reader.view
+        body = view[placed[0]:placed[0] + placed[1]] if isinstance(placed, tuple) else placed
+        index, position, columns, inline, texts, pixels = pickle.loads(body)
+        keys, problems, uids, jsons, captions, exts, offsets, lengths = columns
         images = [view[at:at + length] if at >= 0 else inline[row] if at == -1 else None
                   for row, (at, length) in enumerate(zip(offsets, lengths))]
         shapes, errors = pixels if pixels is not None else (None, None)
-        return RawBatch(self.shards[index], number, end, keys, problems, uids, jsons, captions, images, exts, texts,
-                        shapes, errors)
+        return index, position, RawBatch(self.shards[index], number, end, keys, problems, uids, jsons, captions, images,
+                                         exts, texts, shapes, errors)
 
     def release(self, batch: RawBatch) -> None:
         """The batch's images are no longer needed: its reader may reuse their place in the ring."""

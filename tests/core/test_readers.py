@@ -3,6 +3,7 @@ the loader (end of run, an error in the consumer, a crashed reader, Ctrl-C)."""
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -50,8 +51,9 @@ def test_two_readers_hand_over_each_shard_in_tar_order(shard_dir: Path) -> None:
 
 @pytest.mark.parametrize("ring_bytes", [1 << 20, 40_000, 1_000])
 def test_images_arrive_as_read_through_the_ring_or_inline(shard_dir: Path, ring_bytes: int) -> None:
-    """Each image byte for byte, whether the ring holds several batches, less than one batch (the images it
-    cannot hold travel in the message), or no image at all; and the ring's space is reused once released."""
+    """Each image and json value for value, whether the ring holds several batches, less than one batch (the
+    images it cannot hold travel in the message), or no image and no batch body at all (the body travels in
+    the message too); and the ring's space is reused once released."""
     refs = _refs(shard_dir)
     expected = {r.stem: [(s.key, s.problem, s.json, s.image, s.members.get("txt")) for s in iter_samples(r)] for r in refs}
     got: dict[str, list[tuple]] = {r.stem: [] for r in refs}
@@ -206,6 +208,18 @@ def test_no_reader_outlives_an_abandoned_or_failing_loop(shard_dir: Path) -> Non
             if isinstance(item, Batch):
                 raise RuntimeError("consumer failed")
     assert _gone(loader.reader_pids)
+
+
+def test_the_loop_keeps_what_existed_before_it_out_of_full_collections_until_it_ends(shard_dir: Path) -> None:
+    before = gc.get_freeze_count()
+    loader = _loader(_refs(shard_dir), readers=1)
+    during = [gc.get_freeze_count() for _ in loader]
+    assert min(during) > before and gc.get_freeze_count() == before
+    items = iter(loader)
+    next(items)
+    assert gc.get_freeze_count() > before
+    items.close()  # an abandoned loop unfreezes too
+    assert gc.get_freeze_count() == before
 
 
 def test_readers_started_ahead_are_taken_over_by_the_loop_or_stopped_by_close(shard_dir: Path) -> None:
