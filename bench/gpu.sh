@@ -23,8 +23,8 @@
 # device). Stages run in the order of STAGES; a failed step is reported and the next one runs.
 # Knobs (environment): DEVICE (0), PRECISION (bf16), SHARDS (4), SAMPLES (10000), CONFIGS ("basic datacomp"),
 # RUN_CONFIGS ("basic datacomp"), RUN_SHARDS (the shards a `d2m run` reads: SHARD_DIR's, or this many links to them in
-# turn, so that a run's fixed cost weighs as in a long run), OVERHEAD_CONFIGS (RUN_CONFIGS), READERS (4), NWORKERS (8),
-# SHARD_DIR (.bench/gpu),
+# turn, so that a run's fixed cost weighs as in a long run), OVERHEAD_CONFIGS (RUN_CONFIGS), READERS (auto, the configs'
+# default: 2, or every core but 4 when the readers decode; or a number), NWORKERS (8), SHARD_DIR (.bench/gpu),
 # RESULTS (bench/results), FASTPATH_IMAGES (2048), GPU_DECODE (the configs' gpu_decode, e.g. readers or off),
 # COMPILE_CONFIGS (configs run with torch_compile: true, e.g. "datacomp"; none by default), GRAPH_CONFIGS (likewise
 # cuda_graphs: true), DECODE_SHARE (reader_decode_share, with GPU_DECODE=readers: e.g. 0.7),
@@ -47,7 +47,7 @@ GPU_DECODE="${GPU_DECODE:-}"
 COMPILE_CONFIGS="${COMPILE_CONFIGS:-}"
 GRAPH_CONFIGS="${GRAPH_CONFIGS:-}"
 DECODE_SHARE="${DECODE_SHARE:-}"
-READERS="${READERS:-4}"
+READERS="${READERS:-auto}"
 LOADER_PROCESSES="${LOADER_PROCESSES:-1 2 4}"
 RUN_SHARDS="${RUN_SHARDS:-}"
 NWORKERS="${NWORKERS:-8}"
@@ -112,7 +112,7 @@ from pathlib import Path
 name, shards, scratch, readers, nworkers, precision, gpu_decode, compiled, graphed, share = sys.argv[1:]
 cfg = yaml.safe_load(Path(f"configs/{name}.yml").read_text())
 cfg.update(input_tars=str(Path(shards).resolve() / "*.tar"), output_metadata_dir=f"{scratch}/out-{name}",
-           reader_processes=int(readers), nworkers=int(nworkers), precision=precision, dataset=f"gpu{name}")
+           reader_processes=readers if readers == "auto" else int(readers), nworkers=int(nworkers), precision=precision, dataset=f"gpu{name}")
 if gpu_decode:
     cfg["gpu_decode"] = gpu_decode
 if name in compiled.split():
@@ -138,7 +138,7 @@ stage_bench() {  # end to end in one process, model-only, bf16-vs-fp32 fidelity
     for config in $CONFIGS; do
         say "d2m bench configs/$config.yml (reader_processes $READERS, nworkers $NWORKERS) -> $RESULTS/$SLUG-$config.jsonl"
         step "$D2M" bench --yml "$(tuned "$config")" --shards "$SHARD_DIR" --device "$DEVICE" --precision "$PRECISION" \
-            | sed "s/^{/{\"reader_processes\": $READERS, \"nworkers_set\": $NWORKERS, /" | tee "$RESULTS/$SLUG-$config.jsonl" \
+            | sed "s/^{/{\"reader_processes\": \"$READERS\", \"nworkers_set\": $NWORKERS, /" | tee "$RESULTS/$SLUG-$config.jsonl" \
             || status=1
     done
 }
@@ -183,9 +183,10 @@ stage_run() {  # `d2m run` through Dagster, a fresh instance each, wall time fro
         [ -n "$sampler" ] && kill "$sampler" 2>/dev/null
         "$PY" - "$config" "$(( (end - start) / 1000000 ))" "$GPU" "$READERS" "$NWORKERS" "$log" "$SCRATCH/out-$config" \
             "$COMPILE_CONFIGS" "$GRAPH_CONFIGS" "$DECODE_SHARE" "$(compgen -G "$(run_shards)/*.tar" | wc -l)" "$smi" \
-            <<'EOF2' | tee -a "$RESULTS/$SLUG-run.jsonl"
+            "$GPU_DECODE" <<'EOF2' | tee -a "$RESULTS/$SLUG-run.jsonl"
 import glob, json, re, statistics, sys
-config, ms, gpu, readers, nworkers, log, out, compiled, graphed, share, shards, smi = sys.argv[1:]
+config, ms, gpu, readers, nworkers, log, out, compiled, graphed, share, shards, smi, gpu_decode = sys.argv[1:]
+from d2m_core.compute.pipeline import reader_processes  # what auto came to in the run
 load = [[float(v) for v in line.split(",")] for line in open(smi) if line.count(",") == 1]
 busy = sorted(u for u, _ in load)  # utilisation every 0.5 s, start-up and teardown included
 gpu_load = {"gpu_util_median": statistics.median(busy), "gpu_util_p90": busy[int(0.9 * (len(busy) - 1))],
@@ -199,7 +200,7 @@ for path in glob.glob(f"{out}/*.json"):
     for key, value in (data.get("timings", {}) if isinstance(data, dict) else {}).items():
         timings[key] = round(timings.get(key, 0.0) + value, 2)
 print(json.dumps({"kind": "d2m_run", "config": config, "gpu": gpu, "shards": int(shards), "samples": samples, "wall_s": wall,
-                  "samples_per_s": round(samples / wall, 1), "reader_processes": int(readers),
+                  "samples_per_s": round(samples / wall, 1), "reader_processes": reader_processes(readers, gpu_decode == "readers"),
                   "nworkers": int(nworkers), "torch_compile": config in compiled.split(),
                   "cuda_graphs": config in graphed.split(), "reader_decode_share": float(share or 1),
                   "summary": summary[-1] if summary else None, "shard_timings_s": timings} | gpu_load))
