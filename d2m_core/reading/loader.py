@@ -66,6 +66,11 @@ def _caption(data: bytes | None) -> str:
     return "" if data is None else data.decode("utf-8", errors="replace")  # RawSample.text, or ""
 
 
+def _pinned(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
+    """`tensor` in pinned memory with `pin` (its copy to CUDA then does not wait for the device), else as it is."""
+    return tensor.pin_memory() if pin else tensor
+
+
 def _keep_rows(batch: Batch, raw: RawBatch, rows: list[int], pin: bool) -> None:
     """Keys, uids, jsons, captions and the readers' preprocessed text rows of the samples kept, in batch order
     (the text rows pinned with `pin`, for a copy to CUDA that does not wait for the device)."""
@@ -79,8 +84,7 @@ def _keep_rows(batch: Batch, raw: RawBatch, rows: list[int], pin: bool) -> None:
         batch.jsons = [jsons[r] for r in rows]
         batch.texts = [_caption(captions[r]) for r in rows]
     for name, array in raw.texts.items():
-        rows_of = torch.from_numpy(array[rows])
-        batch.text_inputs[name] = rows_of.pin_memory() if pin else rows_of
+        batch.text_inputs[name] = _pinned(torch.from_numpy(array[rows]), pin)
 
 
 def _read_failure(raw: RawBatch, row: int, needs_text: bool) -> str | None:
@@ -120,11 +124,9 @@ def prepare_batch(shard: str, raw: RawBatch, transforms: Sequence[ImageTransform
     _keep_rows(batch, raw, rows, pin)
     for name, tensors in pixels.items():
         if tensors:
-            stacked = torch.stack(tensors)
-            batch.images[name] = stacked.pin_memory() if pin else stacked
+            batch.images[name] = _pinned(torch.stack(tensors), pin)
         if aux[name]:
-            side = torch.stack(aux[name])
-            batch.aux[name] = side.pin_memory() if pin else side
+            batch.aux[name] = _pinned(torch.stack(aux[name]), pin)
     batch.decode_s = time.perf_counter() - start
     return batch
 
