@@ -48,6 +48,7 @@ COMPILE_CONFIGS="${COMPILE_CONFIGS:-}"
 GRAPH_CONFIGS="${GRAPH_CONFIGS:-}"
 DECODE_SHARE="${DECODE_SHARE:-}"
 READERS="${READERS:-auto}"
+READERS_JSON="$([[ "$READERS" =~ ^[0-9]+$ ]] && echo "$READERS" || echo "\"$READERS\"")"  # as the lines record it
 LOADER_PROCESSES="${LOADER_PROCESSES:-1 2 4}"
 RUN_SHARDS="${RUN_SHARDS:-}"
 NWORKERS="${NWORKERS:-8}"
@@ -112,7 +113,8 @@ from pathlib import Path
 name, shards, scratch, readers, nworkers, precision, gpu_decode, compiled, graphed, share = sys.argv[1:]
 cfg = yaml.safe_load(Path(f"configs/{name}.yml").read_text())
 cfg.update(input_tars=str(Path(shards).resolve() / "*.tar"), output_metadata_dir=f"{scratch}/out-{name}",
-           reader_processes=readers if readers == "auto" else int(readers), nworkers=int(nworkers), precision=precision, dataset=f"gpu{name}")
+           reader_processes=readers if readers == "auto" else int(readers), nworkers=int(nworkers), precision=precision,
+           dataset=f"gpu{name}")
 if gpu_decode:
     cfg["gpu_decode"] = gpu_decode
 if name in compiled.split():
@@ -138,7 +140,7 @@ stage_bench() {  # end to end in one process, model-only, bf16-vs-fp32 fidelity
     for config in $CONFIGS; do
         say "d2m bench configs/$config.yml (reader_processes $READERS, nworkers $NWORKERS) -> $RESULTS/$SLUG-$config.jsonl"
         step "$D2M" bench --yml "$(tuned "$config")" --shards "$SHARD_DIR" --device "$DEVICE" --precision "$PRECISION" \
-            | sed "s/^{/{\"reader_processes\": \"$READERS\", \"nworkers_set\": $NWORKERS, /" | tee "$RESULTS/$SLUG-$config.jsonl" \
+            | sed "s/^{/{\"reader_processes\": $READERS_JSON, \"nworkers_set\": $NWORKERS, /" | tee "$RESULTS/$SLUG-$config.jsonl" \
             || status=1
     done
 }
@@ -200,7 +202,8 @@ for path in glob.glob(f"{out}/*.json"):
     for key, value in (data.get("timings", {}) if isinstance(data, dict) else {}).items():
         timings[key] = round(timings.get(key, 0.0) + value, 2)
 print(json.dumps({"kind": "d2m_run", "config": config, "gpu": gpu, "shards": int(shards), "samples": samples, "wall_s": wall,
-                  "samples_per_s": round(samples / wall, 1), "reader_processes": reader_processes(readers, gpu_decode == "readers"),
+                  "samples_per_s": round(samples / wall, 1),
+                  "reader_processes": reader_processes(readers, gpu_decode == "readers"),
                   "nworkers": int(nworkers), "torch_compile": config in compiled.split(),
                   "cuda_graphs": config in graphed.split(), "reader_decode_share": float(share or 1),
                   "summary": summary[-1] if summary else None, "shard_timings_s": timings} | gpu_load))
