@@ -240,8 +240,8 @@ class Loader:
         dispatcher.start()
         # The objects that exist now (modules, models) live as long as the run. Frozen, they are left out of the
         # garbage collector's full collections, which the batches' short-lived objects set off every few hundred
-        # batches: each walked every object of the process (0.3 s in a run worker, holding the GIL the device
-        # stage needs). Unfrozen when the loop ends.
+        # batches: each walked every object of the process (0.3 s with what a run worker imports, holding the GIL
+        # the device stage needs). Unfrozen when the loop ends.
         gc.freeze()
         try:
             while True:
