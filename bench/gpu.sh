@@ -191,7 +191,7 @@ config, ms, gpu, readers, nworkers, log, out, compiled, graphed, share, shards, 
 from d2m_core.compute.pipeline import reader_processes  # what auto came to in the run
 load = [[float(v) for v in line.split(",")] for line in open(smi) if line.count(",") == 1]
 busy = sorted(u for u, _ in load)  # utilisation every 0.5 s, start-up and teardown included
-gpu_load = {"gpu_util_median": statistics.median(busy), "gpu_util_p90": busy[int(0.9 * (len(busy) - 1))],
+gpu_load = {"gpu_util_median": statistics.median(busy), "gpu_util_p90": statistics.quantiles(busy, n=10, method="inclusive")[-1] if len(busy) > 1 else busy[0],
             "gpu_mem_max_mib": max(m for _, m in load), "gpu_samples": len(load)} if load else {}
 summary = [l.strip() for l in open(log, errors="replace") if l.startswith("d2m run:")]
 found = re.search(r"([\d,]+) samples in", summary[-1]) if summary else None
