@@ -200,19 +200,13 @@ class Engine:
         except Exception as err:  # noqa: BLE001 - only out-of-memory errors are handled, the rest re-raised
             if not is_out_of_memory(err):
                 raise
-            reason = _reason(err)
+            reason = " ".join(str(err).split())[:200]
         return _Issued({}, None, 0.0, 0.0, rows=self._halves(batch, reason, phases))
 
     def forward_fitting(self, batch: Batch, phases: dict[str, float] | None = None) -> dict[str, dict[str, Field]]:
         """`forward`, but a batch that runs out of device memory is split in half and each half retried
         (recursively, in order); a single sample that still does not fit raises DeviceOutOfMemoryError."""
-        try:
-            return self.forward(batch, phases=phases)
-        except Exception as err:  # noqa: BLE001 - only out-of-memory errors are handled, the rest re-raised
-            if not is_out_of_memory(err):
-                raise
-            reason = _reason(err)
-        return self._halves(batch, reason, phases)
+        return self.collect(self.issue_fitting(batch, phases), phases)
 
     def _halves(self, batch: Batch, reason: str, phases: dict[str, float] | None) -> dict[str, dict[str, Field]]:
         """A batch that ran out of device memory, computed in two halves (each split again as needed). Called
@@ -371,10 +365,6 @@ class _PartClock:
             now = time.perf_counter()
             self.timings[part] = self.timings.get(part, 0.0) + now - self.last
             self.last = now
-
-
-def _reason(err: BaseException) -> str:
-    return " ".join(str(err).split())[:200]
 
 
 def is_out_of_memory(err: BaseException) -> bool:
